@@ -1,0 +1,12 @@
+//! Everything in snapsync that touches a volume: opening and sizing files
+//! and block devices, reading, writing and zeroing them, and (in later
+//! modules) LVM and reflink snapshots and changed-block maps.
+//!
+//! All `unsafe` code of the workspace lives in [`sys`].
+
+pub mod sys;
+pub mod volume;
+
+pub use volume::{Access, FileVolume, Fault, MemVolume, Volume, VolumeError, VolumeKind};
+pub mod lvm;
+pub mod thin_delta;
