@@ -1,0 +1,185 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit::UsageError;
+
+#[derive(Debug, Parser)]
+#[command(name = "snapsync", version, about = "Keep replicas of block volumes up to date, shipping only changed blocks")]
+pub struct Cli {
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Whether the command asked for quiet output.
+    pub fn quiet_logs(&self) -> bool {
+        match &self.command {
+            Command::Sync(a) => a.transfer.quiet,
+            Command::Verify(a) => a.transfer.quiet,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make DST a byte-exact copy of SRC, sending only what differs.
+    Sync(SyncArgs),
+    /// Compare SRC and DST by hash and report differing ranges; ship nothing.
+    Verify(VerifyArgs),
+    /// Serve the target side of a session on stdin/stdout (run by ssh).
+    Serve(ServeArgs),
+    /// Replicate the volumes of a config file, in a loop or once.
+    Run(RunArgs),
+    /// Show each configured volume's replication state.
+    Status(StatusArgs),
+}
+
+/// Options shared by everything that opens a session.
+#[derive(Debug, Args, Clone)]
+pub struct TransferArgs {
+    /// Comparison block size (power of two, 4KiB..4MiB).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Remote shell used to reach HOST in HOST:PATH, split on spaces.
+    #[arg(long, default_value = "ssh -T -o BatchMode=yes")]
+    pub rsh: String,
+    /// Path of snapsync on the remote host.
+    #[arg(long, default_value = "snapsync")]
+    pub remote_bin: String,
+    /// State directory of the target (for a remote target: on that host).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Print one JSON object with the session's counts on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar and no summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Keep the volumes' pages in the page cache after reading them
+    /// (by default a scan drops what it read, to spare other users' cache).
+    #[arg(long)]
+    pub keep_cache: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Source volume: image file or block device.
+    pub src: PathBuf,
+    /// Replica: /path, or [user@]host:/path.
+    pub dst: String,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+    /// Data frame compression: auto (zstd when remote), none, zstd[:LEVEL].
+    #[arg(long, default_value = "auto")]
+    pub compress: String,
+    /// Compare and report what would be sent; write nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Overwrite a replica of another source volume.
+    #[arg(long)]
+    pub force: bool,
+    /// Start over instead of resuming an interrupted copy.
+    #[arg(long)]
+    pub no_resume: bool,
+    /// Deltas up to this size go through the target's write-ahead journal
+    /// (the replica is never torn); larger ones are applied in place,
+    /// resumably. 0 disables the journal.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub journal_max: u64,
+    /// After syncing, compare both ends again by hash.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    pub src: PathBuf,
+    pub dst: String,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Path or glob pattern the peer may write (repeatable). Nothing else
+    /// is opened for writing.
+    #[arg(long = "allow", required = true)]
+    pub allow: Vec<String>,
+    /// Where per-volume state, locks and journals live.
+    #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Do one due cycle per volume and exit (for cron and systemd timers).
+    #[arg(long)]
+    pub once: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, short)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses "64KiB", "1M", "4096".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("bad size {s:?}: {e}"))
+}
+
+/// Compression choice: `None` for no compression, `Some(level)` for zstd.
+pub fn parse_compress(s: &str, remote: bool) -> Result<Option<i32>, UsageError> {
+    match s {
+        "auto" => Ok(remote.then_some(3)),
+        "none" => Ok(None),
+        "zstd" => Ok(Some(3)),
+        _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+            Some(Ok(l)) if (1..=19).contains(&l) => Ok(Some(l)),
+            _ => Err(UsageError(format!("--compress {s:?}: use auto, none, zstd or zstd:LEVEL (1-19)"))),
+        },
+    }
+}
+
+/// Logs go to stderr; `-v` for info, `-vv` for debug. RUST_LOG overrides.
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (verbose, quiet) {
+        (0, true) => "error",
+        (0, false) => "warn",
+        (1, _) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_compression() {
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_compress("auto", false).unwrap(), None);
+        assert_eq!(parse_compress("auto", true).unwrap(), Some(3));
+        assert_eq!(parse_compress("zstd:9", false).unwrap(), Some(9));
+        assert!(parse_compress("zstd:99", false).is_err());
+        assert!(parse_compress("gzip", false).is_err());
+    }
+}

@@ -1,0 +1,189 @@
+//! `snapsync sync` and `snapsync verify`: one session from a source volume
+//! to a local or remote replica.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use blockdiff::BlockSize;
+use snapshot::{Access, FileVolume, Volume};
+use wire::Mode;
+
+use crate::cli::{parse_compress, SyncArgs, TransferArgs, VerifyArgs};
+use crate::engine::source::{self, Change, Report, SessionParams, SyncError};
+use crate::engine::Cancel;
+use crate::exit::{Coded, Exit, UsageError};
+use crate::progress::Progress;
+use crate::state::DEFAULT_STATE_DIR;
+use crate::transport::{self, Destination};
+
+pub fn sync(a: SyncArgs) -> Result<Exit> {
+    let dest = Destination::parse(&a.dst);
+    let compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
+    let cancel = super::cancel_on_signals()?;
+    let source = open_source(&a.src, &a.transfer)?;
+    let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
+    params.compress = compress;
+    params.dry_run = a.dry_run;
+    params.force = a.force;
+    params.resume = !a.no_resume;
+    params.journal_max = a.journal_max;
+    let report = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None)?;
+    print_report(&report, &a.transfer, if a.dry_run { "would send" } else { "synced" });
+    if a.verify && !a.dry_run {
+        params.mode = Mode::Verify;
+        let check = run_session(source, &dest, &a.transfer, &params, &cancel, None)?;
+        if !check.differing.is_empty() {
+            return Err(differs(&check).into());
+        }
+        if !a.transfer.quiet && !a.transfer.json {
+            eprintln!("verified: {} and {} are identical", a.src.display(), a.dst);
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+pub fn verify(a: VerifyArgs) -> Result<Exit> {
+    let dest = Destination::parse(&a.dst);
+    let cancel = super::cancel_on_signals()?;
+    let source = open_source(&a.src, &a.transfer)?;
+    let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
+    params.mode = Mode::Verify;
+    params.force = true;
+    let report = run_session(source, &dest, &a.transfer, &params, &cancel, None)?;
+    if a.transfer.json {
+        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+    } else if !a.transfer.quiet {
+        for (o, l) in &report.differing {
+            println!("differs: offset {o} length {l}");
+        }
+    }
+    if report.differing.is_empty() {
+        if !a.transfer.quiet && !a.transfer.json {
+            eprintln!("identical: {} bytes compared", report.volume_bytes);
+        }
+        Ok(Exit::Ok)
+    } else {
+        if !a.transfer.quiet && !a.transfer.json {
+            eprintln!("{}", differs(&report));
+        }
+        Ok(Exit::Differs)
+    }
+}
+
+fn differs(r: &Report) -> Coded {
+    let bytes: u64 = r.differing.iter().map(|(_, l)| l).sum();
+    Coded {
+        exit: Exit::Differs,
+        message: format!("{} ranges ({bytes} bytes) differ between source and replica", r.differing.len()),
+    }
+}
+
+fn open_source(path: &Path, t: &TransferArgs) -> Result<Arc<dyn Volume>> {
+    let mut v = FileVolume::open(path, Access::Read).map_err(SyncError::Source).context("opening the source")?;
+    v.advise_sequential(!t.keep_cache);
+    Ok(Arc::new(v))
+}
+
+/// Identity of the source and of its current content, for the replica's
+/// state: a resumed copy must continue the very same content.
+fn session_params(src: &Path, dest: &Destination, t: &TransferArgs, v: &dyn Volume) -> Result<SessionParams> {
+    let block_size = BlockSize::new(t.block_size).map_err(|e| UsageError(format!("--block-size: {e}")))?;
+    let abs = transport::absolute(src)?;
+    let meta = std::fs::metadata(&abs).with_context(|| format!("reading {}", abs.display()))?;
+    let source_id = format!("path:{}", abs.display());
+    let snapshot_id = format!("live:{}:{}:{}:{}", meta.dev(), meta.ino(), v.size(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000);
+    let target_path = match dest {
+        Destination::Local(p) => transport::absolute(p)?.to_string_lossy().into_owned(),
+        Destination::Remote { path, .. } => path.clone(),
+    };
+    Ok(SessionParams {
+        target_path,
+        block_size,
+        compress: None,
+        mode: Mode::FullScan,
+        dry_run: false,
+        force: false,
+        resume: true,
+        journal_max: 1 << 30,
+        source_id,
+        snapshot_id,
+        base: None,
+    })
+}
+
+/// Connects to the destination, runs one session and waits for the peer.
+pub fn run_session(
+    source: Arc<dyn Volume>,
+    dest: &Destination,
+    t: &TransferArgs,
+    params: &SessionParams,
+    cancel: &Cancel,
+    changes: Option<Box<dyn Iterator<Item = Result<Change, snapshot::VolumeError>> + Send>>,
+) -> Result<Report> {
+    let (conn, peer) = match dest {
+        Destination::Local(p) => {
+            let state_dir = t.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            transport::local(transport::absolute(p)?, state_dir, cancel.clone())?
+        }
+        Destination::Remote { host, path } => {
+            let mut args = vec!["--allow".to_owned(), path.clone()];
+            if let Some(d) = &t.state_dir {
+                args.push("--state-dir".into());
+                args.push(d.to_string_lossy().into_owned());
+            }
+            transport::remote(&t.rsh, host, &t.remote_bin, &args).map_err(|e| Coded {
+                exit: Exit::Transport,
+                message: format!("{e:#}"),
+            })?
+        }
+    };
+    let progress = Progress::new(source.size(), &source.path().display().to_string(), t.quiet || t.json);
+    let result = source::run(source.clone(), conn, params, &progress, cancel, changes);
+    progress.finish();
+    let peer_failure = peer.finish();
+    match result {
+        Ok(r) => Ok(r),
+        // A dropped connection is best explained by how the peer ended.
+        Err(SyncError::Transport(e)) => {
+            let msg = match peer_failure {
+                Some(p) => format!("connection to the target failed ({e}); {p}"),
+                None => format!("connection to the target failed: {e}"),
+            };
+            Err(Coded { exit: Exit::Transport, message: msg }.into())
+        }
+        Err(SyncError::Interrupted) => Err(Coded {
+            exit: Exit::Interrupted,
+            message: "interrupted; the replica is still a complete earlier generation, or an in-place copy resumes on the next run".into(),
+        }
+        .into()),
+        Err(e) => Err(e).with_context(|| format!("syncing {} to {}", source.path().display(), params.target_path)),
+    }
+}
+
+fn print_report(r: &Report, t: &TransferArgs, verb: &str) {
+    if t.json {
+        println!("{}", serde_json::to_string(r).expect("report serialises"));
+    } else if !t.quiet {
+        let b = |n: u64| bytesize::ByteSize(n).to_string();
+        eprintln!(
+            "{verb} {}: {} of {} blocks changed, {} data + {} zeroed, {} on the wire, {:.1}s ({}, {})",
+            b(r.volume_bytes),
+            r.blocks_changed,
+            r.blocks_total,
+            b(r.data_bytes),
+            b(r.zero_bytes),
+            b(r.wire_bytes_sent + r.wire_bytes_received),
+            r.elapsed_seconds,
+            r.mode,
+            r.apply_mode
+        );
+        if let Some(f) = &r.fallback {
+            eprintln!("note: {f}");
+        }
+        if let Some(rec) = &r.recovered {
+            eprintln!("note: target {rec}");
+        }
+    }
+}

@@ -1,0 +1,686 @@
+//! The source side of a session: reads the source volume, compares it with
+//! the target's digests and sends what differs.
+//!
+//! Threads: a reader fills 1 MiB chunks of the source ahead of the
+//! comparer; a receiver drains everything the target sends into an
+//! unbounded queue (its size is bounded by the credit window and the
+//! pending-refine limit, and a receiver that never blocks is what keeps the
+//! two ends from deadlocking); a writer owns the outgoing stream, compresses
+//! data frames and flushes whenever it runs out of work. The calling thread
+//! compares and decides.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blockdiff::{changed_runs, decide, BlockSize, Decision, Digest, HashKey, Signer};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use serde::Serialize;
+use snapshot::{Volume, VolumeError};
+use wire::{
+    features, Codec, Committed, Credit, Data, Finish, FrameReader, FrameWriter, Generation, Hello, Mode, Msg, Open,
+    Opened, Refine, RemoteError, WireError, Zero,
+};
+
+use super::{blocks_per_chunk, Cancel, MAX_PENDING_REFINES};
+
+/// Chunks the reader may hold ready ahead of the comparer.
+const READ_AHEAD: usize = 4;
+use crate::progress::Progress;
+
+/// Why a session failed, classified for exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("source: {0}")]
+    Source(#[from] VolumeError),
+    #[error("target: {}", .0.message)]
+    Remote(RemoteError),
+    #[error("transport: {0}")]
+    Transport(WireError),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<WireError> for SyncError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Remote(r) => SyncError::Remote(r),
+            e => SyncError::Transport(e),
+        }
+    }
+}
+
+/// What the source asks of a session.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub target_path: String,
+    pub block_size: BlockSize,
+    /// zstd level for data frames, if compression is wanted.
+    pub compress: Option<i32>,
+    pub mode: Mode,
+    pub dry_run: bool,
+    pub force: bool,
+    pub resume: bool,
+    pub journal_max: u64,
+    pub source_id: String,
+    pub snapshot_id: String,
+    pub base: Option<Generation>,
+}
+
+/// True counts of what a session did; printed by `--json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub volume_bytes: u64,
+    pub source_bytes_read: u64,
+    pub target_bytes_read: u64,
+    pub target_bytes_written: u64,
+    pub blocks_total: u64,
+    pub blocks_compared: u64,
+    pub blocks_changed: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub wire_bytes_sent: u64,
+    pub wire_bytes_received: u64,
+    pub journal_bytes: u64,
+    pub elapsed_seconds: f64,
+    /// "full-scan", "delta" or "verify".
+    pub mode: String,
+    /// How the target applied it: "journal", "in-place", "resumed", "dry-run", "verify".
+    pub apply_mode: String,
+    pub start_block: u64,
+    pub generation: Option<u64>,
+    /// Set when the requested mode was not possible.
+    pub fallback: Option<String>,
+    /// What the target found when it opened the volume.
+    pub recovered: Option<String>,
+    /// Byte ranges that differ (verify and dry runs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub differing: Vec<(u64, u64)>,
+}
+
+/// A session's byte streams and whatever must be waited for at the end.
+pub struct Connection {
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connection")
+    }
+}
+
+/// A changed range known in advance (changed-block tracking).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Data(Range<u64>),
+    Zero(Range<u64>),
+}
+
+enum Incoming {
+    Hashes(u64, Vec<Digest>),
+    Subs(u64, Vec<Digest>),
+    Committed(Committed),
+    Failed(WireError),
+}
+
+struct Chunk {
+    first_block: u64,
+    data: Vec<u8>,
+    /// The chunk is a hole of a sparse source: zeros, not read.
+    hole: bool,
+}
+
+enum Pending {
+    Zero { offset: u64, len: u64, end_block: u64 },
+    Refine { block: u64, offset: u64, data: Vec<u8> },
+}
+
+impl Pending {
+    fn block(&self, bs: BlockSize) -> u64 {
+        match self {
+            Pending::Zero { offset, .. } => *offset / bs.bytes() as u64,
+            Pending::Refine { block, .. } => *block,
+        }
+    }
+}
+
+/// Runs one session against the target behind `conn`.
+pub fn run(
+    source: Arc<dyn Volume>,
+    conn: Connection,
+    params: &SessionParams,
+    progress: &Progress,
+    cancel: &Cancel,
+    changes: Option<Box<dyn Iterator<Item = Result<Change, VolumeError>> + Send>>,
+) -> Result<Report, SyncError> {
+    let started = Instant::now();
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
+    let key = HashKey(key);
+    let mut wr = FrameWriter::new(conn.writer);
+    let mut rd = FrameReader::new(conn.reader);
+    let want_features = if params.compress.is_some() { features::ZSTD } else { 0 };
+    wr.write_preamble()?;
+    wr.send(&Msg::Hello(Hello { features: want_features, key, software: crate::VERSION.into() }), &[])?;
+    wr.flush()?;
+    rd.read_preamble()?;
+    let ack = match rd.read()?.0 {
+        Msg::HelloAck(a) => a,
+        m => return Err(WireError::Unexpected { got: m.kind(), want: "HelloAck" }.into()),
+    };
+    let compress = params.compress.filter(|_| ack.features & features::ZSTD != 0);
+    let size = source.size();
+    let mode = if changes.is_some() { params.mode } else if params.mode == Mode::Verify { Mode::Verify } else { Mode::FullScan };
+    wr.send(
+        &Msg::Open(Open {
+            path: params.target_path.clone(),
+            source_size: size,
+            block_size: params.block_size,
+            source_id: params.source_id.clone(),
+            mode,
+            base: params.base.clone(),
+            target_generation: Generation { number: 0, snapshot: params.snapshot_id.clone() },
+            dry_run: params.dry_run || mode == Mode::Verify,
+            force: params.force,
+            journal_max: params.journal_max,
+            resume: params.resume,
+        }),
+        &[],
+    )?;
+    wr.flush()?;
+    let opened = match rd.read()?.0 {
+        Msg::Opened(o) => o,
+        m => return Err(WireError::Unexpected { got: m.kind(), want: "Opened" }.into()),
+    };
+
+    let mut report = Report {
+        volume_bytes: size,
+        blocks_total: params.block_size.blocks_in(size),
+        mode: match opened.mode {
+            Mode::FullScan => "full-scan",
+            Mode::Delta => "delta",
+            Mode::Verify => "verify",
+        }
+        .into(),
+        start_block: opened.start_block,
+        recovered: opened.state.recovered.clone(),
+        ..Default::default()
+    };
+    if mode == Mode::Delta && opened.mode != Mode::Delta {
+        report.fallback = Some(match &opened.state.generation {
+            Some(g) => format!(
+                "target holds generation {} ({}), not the base; full scan instead",
+                g.number, g.snapshot
+            ),
+            None => "target holds no complete generation; full scan instead".into(),
+        });
+    }
+
+    // From here three helper threads run.
+    let (in_tx, in_rx) = unbounded::<Incoming>();
+    let receiver = thread::Builder::new()
+        .name("sync-recv".into())
+        .spawn(move || recv_loop(rd, in_tx))
+        .expect("spawn receiver");
+    let (out_tx, out_rx) = bounded::<(Msg, Vec<u8>)>(256);
+    let writer = thread::Builder::new()
+        .name("sync-writer".into())
+        .spawn(move || write_loop(wr, out_rx, compress))
+        .expect("spawn writer");
+
+    let mut cmp = Comparer {
+        source: source.clone(),
+        block: params.block_size,
+        signer: Signer::new(key),
+        size,
+        out: out_tx,
+        incoming: in_rx,
+        hashes: VecDeque::new(),
+        subs: VecDeque::new(),
+        pending: VecDeque::new(),
+        pending_refines: 0,
+        send_ops: !(params.dry_run || opened.mode == Mode::Verify),
+        collect_ranges: params.dry_run || opened.mode == Mode::Verify,
+        report: &mut report,
+        progress,
+        cancel,
+        committed: None,
+    };
+    let result = match (opened.mode, changes) {
+        (Mode::Delta, Some(changes)) => cmp.run_delta(changes),
+        _ => cmp.run_scan(&opened),
+    };
+    let result = result.and_then(|()| cmp.finish());
+    let committed = cmp.committed.take();
+    let Comparer { out, incoming, .. } = cmp;
+    if let Err(e) = &result {
+        if !matches!(e, SyncError::Transport(_) | SyncError::Remote(_)) {
+            let _ = out.send((
+                Msg::Error(RemoteError { code: wire::ErrorCode::Interrupted, message: format!("source failed: {e}") }),
+                Vec::new(),
+            ));
+        }
+    }
+    // Closing our side makes the target finish; then its side closes ours.
+    drop(out);
+    let sent = writer.join().expect("writer panicked");
+    drop(incoming);
+    let received = receiver.join().expect("receiver panicked");
+    result?;
+    report.wire_bytes_sent = sent.map_err(SyncError::from)?;
+    report.wire_bytes_received = received;
+    let committed = committed.expect("finish sets committed");
+    report.target_bytes_read = committed.target_bytes_read;
+    report.target_bytes_written = committed.target_bytes_written;
+    report.journal_bytes = committed.journal_bytes;
+    report.apply_mode = committed.apply_mode;
+    report.generation = committed.state.generation.map(|g| g.number);
+    report.elapsed_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn recv_loop<R: Read>(mut rd: FrameReader<R>, tx: Sender<Incoming>) -> u64 {
+    loop {
+        let item = match rd.read() {
+            Ok((Msg::BlockHashes(h), p)) => {
+                let mut d = Vec::new();
+                match wire::payload_to_digests(p, &mut d) {
+                    Ok(()) => Incoming::Hashes(h.first, d),
+                    Err(e) => Incoming::Failed(e),
+                }
+            }
+            Ok((Msg::SubHashes(s), p)) => {
+                let mut d = Vec::new();
+                match wire::payload_to_digests(p, &mut d) {
+                    Ok(()) => Incoming::Subs(s.block, d),
+                    Err(e) => Incoming::Failed(e),
+                }
+            }
+            Ok((Msg::Committed(c), _)) => Incoming::Committed(c),
+            Ok((m, _)) => Incoming::Failed(WireError::Unexpected { got: m.kind(), want: "digests" }),
+            Err(e) => Incoming::Failed(e),
+        };
+        let stop = matches!(item, Incoming::Failed(_) | Incoming::Committed(_));
+        if tx.send(item).is_err() && !stop {
+            // Nobody listens any more; keep draining so the target can
+            // finish writing and close.
+        }
+        if stop {
+            // After Committed the target closes; read to the end so the
+            // byte count is complete.
+            let mut rest = Vec::new();
+            let bytes = rd.bytes();
+            let mut inner = rd.into_inner();
+            let extra = inner.read_to_end(&mut rest).unwrap_or(0) as u64;
+            return bytes + extra;
+        }
+    }
+}
+
+fn write_loop<W: Write>(
+    mut wr: FrameWriter<W>,
+    rx: Receiver<(Msg, Vec<u8>)>,
+    compress: Option<i32>,
+) -> Result<u64, WireError> {
+    let mut zbuf = Vec::new();
+    loop {
+        let (msg, payload) = match rx.try_recv() {
+            Ok(i) => i,
+            Err(_) => {
+                wr.flush()?;
+                match rx.recv() {
+                    Ok(i) => i,
+                    Err(_) => return Ok(wr.bytes()),
+                }
+            }
+        };
+        match (msg, compress) {
+            (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
+                wr.send(&Msg::Data(Data { codec: Codec::Zstd, ..d }), &zbuf)?;
+            }
+            (msg, _) => wr.send(&msg, &payload)?,
+        }
+    }
+}
+
+struct Comparer<'a> {
+    source: Arc<dyn Volume>,
+    block: BlockSize,
+    signer: Signer,
+    size: u64,
+    out: Sender<(Msg, Vec<u8>)>,
+    incoming: Receiver<Incoming>,
+    /// Target digests received and not yet compared: (first block, digests).
+    hashes: VecDeque<(u64, Vec<Digest>)>,
+    subs: VecDeque<(u64, Vec<Digest>)>,
+    pending: VecDeque<Pending>,
+    pending_refines: usize,
+    send_ops: bool,
+    collect_ranges: bool,
+    report: &'a mut Report,
+    progress: &'a Progress,
+    cancel: &'a Cancel,
+    committed: Option<Committed>,
+}
+
+impl Comparer<'_> {
+    fn send(&self, msg: Msg, payload: Vec<u8>) -> Result<(), SyncError> {
+        self.out.send((msg, payload)).map_err(|_| self.peer_gone())
+    }
+
+    /// The writer thread stopped: the real error comes from the receiver.
+    fn peer_gone(&self) -> SyncError {
+        match self.incoming.recv_timeout(Duration::from_secs(5)) {
+            Ok(Incoming::Failed(e)) => e.into(),
+            _ => SyncError::Transport(WireError::Closed),
+        }
+    }
+
+    /// Waits for the next message from the target, stashing digests.
+    fn pump(&mut self) -> Result<(), SyncError> {
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(SyncError::Interrupted);
+            }
+            match self.incoming.recv_timeout(Duration::from_millis(200)) {
+                Ok(Incoming::Hashes(first, d)) => self.hashes.push_back((first, d)),
+                Ok(Incoming::Subs(b, d)) => self.subs.push_back((b, d)),
+                Ok(Incoming::Committed(c)) => self.committed = Some(c),
+                Ok(Incoming::Failed(e)) => return Err(e.into()),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Err(SyncError::Transport(WireError::Closed)),
+            }
+            return Ok(());
+        }
+    }
+
+    fn target_digest(&mut self, block: u64) -> Result<Digest, SyncError> {
+        loop {
+            if let Some((first, d)) = self.hashes.front() {
+                if block < *first {
+                    return Err(WireError::Malformed(format!("digest for block {block} skipped")).into());
+                }
+                let i = (block - first) as usize;
+                if i < d.len() {
+                    let digest = d[i];
+                    if i + 1 == d.len() {
+                        self.hashes.pop_front();
+                    }
+                    return Ok(digest);
+                }
+                self.hashes.pop_front();
+                continue;
+            }
+            self.pump()?;
+        }
+    }
+
+    /// Starts the reader thread. Buffers come back through `free` so a
+    /// scan of any size reuses the same few megabytes.
+    fn spawn_reader(
+        &self,
+        start_block: u64,
+        free: Receiver<Vec<u8>>,
+    ) -> (Receiver<Result<Chunk, VolumeError>>, thread::JoinHandle<()>) {
+        let (tx, rx) = bounded::<Result<Chunk, VolumeError>>(READ_AHEAD);
+        let (source, block, size, cancel) = (self.source.clone(), self.block, self.size, self.cancel.clone());
+        let h = thread::Builder::new()
+            .name("sync-read".into())
+            .spawn(move || {
+                let total = block.blocks_in(size);
+                let per = blocks_per_chunk(block);
+                let mut b = start_block;
+                while b < total && !cancel.is_cancelled() {
+                    let n = per.min(total - b);
+                    let offset = block.offset_of(b);
+                    let len = (size - offset).min(n * block.bytes() as u64) as usize;
+                    let end = offset + len as u64;
+                    let hole = source.next_data(offset).is_none_or(|d| d >= end);
+                    let mut data = Vec::new();
+                    let r = if hole {
+                        Ok(())
+                    } else {
+                        data = free.try_recv().unwrap_or_default();
+                        data.resize(len, 0);
+                        source.read_at(&mut data, offset)
+                    };
+                    source.done_with(offset, len as u64);
+                    let failed = r.is_err();
+                    if tx.send(r.map(|()| Chunk { first_block: b, data, hole })).is_err() || failed {
+                        return;
+                    }
+                    b += n;
+                }
+            })
+            .expect("spawn reader");
+        (rx, h)
+    }
+
+    fn run_scan(&mut self, opened: &Opened) -> Result<(), SyncError> {
+        let total = self.block.blocks_in(self.size);
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(READ_AHEAD + 2);
+        let (chunks, reader) = self.spawn_reader(opened.start_block, free_rx);
+        let zero_block = vec![0u8; self.block.bytes() as usize];
+        let mut next_credit = opened.start_block;
+        let mut result = Ok(());
+        for chunk in chunks.iter() {
+            if self.cancel.is_cancelled() {
+                result = Err(SyncError::Interrupted);
+                break;
+            }
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            if let Err(e) = self.compare_chunk(&chunk, &zero_block) {
+                result = Err(e);
+                break;
+            }
+            let first_block = chunk.first_block;
+            let _ = free_tx.try_send(chunk.data);
+            let through = self.first_unsent(first_block + blocks_per_chunk(self.block));
+            if through >= next_credit {
+                if let Err(e) = self.send(Msg::Credit(Credit { through: through.min(total) }), Vec::new()) {
+                    result = Err(e);
+                    break;
+                }
+                next_credit = through + 64;
+            }
+        }
+        drop(chunks);
+        reader.join().expect("reader panicked");
+        result?;
+        while !self.pending.is_empty() {
+            self.resolve_pending(true)?;
+        }
+        self.send(Msg::Credit(Credit { through: total }), Vec::new())?;
+        self.send(Msg::Finish(Finish { blocks: total - opened.start_block }), Vec::new())
+    }
+
+    /// First block with an op not yet sent, given everything before
+    /// `scanned` was compared.
+    fn first_unsent(&self, scanned: u64) -> u64 {
+        self.pending.front().map_or(scanned, |p| p.block(self.block))
+    }
+
+    fn compare_chunk(&mut self, chunk: &Chunk, zero_block: &[u8]) -> Result<(), SyncError> {
+        let bs = self.block.bytes() as usize;
+        let total = self.block.blocks_in(self.size);
+        let n = blocks_per_chunk(self.block).min(total - chunk.first_block);
+        for i in 0..n {
+            let b = chunk.first_block + i;
+            let len = self.block.len_of(b, self.size) as usize;
+            let data = if chunk.hole { &zero_block[..len] } else { &chunk.data[i as usize * bs..i as usize * bs + len] };
+            let theirs = self.target_digest(b)?;
+            let (decision, _) = decide(&self.signer, data, Some(&theirs));
+            self.report.blocks_compared += 1;
+            let offset = self.block.offset_of(b);
+            match decision {
+                Decision::Same => {}
+                Decision::Zero => {
+                    self.report.blocks_changed += 1;
+                    self.report.zero_bytes += len as u64;
+                    match self.pending.back_mut() {
+                        Some(Pending::Zero { offset: o, len: l, end_block }) if *o + *l == offset => {
+                            *l += len as u64;
+                            *end_block = b + 1;
+                        }
+                        _ => self.pending.push_back(Pending::Zero { offset, len: len as u64, end_block: b + 1 }),
+                    }
+                }
+                Decision::Refine | Decision::SendWhole => {
+                    self.report.blocks_changed += 1;
+                    self.send(Msg::Refine(Refine { block: b }), Vec::new())?;
+                    self.pending.push_back(Pending::Refine { block: b, offset, data: data.to_vec() });
+                    self.pending_refines += 1;
+                }
+            }
+            // Keep memory bounded: wait for the oldest refinement.
+            while self.pending_refines >= MAX_PENDING_REFINES {
+                self.resolve_pending(true)?;
+            }
+        }
+        if !chunk.hole {
+            self.report.source_bytes_read += chunk.data.len() as u64;
+        }
+        self.progress.update(self.block.offset_of(chunk.first_block + n).min(self.size), self.report.data_bytes);
+        // Send what is ready without waiting.
+        while !self.pending.is_empty() && self.resolve_pending(false)? {}
+        Ok(())
+    }
+
+    /// Handles the oldest pending item. Returns false when it is a
+    /// refinement whose digests have not arrived and `wait` is false.
+    fn resolve_pending(&mut self, wait: bool) -> Result<bool, SyncError> {
+        match self.pending.front() {
+            None => Ok(false),
+            Some(Pending::Zero { .. }) => {
+                let Some(Pending::Zero { offset, len, .. }) = self.pending.pop_front() else { unreachable!() };
+                self.note_range(offset, len);
+                if self.send_ops {
+                    self.send(Msg::Zero(Zero { offset, len }), Vec::new())?;
+                }
+                Ok(true)
+            }
+            Some(Pending::Refine { block, .. }) => {
+                let block = *block;
+                loop {
+                    while let Ok(m) = self.incoming.try_recv() {
+                        self.stash(m)?;
+                    }
+                    if let Some((b, _)) = self.subs.front() {
+                        if *b != block {
+                            return Err(WireError::Malformed(format!(
+                                "sub-digests for block {b} arrived while waiting for {block}"
+                            ))
+                            .into());
+                        }
+                        break;
+                    }
+                    if !wait {
+                        return Ok(false);
+                    }
+                    self.pump()?;
+                }
+                let (_, theirs) = self.subs.pop_front().expect("checked");
+                let Some(Pending::Refine { offset, data, .. }) = self.pending.pop_front() else { unreachable!() };
+                self.pending_refines -= 1;
+                for (off, len) in changed_runs(&self.signer, &data, &theirs) {
+                    let (o, l) = (off as usize, len as usize);
+                    self.report.data_bytes += len as u64;
+                    self.note_range(offset + off as u64, len as u64);
+                    if self.send_ops {
+                        let d = Data { offset: offset + off as u64, len, codec: Codec::Raw };
+                        self.send(Msg::Data(d), data[o..o + l].to_vec())?;
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn stash(&mut self, m: Incoming) -> Result<(), SyncError> {
+        match m {
+            Incoming::Hashes(first, d) => self.hashes.push_back((first, d)),
+            Incoming::Subs(b, d) => self.subs.push_back((b, d)),
+            Incoming::Committed(c) => self.committed = Some(c),
+            Incoming::Failed(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    fn note_range(&mut self, offset: u64, len: u64) {
+        if !self.collect_ranges {
+            return;
+        }
+        match self.report.differing.last_mut() {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => self.report.differing.push((offset, len)),
+        }
+    }
+
+    /// Ships ranges known to have changed; the target reads nothing.
+    fn run_delta(
+        &mut self,
+        changes: Box<dyn Iterator<Item = Result<Change, VolumeError>> + Send>,
+    ) -> Result<(), SyncError> {
+        let bs = self.block.bytes() as u64;
+        let mut buf = vec![0u8; bs as usize];
+        let mut done = 0;
+        for change in changes {
+            if self.cancel.is_cancelled() {
+                return Err(SyncError::Interrupted);
+            }
+            match change? {
+                Change::Zero(r) => {
+                    let r = r.start.min(self.size)..r.end.min(self.size);
+                    if r.is_empty() {
+                        continue;
+                    }
+                    self.report.zero_bytes += r.end - r.start;
+                    self.report.blocks_changed += (r.end - r.start).div_ceil(bs);
+                    self.send(Msg::Zero(Zero { offset: r.start, len: r.end - r.start }), Vec::new())?;
+                    done = done.max(r.end);
+                }
+                Change::Data(r) => {
+                    let mut off = r.start.min(self.size);
+                    let end = r.end.min(self.size);
+                    while off < end {
+                        // Stay within one block so frames stay small.
+                        let n = (bs - off % bs).min(end - off) as usize;
+                        self.source.read_at(&mut buf[..n], off)?;
+                        self.report.source_bytes_read += n as u64;
+                        self.report.blocks_changed += 1;
+                        if blockdiff::is_zero(&buf[..n]) {
+                            self.report.zero_bytes += n as u64;
+                            self.send(Msg::Zero(Zero { offset: off, len: n as u64 }), Vec::new())?;
+                        } else {
+                            self.report.data_bytes += n as u64;
+                            let d = Data { offset: off, len: n as u32, codec: Codec::Raw };
+                            self.send(Msg::Data(d), buf[..n].to_vec())?;
+                        }
+                        off += n as u64;
+                        done = done.max(off);
+                        self.progress.update(done, self.report.data_bytes);
+                    }
+                }
+            }
+        }
+        self.send(Msg::Finish(Finish { blocks: self.report.blocks_changed }), Vec::new())
+    }
+
+    /// Waits for the target's verdict.
+    fn finish(&mut self) -> Result<(), SyncError> {
+        while self.committed.is_none() {
+            self.pump()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,750 @@
+//! The target side of a session: what `snapsync serve` runs.
+//!
+//! Threads: the caller's thread reads frames and applies ops; a scanner
+//! hashes the volume front to back (at most a credit window ahead of the
+//! source); a refiner answers sub-block digest requests; a writer owns the
+//! outgoing stream and flushes whenever it runs out of work.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use blockdiff::{BlockSize, Digest, HashKey, Signer};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use snapshot::{Access, FileVolume, Volume, VolumeError};
+use wire::{
+    features, BlockHashes, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation, HelloAck, Mode, Msg,
+    Open, Opened, RemoteError, ReplicaState, SubHashes, WireError,
+};
+
+use super::{blocks_per_chunk, Cancel, CHUNK_BYTES, WINDOW_BLOCKS};
+use crate::journal::{self, Journal};
+use crate::state::{self, InProgress, StatePaths, VolumeLock, VolumeState};
+
+/// How `serve` is configured by its operator (not by the peer).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Paths (or glob patterns) the peer may write. Empty: nothing.
+    pub allow: Vec<glob::Pattern>,
+    pub state_dir: PathBuf,
+    pub cancel: Cancel,
+}
+
+/// A failure to report to the peer and to our own operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct TargetError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl TargetError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+fn protocol(msg: impl Into<String>) -> TargetError {
+    TargetError::new(ErrorCode::Protocol, msg)
+}
+
+fn volume_err(e: VolumeError) -> TargetError {
+    let code = match e {
+        VolumeError::TooSmall { .. } => ErrorCode::TooSmall,
+        _ => ErrorCode::TargetIo,
+    };
+    TargetError::new(code, format!("target: {e}"))
+}
+
+impl From<WireError> for TargetError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Remote(r) => TargetError::new(r.code, format!("source reported: {}", r.message)),
+            WireError::Closed => TargetError::new(ErrorCode::Protocol, "the source closed the connection mid-session"),
+            e => TargetError::new(ErrorCode::Protocol, e.to_string()),
+        }
+    }
+}
+
+/// What a finished session did, for the serving side's log.
+#[derive(Debug, Clone)]
+pub struct ServeSummary {
+    pub path: String,
+    pub committed: Committed,
+}
+
+enum Out {
+    Frame(Msg, Vec<u8>),
+}
+
+/// Serves one session on `reader`/`writer`. On failure an `Error` frame is
+/// sent to the peer (best effort) before returning the error.
+pub fn serve<R: Read, W: Write + Send + 'static>(
+    reader: R,
+    writer: W,
+    cfg: &ServeConfig,
+) -> Result<ServeSummary, TargetError> {
+    let mut rd = FrameReader::new(reader);
+    let mut wr = FrameWriter::new(writer);
+    // Our preamble goes first so a wrong peer learns at once what we are.
+    wr.write_preamble()?;
+    rd.read_preamble()?;
+    let hello = match rd.read()?.0 {
+        Msg::Hello(h) => h,
+        m => return Err(protocol(format!("expected Hello, got {:?}", m.kind()))),
+    };
+    let feats = hello.features & features::ALL;
+    wr.send(&Msg::HelloAck(HelloAck { features: feats, software: crate::VERSION.into() }), &[])?;
+    wr.flush()?;
+    let open = match rd.read()?.0 {
+        Msg::Open(o) => o,
+        m => return Err(protocol(format!("expected Open, got {:?}", m.kind()))),
+    };
+    match Session::open(open, hello.key, feats, cfg) {
+        Ok((session, opened)) => session.run(rd, wr, opened, cfg),
+        Err(e) => {
+            let _ = send_error(&mut wr, &e);
+            Err(e)
+        }
+    }
+}
+
+fn send_error<W: Write>(wr: &mut FrameWriter<W>, e: &TargetError) -> Result<(), WireError> {
+    wr.send(&Msg::Error(RemoteError { code: e.code, message: e.message.clone() }), &[])?;
+    wr.flush()
+}
+
+/// Lexically normalised absolute path; `..` is refused outright.
+fn checked_path(p: &str) -> Result<PathBuf, TargetError> {
+    let path = Path::new(p);
+    if !path.is_absolute() {
+        return Err(TargetError::new(ErrorCode::Usage, format!("target path {p:?} must be absolute")));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(TargetError::new(ErrorCode::NotAllowed, format!("target path {p:?} contains '..'")));
+    }
+    Ok(path.components().collect())
+}
+
+fn allowed(cfg: &ServeConfig, path: &Path) -> bool {
+    let opts = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    let matches = |p: &Path| cfg.allow.iter().any(|pat| pat.matches_path_with(p, opts));
+    if !matches(path) {
+        return false;
+    }
+    // A symlink inside an allowed directory must not lead outside it.
+    match std::fs::canonicalize(path) {
+        Ok(real) => real == path || matches(&real),
+        Err(_) => true,
+    }
+}
+
+/// Zero digests by block length (only the last block can be short).
+struct ZeroDigests {
+    signer: Signer,
+    cache: HashMap<u32, Digest>,
+}
+
+impl ZeroDigests {
+    fn get(&mut self, len: u32) -> Digest {
+        let signer = &self.signer;
+        *self.cache.entry(len).or_insert_with(|| signer.block_digest(&vec![0u8; len as usize]))
+    }
+}
+
+/// Shared state of a session's threads.
+struct Shared {
+    volume: Arc<dyn Volume>,
+    /// Size before this session: bytes past it read as zeros.
+    old_size: u64,
+    new_size: u64,
+    block: BlockSize,
+    signer: Signer,
+    credit: Mutex<u64>,
+    credit_cv: Condvar,
+    bytes_read: AtomicU64,
+    cancel: Cancel,
+}
+
+impl Shared {
+    /// Reads `buf.len()` bytes at `offset` as the volume will be after
+    /// growing: zeros past the old end, holes not read at all. Returns
+    /// whether the whole range is known to be zero without reading.
+    fn read_virtual(&self, buf: &mut [u8], offset: u64) -> Result<bool, VolumeError> {
+        let end = offset + buf.len() as u64;
+        let real_end = end.min(self.old_size);
+        if offset >= real_end || self.volume.next_data(offset).is_none_or(|d| d >= real_end) {
+            return Ok(true);
+        }
+        let n = (real_end - offset) as usize;
+        self.volume.read_at(&mut buf[..n], offset)?;
+        buf[n..].fill(0);
+        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(false)
+    }
+
+    fn wait_credit(&self, block: u64) -> bool {
+        let mut c = self.credit.lock().expect("credit lock");
+        while block >= c.saturating_add(WINDOW_BLOCKS) {
+            if self.cancel.is_cancelled() {
+                return false;
+            }
+            c = self.credit_cv.wait_timeout(c, Duration::from_millis(200)).expect("credit lock").0;
+        }
+        !self.cancel.is_cancelled()
+    }
+}
+
+/// How ops reach the volume.
+enum Applier {
+    DryRun,
+    /// Ops go to the write-ahead journal, applied on commit.
+    Journal(Journal),
+    /// Ops go straight to the volume; the replica is inconsistent until
+    /// commit and a durable progress mark allows resuming.
+    InPlace { last_mark: Instant, dirty: u64 },
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    paths: StatePaths,
+    state: VolumeState,
+    open: Open,
+    features: u32,
+    start_block: u64,
+    mode: Mode,
+    next_generation: Generation,
+    _lock: Option<VolumeLock>,
+    applier: Applier,
+    bytes_written: u64,
+    recovered: Option<String>,
+}
+
+impl Session {
+    fn open(open: Open, key: HashKey, feats: u32, cfg: &ServeConfig) -> Result<(Self, Opened), TargetError> {
+        let path = checked_path(&open.path)?;
+        if !allowed(cfg, &path) {
+            return Err(TargetError::new(
+                ErrorCode::NotAllowed,
+                format!("target {} is not on this server's --allow list", path.display()),
+            ));
+        }
+        let paths = StatePaths::new(&cfg.state_dir, &path);
+        let lock = match VolumeLock::acquire(&paths.lock) {
+            Ok(l) => Some(l),
+            Err(e) if e.downcast_ref::<state::Busy>().is_some() => {
+                return Err(TargetError::new(ErrorCode::Busy, format!("target {}: {e:#}", path.display())))
+            }
+            Err(e) if open.dry_run => {
+                tracing::debug!("no lock for a dry run: {e:#}");
+                None
+            }
+            Err(e) => return Err(TargetError::new(ErrorCode::TargetIo, format!("{e:#}"))),
+        };
+        let exists = path.exists();
+        let volume: Arc<dyn Volume> = if open.dry_run && !exists {
+            Arc::new(snapshot::MemVolume::new(&open.path, Vec::new(), true))
+        } else {
+            let access = if open.dry_run { Access::Read } else { Access::Write { create: true } };
+            Arc::new(FileVolume::open(&path, access).map_err(volume_err)?)
+        };
+        let mut state = state::load(&paths.state).map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+
+        // A complete journal left by a crash is replayed before anything
+        // else looks at the volume: the replica is then generation n.
+        let mut recovered = None;
+        if !open.dry_run {
+            recovered = journal::recover(&paths, &mut state, volume.as_ref())
+                .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+        }
+
+        if let Some(theirs) = &state.source_id {
+            if *theirs != open.source_id && !open.force {
+                return Err(TargetError::new(
+                    ErrorCode::Mismatch,
+                    format!(
+                        "target {} is a replica of {theirs}, not of {}; pass --force to overwrite it",
+                        path.display(),
+                        open.source_id
+                    ),
+                ));
+            }
+        }
+        let old_size = volume.size();
+        let new_size = open.source_size;
+        if new_size > old_size && !volume.resizable() {
+            return Err(volume_err(VolumeError::TooSmall { path: path.clone(), have: old_size, need: new_size }));
+        }
+        let block = open.block_size;
+        let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
+
+        // Delta mode trusts that the target holds exactly the base.
+        let mut mode = open.mode;
+        if mode == Mode::Delta {
+            let holds_base = same_source && state.consistent && state.generation == open.base && open.base.is_some();
+            if !holds_base {
+                mode = Mode::FullScan;
+            }
+        }
+        // Resume an interrupted in-place copy of the very same snapshot.
+        let mut start_block = 0;
+        if let Some(ip) = &state.in_progress {
+            if open.resume
+                && mode == Mode::FullScan
+                && ip.source_id == open.source_id
+                && ip.generation.snapshot == open.target_generation.snapshot
+                && ip.block_size == block.bytes()
+            {
+                start_block = ip.mark_block.min(block.blocks_in(new_size));
+            }
+        }
+        let number = state.generation.as_ref().map_or(0, |g| g.number) + 1;
+        let next_generation = Generation { number, snapshot: open.target_generation.snapshot.clone() };
+
+        let applier = if open.dry_run || mode == Mode::Verify {
+            Applier::DryRun
+        } else if start_block > 0 || !state.consistent || !same_source || open.journal_max == 0 {
+            // Nothing consistent to protect (first copy, resumed copy, or an
+            // already torn replica): write in place, with progress marks.
+            Applier::InPlace { last_mark: Instant::now(), dirty: 0 }
+        } else {
+            Applier::Journal(
+                Journal::create(&paths.journal, open.journal_max)
+                    .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?,
+            )
+        };
+
+        let opened = Opened {
+            target_size: old_size,
+            state: ReplicaState {
+                source_id: state.source_id.clone(),
+                generation: state.generation.clone().filter(|_| state.consistent),
+                consistent: state.consistent,
+                resume: state.in_progress.as_ref().map(|ip| (ip.generation.clone(), ip.mark_block)),
+                recovered: recovered.clone(),
+            },
+            start_block,
+            window_blocks: WINDOW_BLOCKS,
+            mode,
+        };
+        let shared = Arc::new(Shared {
+            volume,
+            old_size,
+            new_size,
+            block,
+            signer: Signer::new(key),
+            credit: Mutex::new(start_block),
+            credit_cv: Condvar::new(),
+            bytes_read: AtomicU64::new(0),
+            cancel: Cancel::new(),
+        });
+        let session = Session {
+            shared,
+            paths,
+            state,
+            open,
+            features: feats,
+            start_block,
+            mode,
+            next_generation,
+            _lock: lock,
+            applier,
+            bytes_written: 0,
+            recovered,
+        };
+        Ok((session, opened))
+    }
+
+    fn run<R: Read, W: Write + Send + 'static>(
+        mut self,
+        mut rd: FrameReader<R>,
+        mut wr: FrameWriter<W>,
+        opened: Opened,
+        cfg: &ServeConfig,
+    ) -> Result<ServeSummary, TargetError> {
+        wr.send(&Msg::Opened(opened), &[])?;
+        wr.flush()?;
+        let (out_tx, out_rx) = bounded::<Out>(64);
+        let writer = thread::Builder::new()
+            .name("serve-writer".into())
+            .spawn(move || write_loop(wr, out_rx))
+            .expect("spawn writer");
+        let shared = self.shared.clone();
+
+        let scanner = (self.mode != Mode::Delta).then(|| {
+            let (s, tx, start) = (shared.clone(), out_tx.clone(), self.start_block);
+            thread::Builder::new().name("serve-scan".into()).spawn(move || scan_loop(&s, &tx, start)).expect("spawn")
+        });
+        let (refine_tx, refine_rx) = unbounded::<u64>();
+        let refiner = {
+            let (s, tx) = (shared.clone(), out_tx.clone());
+            thread::Builder::new()
+                .name("serve-refine".into())
+                .spawn(move || refine_loop(&s, &tx, refine_rx))
+                .expect("spawn")
+        };
+
+        let result = self.receive(&mut rd, &refine_tx, cfg);
+        drop(refine_tx);
+        shared.cancel.cancel();
+        shared.credit_cv.notify_all();
+        let scan_result = scanner.map(|h| h.join().expect("scanner panicked")).unwrap_or(Ok(()));
+        let refine_result = refiner.join().expect("refiner panicked");
+        let result = result.and_then(|f| {
+            scan_result?;
+            refine_result?;
+            Ok(f)
+        });
+        let outcome = match result {
+            Ok(()) => self.commit(),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(committed) => {
+                let _ = out_tx.send(Out::Frame(Msg::Committed(committed.clone()), Vec::new()));
+                drop(out_tx);
+                writer.join().expect("writer panicked")?;
+                Ok(ServeSummary { path: self.open.path.clone(), committed })
+            }
+            Err(e) => {
+                self.abort();
+                let msg = Msg::Error(RemoteError { code: e.code, message: e.message.clone() });
+                let _ = out_tx.send(Out::Frame(msg, Vec::new()));
+                drop(out_tx);
+                let _ = writer.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads frames until `Finish`, applying ops as they come.
+    fn receive<R: Read>(
+        &mut self,
+        rd: &mut FrameReader<R>,
+        refine_tx: &Sender<u64>,
+        cfg: &ServeConfig,
+    ) -> Result<(), TargetError> {
+        let total_blocks = self.shared.block.blocks_in(self.shared.new_size);
+        let mut scratch = Vec::new();
+        loop {
+            if cfg.cancel.is_cancelled() {
+                return Err(TargetError::new(ErrorCode::Interrupted, "the target was interrupted by a signal"));
+            }
+            let (msg, payload) = rd.read()?;
+            match msg {
+                Msg::Credit(c) => {
+                    if c.through > total_blocks {
+                        return Err(protocol(format!("credit past the last block ({} > {total_blocks})", c.through)));
+                    }
+                    {
+                        let mut cur = self.shared.credit.lock().expect("credit lock");
+                        *cur = (*cur).max(c.through);
+                    }
+                    self.shared.credit_cv.notify_all();
+                    self.checkpoint(c.through)?;
+                }
+                Msg::Refine(r) => {
+                    if self.mode == Mode::Delta || r.block >= total_blocks {
+                        return Err(protocol(format!("refine of block {} is out of range", r.block)));
+                    }
+                    let _ = refine_tx.send(r.block);
+                }
+                Msg::Data(d) => {
+                    self.check_extent(d.offset, d.len as u64)?;
+                    if d.len > self.shared.block.bytes() {
+                        return Err(protocol(format!("data op of {} bytes exceeds the block size", d.len)));
+                    }
+                    let data = match d.codec {
+                        Codec::Raw if payload.len() == d.len as usize => payload,
+                        Codec::Raw => return Err(protocol("data payload length does not match its header")),
+                        Codec::Zstd if self.features & features::ZSTD != 0 => {
+                            wire::decompress(payload, d.len as usize, &mut scratch)?;
+                            &scratch[..]
+                        }
+                        Codec::Zstd => return Err(protocol("zstd data frame without negotiating zstd")),
+                    };
+                    self.apply(Op::Data(d.offset, data))?;
+                }
+                Msg::Zero(z) => {
+                    self.check_extent(z.offset, z.len)?;
+                    self.apply(Op::Zero(z.offset, z.len))?;
+                }
+                Msg::Copy(c) => {
+                    self.check_extent(c.from, c.len)?;
+                    self.check_extent(c.to, c.len)?;
+                    if c.len > self.shared.block.bytes() as u64 {
+                        return Err(protocol("copy op larger than a block"));
+                    }
+                    let mut buf = vec![0u8; c.len as usize];
+                    self.shared.read_virtual(&mut buf, c.from).map_err(volume_err)?;
+                    self.apply(Op::Data(c.to, &buf))?;
+                }
+                Msg::Finish(f) => {
+                    let expect = total_blocks - self.start_block;
+                    if self.mode != Mode::Delta && f.blocks != expect {
+                        return Err(protocol(format!("source compared {} blocks, expected {expect}", f.blocks)));
+                    }
+                    return Ok(());
+                }
+                m => return Err(protocol(format!("unexpected {:?} frame", m.kind()))),
+            }
+        }
+    }
+
+    fn check_extent(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.shared.new_size => Ok(()),
+            _ => Err(protocol(format!(
+                "op at offset {offset} ({len} bytes) lies outside the volume of {} bytes",
+                self.shared.new_size
+            ))),
+        }
+    }
+
+    fn apply(&mut self, op: Op<'_>) -> Result<(), TargetError> {
+        let len = match op {
+            Op::Data(_, d) => d.len() as u64,
+            Op::Zero(_, l) => l,
+        };
+        match &mut self.applier {
+            Applier::DryRun => return Ok(()),
+            Applier::Journal(j) => {
+                let spilled = match op {
+                    Op::Data(o, d) => j.append_data(o, d),
+                    Op::Zero(o, l) => j.append_zero(o, l),
+                }
+                .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                if !spilled {
+                    return Ok(());
+                }
+                // The delta outgrew the journal budget: apply what is in the
+                // journal in place and go on in place (resumable), rather
+                // than fail a large but valid delta.
+                tracing::info!("delta exceeds --journal-max; applying in place from here on");
+                self.begin_in_place(self.start_block)?;
+                let Applier::Journal(j) = std::mem::replace(
+                    &mut self.applier,
+                    Applier::InPlace { last_mark: Instant::now(), dirty: 0 },
+                ) else {
+                    unreachable!()
+                };
+                self.bytes_written += j
+                    .apply_and_discard(self.shared.volume.as_ref())
+                    .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                return self.apply(op);
+            }
+            Applier::InPlace { dirty, .. } => {
+                *dirty += len;
+                if self.state.in_progress.is_none() {
+                    self.begin_in_place(self.start_block)?;
+                }
+            }
+        }
+        self.grow()?;
+        let v = self.shared.volume.as_ref();
+        match op {
+            Op::Data(o, d) => v.write_at(d, o).map_err(volume_err)?,
+            Op::Zero(o, l) => v.zero(o, l).map_err(volume_err)?,
+        }
+        self.bytes_written += len;
+        Ok(())
+    }
+
+    fn grow(&self) -> Result<(), TargetError> {
+        let v = &self.shared.volume;
+        if v.size() < self.shared.new_size {
+            v.set_size(self.shared.new_size).map_err(volume_err)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the replica inconsistent, durably, before its first in-place write.
+    fn begin_in_place(&mut self, mark_block: u64) -> Result<(), TargetError> {
+        self.state.consistent = false;
+        self.state.source_id = Some(self.open.source_id.clone());
+        self.state.in_progress = Some(InProgress {
+            generation: self.next_generation.clone(),
+            source_id: self.open.source_id.clone(),
+            block_size: self.shared.block.bytes(),
+            mark_block,
+        });
+        self.save_state()
+    }
+
+    fn save_state(&self) -> Result<(), TargetError> {
+        state::save(&self.paths.state, &self.state).map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))
+    }
+
+    /// Every op for blocks below `through` has been received: for an
+    /// in-place apply, make that durable now and then, so a rerun resumes.
+    fn checkpoint(&mut self, through: u64) -> Result<(), TargetError> {
+        const MARK_BYTES: u64 = 256 << 20;
+        const MARK_EVERY: Duration = Duration::from_secs(5);
+        if let Applier::InPlace { last_mark, dirty } = &mut self.applier {
+            if self.state.in_progress.is_none() || (*dirty < MARK_BYTES && last_mark.elapsed() < MARK_EVERY) {
+                return Ok(());
+            }
+            *dirty = 0;
+            *last_mark = Instant::now();
+            self.shared.volume.sync().map_err(volume_err)?;
+            if let Some(ip) = &mut self.state.in_progress {
+                ip.mark_block = ip.mark_block.max(through);
+            }
+            self.save_state()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<Committed, TargetError> {
+        let dry = matches!(self.applier, Applier::DryRun);
+        let mut journal_bytes = 0;
+        let apply_mode = match std::mem::replace(&mut self.applier, Applier::DryRun) {
+            Applier::DryRun if self.mode == Mode::Verify => "verify",
+            Applier::DryRun => "dry-run",
+            Applier::Journal(j) => {
+                journal_bytes = j.bytes();
+                self.grow()?;
+                // Sealing makes the journal complete and durable: from here
+                // a crash replays it, so the volume ends at generation n.
+                let sealed = j
+                    .seal(&self.next_generation, &self.open.source_id, self.shared.new_size)
+                    .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                self.bytes_written += sealed
+                    .apply(self.shared.volume.as_ref())
+                    .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                self.finish_generation()?;
+                sealed.remove().map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                "journal"
+            }
+            Applier::InPlace { .. } => {
+                self.grow()?;
+                self.finish_generation()?;
+                if self.start_block > 0 {
+                    "resumed"
+                } else {
+                    "in-place"
+                }
+            }
+        };
+        let generation = if dry { self.state.generation.clone() } else { Some(self.next_generation.clone()) };
+        Ok(Committed {
+            target_bytes_read: self.shared.bytes_read.load(Ordering::Relaxed),
+            target_bytes_written: self.bytes_written,
+            journal_bytes,
+            apply_mode: apply_mode.into(),
+            state: ReplicaState {
+                source_id: self.state.source_id.clone(),
+                generation,
+                consistent: self.state.consistent,
+                resume: None,
+                recovered: self.recovered.clone(),
+            },
+        })
+    }
+
+    /// The volume holds generation n: shrink a longer file, flush, record.
+    fn finish_generation(&mut self) -> Result<(), TargetError> {
+        let v = self.shared.volume.as_ref();
+        if v.resizable() && v.size() > self.shared.new_size {
+            v.set_size(self.shared.new_size).map_err(volume_err)?;
+        }
+        v.sync().map_err(volume_err)?;
+        self.state.source_id = Some(self.open.source_id.clone());
+        self.state.generation = Some(self.next_generation.clone());
+        self.state.consistent = true;
+        self.state.in_progress = None;
+        self.state.block_size = Some(self.shared.block.bytes());
+        self.state.committed_at = SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+        self.save_state()
+    }
+
+    /// Session failed: an unsealed journal is thrown away (the replica is
+    /// still generation n-1); an in-place copy keeps its last mark.
+    fn abort(&mut self) {
+        if let Applier::Journal(j) = std::mem::replace(&mut self.applier, Applier::DryRun) {
+            if let Err(e) = j.discard() {
+                tracing::warn!("discarding the journal: {e:#}");
+            }
+        }
+    }
+}
+
+enum Op<'a> {
+    Data(u64, &'a [u8]),
+    Zero(u64, u64),
+}
+
+fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(), TargetError> {
+    loop {
+        let item = match rx.try_recv() {
+            Ok(i) => i,
+            Err(_) => {
+                wr.flush()?;
+                match rx.recv() {
+                    Ok(i) => i,
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        let Out::Frame(msg, payload) = item;
+        wr.send(&msg, &payload)?;
+    }
+}
+
+fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError> {
+    let total = s.block.blocks_in(s.new_size);
+    let per_chunk = blocks_per_chunk(s.block);
+    let mut buf = vec![0u8; CHUNK_BYTES.max(s.block.bytes() as usize)];
+    let mut zeros = ZeroDigests { signer: s.signer.clone(), cache: HashMap::new() };
+    let mut digests = Vec::new();
+    let mut payload = Vec::new();
+    let mut block = start;
+    while block < total {
+        let n = per_chunk.min(total - block);
+        if !s.wait_credit(block + n - 1) {
+            return Ok(());
+        }
+        let offset = s.block.offset_of(block);
+        let len = (s.new_size - offset).min(n * s.block.bytes() as u64) as usize;
+        let all_zero = s.read_virtual(&mut buf[..len], offset).map_err(volume_err)?;
+        digests.clear();
+        for i in 0..n {
+            let blen = s.block.len_of(block + i, s.new_size);
+            let from = (i * s.block.bytes() as u64) as usize;
+            let d = if all_zero {
+                zeros.get(blen)
+            } else {
+                s.signer.block_digest(&buf[from..from + blen as usize])
+            };
+            digests.push(d);
+        }
+        s.volume.done_with(offset, len as u64);
+        wire::digests_to_payload(&digests, &mut payload);
+        if tx.send(Out::Frame(Msg::BlockHashes(BlockHashes { first: block }), payload.clone())).is_err() {
+            return Ok(());
+        }
+        block += n;
+    }
+    Ok(())
+}
+
+fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), TargetError> {
+    let mut buf = vec![0u8; s.block.bytes() as usize];
+    let mut subs = Vec::new();
+    let mut payload = Vec::new();
+    for block in rx {
+        let len = s.block.len_of(block, s.new_size) as usize;
+        s.read_virtual(&mut buf[..len], s.block.offset_of(block)).map_err(volume_err)?;
+        subs.clear();
+        s.signer.sub_digests(&buf[..len], &mut subs);
+        wire::digests_to_payload(&subs, &mut payload);
+        if tx.send(Out::Frame(Msg::SubHashes(SubHashes { block }), payload.clone())).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

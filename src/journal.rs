@@ -1,0 +1,428 @@
+//! The write-ahead delta journal: how the target moves from generation n-1
+//! to n without ever holding a mix of the two.
+//!
+//! Ops are appended to a journal file in the state directory while the
+//! session runs; the volume is untouched. On commit the journal is *sealed*
+//! (a trailer with the generation and a digest of every record, then
+//! fsync), applied in place, the volume fsynced, the state advanced, and the
+//! journal removed. Opening a volume first [`recover`]s: a sealed journal
+//! whose digest checks is replayed (applying it twice writes the same bytes),
+//! anything else is discarded.
+//!
+//! ```text
+//! header:  "SNAPJRN1"
+//! record:  kind u8 | offset u64 LE | len u64 LE | payload (Data: len bytes)
+//! seal:    kind 0xFF | trailer_len u32 LE | trailer JSON | blake3(all bytes before the seal)
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use snapshot::Volume;
+use wire::Generation;
+
+use crate::state::{self, StatePaths, VolumeState};
+
+const MAGIC: &[u8; 8] = b"SNAPJRN1";
+const KIND_DATA: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_SEAL: u8 = 0xFF;
+/// Largest data record: a maximal block.
+const MAX_RECORD: u64 = blockdiff::MAX_BLOCK as u64;
+const MAX_TRAILER: u32 = 64 * 1024;
+
+/// What a sealed journal produces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    pub generation: Generation,
+    pub source_id: String,
+    pub volume_size: u64,
+    pub records: u64,
+}
+
+/// A journal being written.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    records: u64,
+    max: u64,
+}
+
+impl Journal {
+    /// Starts an empty journal at `path` that refuses to grow past `max`
+    /// payload bytes.
+    pub fn create(path: &Path, max: u64) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = File::create(path).with_context(|| format!("creating journal {}", path.display()))?;
+        let mut j = Self {
+            path: path.to_owned(),
+            out: BufWriter::with_capacity(1 << 20, file),
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+            records: 0,
+            max,
+        };
+        j.put(MAGIC)?;
+        Ok(j)
+    }
+
+    /// Payload bytes so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.hasher.update(b);
+        self.out.write_all(b).with_context(|| format!("writing journal {}", self.path.display()))
+    }
+
+    fn record(&mut self, kind: u8, offset: u64, len: u64, payload: &[u8]) -> Result<()> {
+        let mut head = [0u8; 17];
+        head[0] = kind;
+        head[1..9].copy_from_slice(&offset.to_le_bytes());
+        head[9..17].copy_from_slice(&len.to_le_bytes());
+        self.put(&head)?;
+        self.put(payload)?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Appends a write. `Ok(false)`: journaled; `Ok(true)`: it would pass
+    /// the budget, nothing was written and the caller must go in place.
+    pub fn append_data(&mut self, offset: u64, data: &[u8]) -> Result<bool> {
+        if self.bytes + data.len() as u64 > self.max {
+            return Ok(true);
+        }
+        self.record(KIND_DATA, offset, data.len() as u64, data)?;
+        self.bytes += data.len() as u64;
+        Ok(false)
+    }
+
+    /// Appends a zeroing (costs no payload).
+    pub fn append_zero(&mut self, offset: u64, len: u64) -> Result<bool> {
+        self.record(KIND_ZERO, offset, len, &[])?;
+        Ok(false)
+    }
+
+    /// Writes the trailer and makes the journal durable: from here on a
+    /// crash replays it.
+    pub fn seal(mut self, generation: &Generation, source_id: &str, volume_size: u64) -> Result<SealedJournal> {
+        let trailer = Trailer {
+            generation: generation.clone(),
+            source_id: source_id.to_owned(),
+            volume_size,
+            records: self.records,
+        };
+        let digest = self.hasher.finalize();
+        let json = serde_json::to_vec(&trailer).expect("trailer serialises");
+        let mut seal = vec![KIND_SEAL];
+        seal.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        seal.extend_from_slice(&json);
+        seal.extend_from_slice(digest.as_bytes());
+        self.out.write_all(&seal).with_context(|| format!("writing journal {}", self.path.display()))?;
+        let file = self.out.into_inner().map_err(|e| e.into_error()).context("flushing journal")?;
+        file.sync_all().with_context(|| format!("flushing journal {}", self.path.display()))?;
+        if let Some(dir) = self.path.parent() {
+            state::sync_dir(dir)?;
+        }
+        Ok(SealedJournal { path: self.path, trailer })
+    }
+
+    /// Applies what was journaled so far in place and deletes the journal
+    /// (the caller marked the replica inconsistent first). Returns bytes
+    /// written.
+    pub fn apply_and_discard(self, volume: &dyn Volume) -> Result<u64> {
+        let path = self.path.clone();
+        self.out.into_inner().map_err(|e| e.into_error()).context("flushing journal")?;
+        let written = replay(&path, volume, None)?;
+        fs::remove_file(&path).with_context(|| format!("removing journal {}", path.display()))?;
+        Ok(written)
+    }
+
+    /// Throws an unsealed journal away.
+    pub fn discard(self) -> Result<()> {
+        drop(self.out);
+        fs::remove_file(&self.path).with_context(|| format!("removing journal {}", self.path.display()))
+    }
+}
+
+/// A complete, durable journal.
+#[derive(Debug)]
+pub struct SealedJournal {
+    path: PathBuf,
+    trailer: Trailer,
+}
+
+impl SealedJournal {
+    /// Applies every record to `volume` and flushes it. Returns bytes written.
+    pub fn apply(&self, volume: &dyn Volume) -> Result<u64> {
+        if volume.size() < self.trailer.volume_size {
+            volume.set_size(self.trailer.volume_size)?;
+        }
+        let n = replay(&self.path, volume, None)?;
+        volume.sync()?;
+        Ok(n)
+    }
+
+    pub fn remove(self) -> Result<()> {
+        fs::remove_file(&self.path).with_context(|| format!("removing journal {}", self.path.display()))?;
+        if let Some(dir) = self.path.parent() {
+            state::sync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// One journal record, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Data { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, len: u64 },
+    Seal { trailer: Trailer, digest_ok: bool },
+}
+
+/// Parses a journal, calling `f` on each record; bounded (records are at
+/// most a block) and safe on arbitrary bytes. Returns `Ok(None)` for a
+/// journal cut short (no seal), `Ok(Some(trailer))` for a sealed one whose
+/// digest checks. Corrupt content is an error.
+pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Result<Option<Trailer>> {
+    let mut hasher = blake3::Hasher::new();
+    let mut magic = [0u8; 8];
+    if !read_full(&mut r, &mut magic)? {
+        return Ok(None);
+    }
+    if &magic != MAGIC {
+        bail!("not a snapsync journal (bad magic)");
+    }
+    hasher.update(&magic);
+    let mut data = Vec::new();
+    loop {
+        let mut kind = [0u8; 1];
+        if !read_full(&mut r, &mut kind)? {
+            return Ok(None);
+        }
+        if kind[0] == KIND_SEAL {
+            let mut len = [0u8; 4];
+            if !read_full(&mut r, &mut len)? {
+                return Ok(None);
+            }
+            let len = u32::from_le_bytes(len);
+            if len > MAX_TRAILER {
+                bail!("journal trailer of {len} bytes is too large");
+            }
+            let mut json = vec![0u8; len as usize];
+            let mut digest = [0u8; 32];
+            if !read_full(&mut r, &mut json)? || !read_full(&mut r, &mut digest)? {
+                return Ok(None);
+            }
+            let trailer: Trailer = serde_json::from_slice(&json).context("journal trailer is corrupt")?;
+            if hasher.finalize().as_bytes() != &digest {
+                bail!("journal digest does not match its records");
+            }
+            let mut rest = [0u8; 1];
+            if read_full(&mut r, &mut rest)? {
+                bail!("bytes after the journal seal");
+            }
+            f(Record::Seal { trailer: trailer.clone(), digest_ok: true })?;
+            return Ok(Some(trailer));
+        }
+        let mut head = [0u8; 16];
+        if !read_full(&mut r, &mut head)? {
+            return Ok(None);
+        }
+        hasher.update(&kind);
+        hasher.update(&head);
+        let offset = u64::from_le_bytes(head[..8].try_into().expect("8"));
+        let len = u64::from_le_bytes(head[8..].try_into().expect("8"));
+        offset.checked_add(len).context("journal record overflows")?;
+        match kind[0] {
+            KIND_DATA => {
+                if len > MAX_RECORD {
+                    bail!("journal data record of {len} bytes is too large");
+                }
+                data.resize(len as usize, 0);
+                if !read_full(&mut r, &mut data)? {
+                    return Ok(None);
+                }
+                hasher.update(&data);
+                f(Record::Data { offset, data: std::mem::take(&mut data) })?;
+            }
+            KIND_ZERO => f(Record::Zero { offset, len })?,
+            k => bail!("unknown journal record kind {k}"),
+        }
+    }
+}
+
+/// Fills `buf`; false on a clean or partial end of file.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the records of the journal at `path` (sealed or not: callers
+/// decide) to `volume`. `limit` caps the volume size for checks.
+fn replay(path: &Path, volume: &dyn Volume, limit: Option<u64>) -> Result<u64> {
+    let file = File::open(path).with_context(|| format!("opening journal {}", path.display()))?;
+    let size = limit.unwrap_or_else(|| volume.size());
+    let mut written = 0;
+    parse(BufReader::with_capacity(1 << 20, file), |rec| {
+        match rec {
+            Record::Data { offset, data } => {
+                if offset + data.len() as u64 > size {
+                    bail!("journal record at {offset} lies outside the volume");
+                }
+                volume.write_at(&data, offset)?;
+                written += data.len() as u64;
+            }
+            Record::Zero { offset, len } => {
+                if offset + len > size {
+                    bail!("journal record at {offset} lies outside the volume");
+                }
+                volume.zero(offset, len)?;
+                written += len;
+            }
+            Record::Seal { .. } => {}
+        }
+        Ok(())
+    })?;
+    Ok(written)
+}
+
+/// Brings a volume to a complete generation after a crash: replays a
+/// sealed journal or discards an incomplete one. Returns what it did.
+pub fn recover(paths: &StatePaths, state: &mut VolumeState, volume: &dyn Volume) -> Result<Option<String>> {
+    let file = match File::open(&paths.journal) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening journal {}", paths.journal.display())),
+    };
+    let sealed = match parse(BufReader::new(file), |_| Ok(())) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("journal {} is corrupt ({e:#}); discarding it", paths.journal.display());
+            None
+        }
+    };
+    let what = match sealed {
+        Some(trailer) => {
+            let sj = SealedJournal { path: paths.journal.clone(), trailer: trailer.clone() };
+            sj.apply(volume)?;
+            if volume.resizable() && volume.size() > trailer.volume_size {
+                volume.set_size(trailer.volume_size)?;
+                volume.sync()?;
+            }
+            state.source_id = Some(trailer.source_id.clone());
+            state.generation = Some(trailer.generation.clone());
+            state.consistent = true;
+            state.in_progress = None;
+            state::save(&paths.state, state)?;
+            sj.remove()?;
+            format!("replayed the committed journal of generation {}", trailer.generation.number)
+        }
+        None => {
+            fs::remove_file(&paths.journal)
+                .with_context(|| format!("removing journal {}", paths.journal.display()))?;
+            "discarded an incomplete journal; the replica is the previous generation".to_owned()
+        }
+    };
+    tracing::info!("{}: {what}", paths.journal.display());
+    let _ = OpenOptions::new();
+    Ok(Some(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::MemVolume;
+
+    fn gen() -> Generation {
+        Generation { number: 2, snapshot: "s".into() }
+    }
+
+    fn build(dir: &Path) -> PathBuf {
+        let p = dir.join("j");
+        let mut j = Journal::create(&p, 1 << 20).unwrap();
+        assert!(!j.append_data(4, &[7; 4]).unwrap());
+        assert!(!j.append_zero(0, 2).unwrap());
+        j.seal(&gen(), "src", 16).unwrap();
+        p
+    }
+
+    #[test]
+    fn sealed_journal_replays_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = build(dir.path());
+        let paths = StatePaths { state: dir.path().join("st"), lock: dir.path().join("l"), journal: p.clone() };
+        let v = MemVolume::new("v", vec![1; 16], false);
+        let mut st = VolumeState::default();
+        let what = recover(&paths, &mut st, &v).unwrap().unwrap();
+        assert!(what.contains("replayed"));
+        let mut want = vec![1u8; 16];
+        want[..2].fill(0);
+        want[4..8].fill(7);
+        assert_eq!(v.contents(), want);
+        assert_eq!(st.generation, Some(gen()));
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn truncated_journal_is_discarded_at_every_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = build(dir.path());
+        let full = fs::read(&p).unwrap();
+        for cut in 0..full.len() {
+            fs::write(&p, &full[..cut]).unwrap();
+            let paths = StatePaths { state: dir.path().join("st"), lock: dir.path().join("l"), journal: p.clone() };
+            let v = MemVolume::new("v", vec![1; 16], false);
+            let mut st = VolumeState::default();
+            let what = recover(&paths, &mut st, &v).unwrap().unwrap();
+            assert!(what.contains("discarded"), "cut {cut}: {what}");
+            assert_eq!(v.contents(), vec![1; 16], "cut {cut} touched the volume");
+        }
+    }
+
+    #[test]
+    fn corrupt_journal_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = build(dir.path());
+        let mut bytes = fs::read(&p).unwrap();
+        bytes[30] ^= 0x40;
+        fs::write(&p, &bytes).unwrap();
+        let paths = StatePaths { state: dir.path().join("st"), lock: dir.path().join("l"), journal: p };
+        let v = MemVolume::new("v", vec![1; 16], false);
+        let mut st = VolumeState::default();
+        recover(&paths, &mut st, &v).unwrap();
+        assert_eq!(v.contents(), vec![1; 16]);
+        assert_eq!(st.generation, None);
+    }
+
+    #[test]
+    fn budget_spills() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(&dir.path().join("j"), 8).unwrap();
+        assert!(!j.append_data(0, &[1; 8]).unwrap());
+        assert!(j.append_data(8, &[1]).unwrap());
+    }
+
+    #[test]
+    fn parse_never_panics_on_garbage() {
+        use proptest::prelude::*;
+        proptest!(|(bytes in prop::collection::vec(any::<u8>(), 0..512))| {
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = parse(&bytes[..], |_| Ok(()));
+            let _ = parse(&with_magic[..], |_| Ok(()));
+        });
+    }
+}

@@ -1,0 +1,31 @@
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use snapsync::cli::Cli;
+use snapsync::exit::{classify, Exit};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage.into() } else { Exit::Ok.into() };
+        }
+    };
+    snapsync::cli::init_logging(cli.verbose, cli.quiet_logs());
+    match snapsync::commands::dispatch(cli) {
+        Ok(code) => code.into(),
+        Err(err) => {
+            let exit = classify(&err);
+            // A closed stdout (e.g. `| head`) is not worth a message.
+            let broken_pipe = err
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe));
+            if !broken_pipe || exit != Exit::Internal {
+                let _ = writeln!(std::io::stderr(), "snapsync: error: {err:#}");
+            }
+            exit.into()
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Connecting to a target: an in-process `serve` over pipes for a local
+//! replica, or `snapsync serve` on another host through a remote shell.
+//! Either way the session speaks the same protocol.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::engine::source::Connection;
+use crate::engine::target::{self, ServeConfig, ServeSummary, TargetError};
+use crate::engine::Cancel;
+
+/// Where the replica lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Local(PathBuf),
+    Remote { host: String, path: String },
+}
+
+impl Destination {
+    /// `[user@]host:/path` is remote (a ':' before the first '/'), like rsync.
+    pub fn parse(s: &str) -> Self {
+        match s.split_once(':') {
+            Some((host, path)) if !host.is_empty() && !host.contains('/') => {
+                Destination::Remote { host: host.to_owned(), path: path.to_owned() }
+            }
+            _ => Destination::Local(PathBuf::from(s)),
+        }
+    }
+}
+
+/// The other end of a connection, to wait for at the end.
+#[derive(Debug)]
+pub enum Peer {
+    Thread(JoinHandle<Result<ServeSummary, TargetError>>),
+    Child { child: Child, stderr: JoinHandle<String>, what: String },
+}
+
+/// Serves `path` in a thread of this process.
+pub fn local(path: PathBuf, state_dir: PathBuf, cancel: Cancel) -> Result<(Connection, Peer)> {
+    let (to_target_r, to_target_w) = std::io::pipe().context("creating a pipe")?;
+    let (to_source_r, to_source_w) = std::io::pipe().context("creating a pipe")?;
+    let pattern = glob::Pattern::new(&glob::Pattern::escape(&absolute(&path)?.to_string_lossy()))?;
+    let cfg = ServeConfig { allow: vec![pattern], state_dir, cancel };
+    let handle = thread::Builder::new()
+        .name("local-target".into())
+        .spawn(move || target::serve(to_target_r, to_source_w, &cfg))
+        .context("starting the local target")?;
+    Ok((Connection { reader: Box::new(to_source_r), writer: Box::new(to_target_w) }, Peer::Thread(handle)))
+}
+
+/// Absolute form of a local path, without resolving symlinks.
+pub fn absolute(p: &std::path::Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Quotes one word for the remote shell that ssh hands the command to.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Runs `RSH HOST REMOTE_BIN serve ARGS…` with its stdin/stdout as the
+/// connection. `rsh` is split on whitespace, like rsync's `-e`.
+pub fn remote(rsh: &str, host: &str, remote_bin: &str, serve_args: &[String]) -> Result<(Connection, Peer)> {
+    let mut words = rsh.split_whitespace();
+    let program = words.next().context("--rsh is empty")?;
+    let mut cmd = Command::new(program);
+    cmd.args(words).arg(host).arg(shell_quote(remote_bin)).arg("serve");
+    cmd.args(serve_args.iter().map(|a| shell_quote(a)));
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let what = format!("{program} {host} {remote_bin} serve");
+    let mut child = cmd.spawn().with_context(|| format!("starting remote shell `{program}`"))?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    // Keep the last 16 KiB the remote side says, for error messages.
+    let stderr = thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > 16 * 1024 {
+                kept.drain(..kept.len() - 16 * 1024);
+            }
+        }
+        String::from_utf8_lossy(&kept).trim().to_owned()
+    });
+    Ok((Connection { reader: Box::new(stdout), writer: Box::new(stdin) }, Peer::Child { child, stderr, what }))
+}
+
+impl Peer {
+    /// Waits for the peer to end. For a child: a bounded wait, then kill,
+    /// so a hung remote never hangs us. Returns a description of a failure.
+    pub fn finish(self) -> Option<String> {
+        match self {
+            Peer::Thread(h) => match h.join() {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.message),
+                Err(_) => Some("the local target thread panicked".into()),
+            },
+            Peer::Child { mut child, stderr, what } => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let status = loop {
+                    match child.try_wait() {
+                        Ok(Some(s)) => break Some(s),
+                        Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                        _ => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break None;
+                        }
+                    }
+                };
+                let said = stderr.join().unwrap_or_default();
+                match status {
+                    Some(s) if s.success() => {
+                        if !said.is_empty() {
+                            tracing::debug!("remote said: {said}");
+                        }
+                        None
+                    }
+                    Some(s) => Some(format!("`{what}` exited with {s}{}", describe(&said))),
+                    None => Some(format!("`{what}` did not exit and was killed{}", describe(&said))),
+                }
+            }
+        }
+    }
+}
+
+fn describe(said: &str) -> String {
+    if said.is_empty() {
+        String::new()
+    } else {
+        format!(": {said}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        assert_eq!(Destination::parse("/a/b"), Destination::Local("/a/b".into()));
+        assert_eq!(Destination::parse("./x:y"), Destination::Local("./x:y".into()));
+        assert_eq!(
+            Destination::parse("root@h:/dev/vg/x"),
+            Destination::Remote { host: "root@h".into(), path: "/dev/vg/x".into() }
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/dev/vg0/data"), "/dev/vg0/data");
+        assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
