@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::exit::UsageError;
 
 #[derive(Debug, Parser)]
-#[command(name = "snapsync", version, about = "Keep replicas of block volumes up to date, shipping only changed blocks")]
+#[command(
+    name = "snapsync",
+    version,
+    about = "Keep replicas of block volumes up to date, shipping only changed blocks"
+)]
 pub struct Cli {
     /// More log output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -138,7 +142,9 @@ pub struct StatusArgs {
 
 /// Parses "64KiB", "1M", "4096".
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("bad size {s:?}: {e}"))
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("bad size {s:?}: {e}"))
 }
 
 /// Compression choice: `None` for no compression, `Some(level)` for zstd.
@@ -149,7 +155,9 @@ pub fn parse_compress(s: &str, remote: bool) -> Result<Option<i32>, UsageError> 
         "zstd" => Ok(Some(3)),
         _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
             Some(Ok(l)) if (1..=19).contains(&l) => Ok(Some(l)),
-            _ => Err(UsageError(format!("--compress {s:?}: use auto, none, zstd or zstd:LEVEL (1-19)"))),
+            _ => Err(UsageError(format!(
+                "--compress {s:?}: use auto, none, zstd or zstd:LEVEL (1-19)"
+            ))),
         },
     }
 }
@@ -164,7 +172,20 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints a line on stdout. A closed stdout (`| head`) is not an error
+/// worth a panic: the line is dropped.
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
 }
 
 #[cfg(test)]

@@ -53,7 +53,9 @@ pub struct Coded {
 fn from_code(code: ErrorCode) -> Exit {
     match code {
         ErrorCode::Usage => Exit::Usage,
-        ErrorCode::NotAllowed | ErrorCode::TargetIo | ErrorCode::TooSmall | ErrorCode::Mismatch => Exit::Target,
+        ErrorCode::NotAllowed | ErrorCode::TargetIo | ErrorCode::TooSmall | ErrorCode::Mismatch => {
+            Exit::Target
+        }
         ErrorCode::Busy => Exit::Busy,
         ErrorCode::Interrupted => Exit::Interrupted,
         ErrorCode::Protocol | ErrorCode::Internal => Exit::Transport,

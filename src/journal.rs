@@ -15,7 +15,7 @@
 //! seal:    kind 0xFF | trailer_len u32 LE | trailer JSON | blake3(all bytes before the seal)
 //! ```
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -61,7 +61,8 @@ impl Journal {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let file = File::create(path).with_context(|| format!("creating journal {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("creating journal {}", path.display()))?;
         let mut j = Self {
             path: path.to_owned(),
             out: BufWriter::with_capacity(1 << 20, file),
@@ -81,7 +82,9 @@ impl Journal {
 
     fn put(&mut self, b: &[u8]) -> Result<()> {
         self.hasher.update(b);
-        self.out.write_all(b).with_context(|| format!("writing journal {}", self.path.display()))
+        self.out
+            .write_all(b)
+            .with_context(|| format!("writing journal {}", self.path.display()))
     }
 
     fn record(&mut self, kind: u8, offset: u64, len: u64, payload: &[u8]) -> Result<()> {
@@ -114,7 +117,12 @@ impl Journal {
 
     /// Writes the trailer and makes the journal durable: from here on a
     /// crash replays it.
-    pub fn seal(mut self, generation: &Generation, source_id: &str, volume_size: u64) -> Result<SealedJournal> {
+    pub fn seal(
+        mut self,
+        generation: &Generation,
+        source_id: &str,
+        volume_size: u64,
+    ) -> Result<SealedJournal> {
         let trailer = Trailer {
             generation: generation.clone(),
             source_id: source_id.to_owned(),
@@ -127,13 +135,23 @@ impl Journal {
         seal.extend_from_slice(&(json.len() as u32).to_le_bytes());
         seal.extend_from_slice(&json);
         seal.extend_from_slice(digest.as_bytes());
-        self.out.write_all(&seal).with_context(|| format!("writing journal {}", self.path.display()))?;
-        let file = self.out.into_inner().map_err(|e| e.into_error()).context("flushing journal")?;
-        file.sync_all().with_context(|| format!("flushing journal {}", self.path.display()))?;
+        self.out
+            .write_all(&seal)
+            .with_context(|| format!("writing journal {}", self.path.display()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("flushing journal")?;
+        file.sync_all()
+            .with_context(|| format!("flushing journal {}", self.path.display()))?;
         if let Some(dir) = self.path.parent() {
             state::sync_dir(dir)?;
         }
-        Ok(SealedJournal { path: self.path, trailer })
+        Ok(SealedJournal {
+            path: self.path,
+            trailer,
+        })
     }
 
     /// Applies what was journaled so far in place and deletes the journal
@@ -141,7 +159,10 @@ impl Journal {
     /// written.
     pub fn apply_and_discard(self, volume: &dyn Volume) -> Result<u64> {
         let path = self.path.clone();
-        self.out.into_inner().map_err(|e| e.into_error()).context("flushing journal")?;
+        self.out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("flushing journal")?;
         let written = replay(&path, volume, None)?;
         fs::remove_file(&path).with_context(|| format!("removing journal {}", path.display()))?;
         Ok(written)
@@ -150,7 +171,8 @@ impl Journal {
     /// Throws an unsealed journal away.
     pub fn discard(self) -> Result<()> {
         drop(self.out);
-        fs::remove_file(&self.path).with_context(|| format!("removing journal {}", self.path.display()))
+        fs::remove_file(&self.path)
+            .with_context(|| format!("removing journal {}", self.path.display()))
     }
 }
 
@@ -173,7 +195,8 @@ impl SealedJournal {
     }
 
     pub fn remove(self) -> Result<()> {
-        fs::remove_file(&self.path).with_context(|| format!("removing journal {}", self.path.display()))?;
+        fs::remove_file(&self.path)
+            .with_context(|| format!("removing journal {}", self.path.display()))?;
         if let Some(dir) = self.path.parent() {
             state::sync_dir(dir)?;
         }
@@ -223,7 +246,8 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
             if !read_full(&mut r, &mut json)? || !read_full(&mut r, &mut digest)? {
                 return Ok(None);
             }
-            let trailer: Trailer = serde_json::from_slice(&json).context("journal trailer is corrupt")?;
+            let trailer: Trailer =
+                serde_json::from_slice(&json).context("journal trailer is corrupt")?;
             if hasher.finalize().as_bytes() != &digest {
                 bail!("journal digest does not match its records");
             }
@@ -231,7 +255,10 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
             if read_full(&mut r, &mut rest)? {
                 bail!("bytes after the journal seal");
             }
-            f(Record::Seal { trailer: trailer.clone(), digest_ok: true })?;
+            f(Record::Seal {
+                trailer: trailer.clone(),
+                digest_ok: true,
+            })?;
             return Ok(Some(trailer));
         }
         let mut head = [0u8; 16];
@@ -242,7 +269,9 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
         hasher.update(&head);
         let offset = u64::from_le_bytes(head[..8].try_into().expect("8"));
         let len = u64::from_le_bytes(head[8..].try_into().expect("8"));
-        offset.checked_add(len).context("journal record overflows")?;
+        offset
+            .checked_add(len)
+            .context("journal record overflows")?;
         match kind[0] {
             KIND_DATA => {
                 if len > MAX_RECORD {
@@ -253,7 +282,10 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
                     return Ok(None);
                 }
                 hasher.update(&data);
-                f(Record::Data { offset, data: std::mem::take(&mut data) })?;
+                f(Record::Data {
+                    offset,
+                    data: std::mem::take(&mut data),
+                })?;
             }
             KIND_ZERO => f(Record::Zero { offset, len })?,
             k => bail!("unknown journal record kind {k}"),
@@ -301,22 +333,34 @@ fn replay(path: &Path, volume: &dyn Volume, limit: Option<u64>) -> Result<u64> {
 
 /// Brings a volume to a complete generation after a crash: replays a
 /// sealed journal or discards an incomplete one. Returns what it did.
-pub fn recover(paths: &StatePaths, state: &mut VolumeState, volume: &dyn Volume) -> Result<Option<String>> {
+pub fn recover(
+    paths: &StatePaths,
+    state: &mut VolumeState,
+    volume: &dyn Volume,
+) -> Result<Option<String>> {
     let file = match File::open(&paths.journal) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("opening journal {}", paths.journal.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening journal {}", paths.journal.display()))
+        }
     };
     let sealed = match parse(BufReader::new(file), |_| Ok(())) {
         Ok(t) => t,
         Err(e) => {
-            tracing::warn!("journal {} is corrupt ({e:#}); discarding it", paths.journal.display());
+            tracing::warn!(
+                "journal {} is corrupt ({e:#}); discarding it",
+                paths.journal.display()
+            );
             None
         }
     };
     let what = match sealed {
         Some(trailer) => {
-            let sj = SealedJournal { path: paths.journal.clone(), trailer: trailer.clone() };
+            let sj = SealedJournal {
+                path: paths.journal.clone(),
+                trailer: trailer.clone(),
+            };
             sj.apply(volume)?;
             if volume.resizable() && volume.size() > trailer.volume_size {
                 volume.set_size(trailer.volume_size)?;
@@ -328,7 +372,10 @@ pub fn recover(paths: &StatePaths, state: &mut VolumeState, volume: &dyn Volume)
             state.in_progress = None;
             state::save(&paths.state, state)?;
             sj.remove()?;
-            format!("replayed the committed journal of generation {}", trailer.generation.number)
+            format!(
+                "replayed the committed journal of generation {}",
+                trailer.generation.number
+            )
         }
         None => {
             fs::remove_file(&paths.journal)
@@ -337,7 +384,6 @@ pub fn recover(paths: &StatePaths, state: &mut VolumeState, volume: &dyn Volume)
         }
     };
     tracing::info!("{}: {what}", paths.journal.display());
-    let _ = OpenOptions::new();
     Ok(Some(what))
 }
 
@@ -347,7 +393,10 @@ mod tests {
     use snapshot::MemVolume;
 
     fn gen() -> Generation {
-        Generation { number: 2, snapshot: "s".into() }
+        Generation {
+            number: 2,
+            snapshot: "s".into(),
+        }
     }
 
     fn build(dir: &Path) -> PathBuf {
@@ -363,7 +412,11 @@ mod tests {
     fn sealed_journal_replays_idempotently() {
         let dir = tempfile::tempdir().unwrap();
         let p = build(dir.path());
-        let paths = StatePaths { state: dir.path().join("st"), lock: dir.path().join("l"), journal: p.clone() };
+        let paths = StatePaths {
+            state: dir.path().join("st"),
+            lock: dir.path().join("l"),
+            journal: p.clone(),
+        };
         let v = MemVolume::new("v", vec![1; 16], false);
         let mut st = VolumeState::default();
         let what = recover(&paths, &mut st, &v).unwrap().unwrap();
@@ -383,7 +436,11 @@ mod tests {
         let full = fs::read(&p).unwrap();
         for cut in 0..full.len() {
             fs::write(&p, &full[..cut]).unwrap();
-            let paths = StatePaths { state: dir.path().join("st"), lock: dir.path().join("l"), journal: p.clone() };
+            let paths = StatePaths {
+                state: dir.path().join("st"),
+                lock: dir.path().join("l"),
+                journal: p.clone(),
+            };
             let v = MemVolume::new("v", vec![1; 16], false);
             let mut st = VolumeState::default();
             let what = recover(&paths, &mut st, &v).unwrap().unwrap();
@@ -399,7 +456,11 @@ mod tests {
         let mut bytes = fs::read(&p).unwrap();
         bytes[30] ^= 0x40;
         fs::write(&p, &bytes).unwrap();
-        let paths = StatePaths { state: dir.path().join("st"), lock: dir.path().join("l"), journal: p };
+        let paths = StatePaths {
+            state: dir.path().join("st"),
+            lock: dir.path().join("l"),
+            journal: p,
+        };
         let v = MemVolume::new("v", vec![1; 16], false);
         let mut st = VolumeState::default();
         recover(&paths, &mut st, &v).unwrap();

@@ -4,10 +4,13 @@
 //! protocol to `snapshot` volumes and `blockdiff` decisions, target state
 //! and the write-ahead journal.
 
+pub mod cbt;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod engine;
 pub mod exit;
+pub mod job;
 pub mod journal;
 pub mod progress;
 pub mod state;

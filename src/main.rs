@@ -6,11 +6,22 @@ use snapsync::cli::Cli;
 use snapsync::exit::{classify, Exit};
 
 fn main() -> ExitCode {
+    // A panic is a bug: say so in one line, without a backtrace at the user.
+    std::panic::set_hook(Box::new(|info| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "snapsync: internal error: {info}; please report this bug"
+        );
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { Exit::Usage.into() } else { Exit::Ok.into() };
+            return if e.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                Exit::Ok.into()
+            };
         }
     };
     snapsync::cli::init_logging(cli.verbose, cli.quiet_logs());
@@ -19,9 +30,10 @@ fn main() -> ExitCode {
         Err(err) => {
             let exit = classify(&err);
             // A closed stdout (e.g. `| head`) is not worth a message.
-            let broken_pipe = err
-                .chain()
-                .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe));
+            let broken_pipe = err.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            });
             if !broken_pipe || exit != Exit::Internal {
                 let _ = writeln!(std::io::stderr(), "snapsync: error: {err:#}");
             }

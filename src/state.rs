@@ -75,7 +75,10 @@ impl StatePaths {
 pub fn load(path: &Path) -> Result<VolumeState> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-            format!("state file {} is corrupt; move it away to start over with a full scan", path.display())
+            format!(
+                "state file {} is corrupt; move it away to start over with a full scan",
+                path.display()
+            )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(VolumeState::default()),
         Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
@@ -87,15 +90,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("state path has no directory")?;
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all().with_context(|| format!("flushing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("flushing {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     sync_dir(dir)
 }
 
 /// Makes a rename or unlink in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("flushing directory {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("flushing directory {}", dir.display()))
 }
 
 pub fn save(path: &Path, state: &VolumeState) -> Result<()> {
@@ -120,7 +128,8 @@ impl VolumeLock {
     /// Takes the lock without waiting; [`Busy`] when another process has it.
     pub fn acquire(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+            fs::create_dir_all(dir)
+                .with_context(|| format!("creating state directory {}", dir.display()))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -130,8 +139,13 @@ impl VolumeLock {
             .with_context(|| format!("opening lock file {}", path.display()))?;
         match flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Self { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(Busy { path: path.to_owned() }.into()),
-            Err(e) => Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display())),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Busy {
+                path: path.to_owned(),
+            }
+            .into()),
+            Err(e) => {
+                Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display()))
+            }
         }
     }
 }
@@ -143,8 +157,14 @@ mod tests {
     #[test]
     fn escaped_names_do_not_collide() {
         let d = Path::new("/s");
-        assert_ne!(StatePaths::new(d, Path::new("/a_b")).state, StatePaths::new(d, Path::new("/a/b")).state);
-        assert_ne!(StatePaths::new(d, Path::new("/a%2Fb")).state, StatePaths::new(d, Path::new("/a/b")).state);
+        assert_ne!(
+            StatePaths::new(d, Path::new("/a_b")).state,
+            StatePaths::new(d, Path::new("/a/b")).state
+        );
+        assert_ne!(
+            StatePaths::new(d, Path::new("/a%2Fb")).state,
+            StatePaths::new(d, Path::new("/a/b")).state
+        );
     }
 
     #[test]
@@ -152,7 +172,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = StatePaths::new(dir.path(), Path::new("/dev/x"));
         assert_eq!(load(&p.state).unwrap(), VolumeState::default());
-        let s = VolumeState { source_id: Some("a".into()), consistent: true, ..Default::default() };
+        let s = VolumeState {
+            source_id: Some("a".into()),
+            consistent: true,
+            ..Default::default()
+        };
         save(&p.state, &s).unwrap();
         assert_eq!(load(&p.state).unwrap(), s);
         let _l = VolumeLock::acquire(&p.lock).unwrap();

@@ -25,9 +25,10 @@ impl Destination {
     /// `[user@]host:/path` is remote (a ':' before the first '/'), like rsync.
     pub fn parse(s: &str) -> Self {
         match s.split_once(':') {
-            Some((host, path)) if !host.is_empty() && !host.contains('/') => {
-                Destination::Remote { host: host.to_owned(), path: path.to_owned() }
-            }
+            Some((host, path)) if !host.is_empty() && !host.contains('/') => Destination::Remote {
+                host: host.to_owned(),
+                path: path.to_owned(),
+            },
             _ => Destination::Local(PathBuf::from(s)),
         }
     }
@@ -37,7 +38,11 @@ impl Destination {
 #[derive(Debug)]
 pub enum Peer {
     Thread(JoinHandle<Result<ServeSummary, TargetError>>),
-    Child { child: Child, stderr: JoinHandle<String>, what: String },
+    Child {
+        child: Child,
+        stderr: JoinHandle<String>,
+        what: String,
+    },
 }
 
 /// Serves `path` in a thread of this process.
@@ -45,12 +50,22 @@ pub fn local(path: PathBuf, state_dir: PathBuf, cancel: Cancel) -> Result<(Conne
     let (to_target_r, to_target_w) = std::io::pipe().context("creating a pipe")?;
     let (to_source_r, to_source_w) = std::io::pipe().context("creating a pipe")?;
     let pattern = glob::Pattern::new(&glob::Pattern::escape(&absolute(&path)?.to_string_lossy()))?;
-    let cfg = ServeConfig { allow: vec![pattern], state_dir, cancel };
+    let cfg = ServeConfig {
+        allow: vec![pattern],
+        state_dir,
+        cancel,
+    };
     let handle = thread::Builder::new()
         .name("local-target".into())
         .spawn(move || target::serve(to_target_r, to_source_w, &cfg))
         .context("starting the local target")?;
-    Ok((Connection { reader: Box::new(to_source_r), writer: Box::new(to_target_w) }, Peer::Thread(handle)))
+    Ok((
+        Connection {
+            reader: Box::new(to_source_r),
+            writer: Box::new(to_target_w),
+        },
+        Peer::Thread(handle),
+    ))
 }
 
 /// Absolute form of a local path, without resolving symlinks.
@@ -60,7 +75,10 @@ pub fn absolute(p: &std::path::Path) -> Result<PathBuf> {
 
 /// Quotes one word for the remote shell that ssh hands the command to.
 fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b))
+    {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -69,15 +87,27 @@ fn shell_quote(s: &str) -> String {
 
 /// Runs `RSH HOST REMOTE_BIN serve ARGS…` with its stdin/stdout as the
 /// connection. `rsh` is split on whitespace, like rsync's `-e`.
-pub fn remote(rsh: &str, host: &str, remote_bin: &str, serve_args: &[String]) -> Result<(Connection, Peer)> {
+pub fn remote(
+    rsh: &str,
+    host: &str,
+    remote_bin: &str,
+    serve_args: &[String],
+) -> Result<(Connection, Peer)> {
     let mut words = rsh.split_whitespace();
     let program = words.next().context("--rsh is empty")?;
     let mut cmd = Command::new(program);
-    cmd.args(words).arg(host).arg(shell_quote(remote_bin)).arg("serve");
+    cmd.args(words)
+        .arg(host)
+        .arg(shell_quote(remote_bin))
+        .arg("serve");
     cmd.args(serve_args.iter().map(|a| shell_quote(a)));
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let what = format!("{program} {host} {remote_bin} serve");
-    let mut child = cmd.spawn().with_context(|| format!("starting remote shell `{program}`"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting remote shell `{program}`"))?;
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
@@ -96,7 +126,17 @@ pub fn remote(rsh: &str, host: &str, remote_bin: &str, serve_args: &[String]) ->
         }
         String::from_utf8_lossy(&kept).trim().to_owned()
     });
-    Ok((Connection { reader: Box::new(stdout), writer: Box::new(stdin) }, Peer::Child { child, stderr, what }))
+    Ok((
+        Connection {
+            reader: Box::new(stdout),
+            writer: Box::new(stdin),
+        },
+        Peer::Child {
+            child,
+            stderr,
+            what,
+        },
+    ))
 }
 
 impl Peer {
@@ -109,12 +149,18 @@ impl Peer {
                 Ok(Err(e)) => Some(e.message),
                 Err(_) => Some("the local target thread panicked".into()),
             },
-            Peer::Child { mut child, stderr, what } => {
+            Peer::Child {
+                mut child,
+                stderr,
+                what,
+            } => {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 let status = loop {
                     match child.try_wait() {
                         Ok(Some(s)) => break Some(s),
-                        Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                        Ok(None) if Instant::now() < deadline => {
+                            thread::sleep(Duration::from_millis(20))
+                        }
                         _ => {
                             let _ = child.kill();
                             let _ = child.wait();
@@ -131,7 +177,10 @@ impl Peer {
                         None
                     }
                     Some(s) => Some(format!("`{what}` exited with {s}{}", describe(&said))),
-                    None => Some(format!("`{what}` did not exit and was killed{}", describe(&said))),
+                    None => Some(format!(
+                        "`{what}` did not exit and was killed{}",
+                        describe(&said)
+                    )),
                 }
             }
         }
@@ -152,11 +201,20 @@ mod tests {
 
     #[test]
     fn destinations() {
-        assert_eq!(Destination::parse("/a/b"), Destination::Local("/a/b".into()));
-        assert_eq!(Destination::parse("./x:y"), Destination::Local("./x:y".into()));
+        assert_eq!(
+            Destination::parse("/a/b"),
+            Destination::Local("/a/b".into())
+        );
+        assert_eq!(
+            Destination::parse("./x:y"),
+            Destination::Local("./x:y".into())
+        );
         assert_eq!(
             Destination::parse("root@h:/dev/vg/x"),
-            Destination::Remote { host: "root@h".into(), path: "/dev/vg/x".into() }
+            Destination::Remote {
+                host: "root@h".into(),
+                path: "/dev/vg/x".into()
+            }
         );
     }
 

@@ -4,9 +4,10 @@
 //!
 //! All `unsafe` code of the workspace lives in [`sys`].
 
+pub mod reflink;
 pub mod sys;
 pub mod volume;
 
-pub use volume::{Access, FileVolume, Fault, MemVolume, Volume, VolumeError, VolumeKind};
+pub use volume::{Access, Fault, FileVolume, MemVolume, Volume, VolumeError, VolumeKind};
 pub mod lvm;
 pub mod thin_delta;

@@ -23,20 +23,30 @@ pub enum VolumeError {
     #[error("{path} is neither a regular file nor a block device")]
     NotAVolume { path: PathBuf },
     #[error("{op} {path} at offset {offset} ({len} bytes) failed: {source}")]
-    Io { op: &'static str, path: PathBuf, offset: u64, len: u64, source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        source: io::Error,
+    },
     #[error("{path} is a block device of {have} bytes, smaller than the source's {need} bytes; use a device at least that large")]
     TooSmall { path: PathBuf, have: u64, need: u64 },
     #[error("{op} {path} failed: {source}")]
-    Other { op: &'static str, path: PathBuf, source: io::Error },
+    Other {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 impl VolumeError {
     /// The underlying OS error, if any (e.g. to tell ENOSPC apart).
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
-            VolumeError::Open { source, .. } | VolumeError::Io { source, .. } | VolumeError::Other { source, .. } => {
-                Some(source)
-            }
+            VolumeError::Open { source, .. }
+            | VolumeError::Io { source, .. }
+            | VolumeError::Other { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -106,23 +116,41 @@ impl FileVolume {
         // A block device that is held exclusively (mounted, in use by LVM)
         // should not be written behind the holder's back; O_EXCL on a block
         // device asks the kernel for exactly that check.
-        let file = opts.custom_flags(libc::O_CLOEXEC).open(path).map_err(|source| VolumeError::Open {
+        let file = opts
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| VolumeError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| VolumeError::Open {
             path: path.to_owned(),
             source,
         })?;
-        let meta = file.metadata().map_err(|source| VolumeError::Open { path: path.to_owned(), source })?;
         let ft = meta.file_type();
         let (kind, size) = if ft.is_block_device() {
             // The metadata length of a block device is 0: ask the kernel.
-            let size = sys::block_device_size(file.as_fd())
-                .map_err(|source| VolumeError::Other { op: "BLKGETSIZE64 on", path: path.to_owned(), source })?;
+            let size =
+                sys::block_device_size(file.as_fd()).map_err(|source| VolumeError::Other {
+                    op: "BLKGETSIZE64 on",
+                    path: path.to_owned(),
+                    source,
+                })?;
             (VolumeKind::BlockDevice, size)
         } else if ft.is_file() {
             (VolumeKind::File, meta.len())
         } else {
-            return Err(VolumeError::NotAVolume { path: path.to_owned() });
+            return Err(VolumeError::NotAVolume {
+                path: path.to_owned(),
+            });
         };
-        Ok(Self { file, path: path.to_owned(), kind, size: Mutex::new(size), drop_cache: false })
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            kind,
+            size: Mutex::new(size),
+            drop_cache: false,
+        })
     }
 
     pub fn kind(&self) -> VolumeKind {
@@ -142,7 +170,13 @@ impl FileVolume {
     }
 
     fn io_err(&self, op: &'static str, offset: u64, len: u64, source: io::Error) -> VolumeError {
-        VolumeError::Io { op, path: self.path.clone(), offset, len, source }
+        VolumeError::Io {
+            op,
+            path: self.path.clone(),
+            offset,
+            len,
+            source,
+        }
     }
 
     fn zero_by_writing(&self, offset: u64, len: u64) -> Result<()> {
@@ -168,11 +202,15 @@ impl Volume for FileVolume {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| self.io_err("reading", offset, buf.len() as u64, e))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| self.io_err("reading", offset, buf.len() as u64, e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| self.io_err("writing", offset, buf.len() as u64, e))
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.io_err("writing", offset, buf.len() as u64, e))
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
@@ -186,12 +224,22 @@ impl Volume for FileVolume {
         if fallocate(fd, punch, offset, len).is_ok() {
             return Ok(());
         }
-        if fallocate(fd, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len).is_ok() {
+        if fallocate(
+            fd,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+        {
             return Ok(());
         }
         if self.kind == VolumeKind::BlockDevice {
             let sector = sys::logical_block_size(fd).unwrap_or(512) as u64;
-            if offset % sector == 0 && len % sector == 0 && sys::block_zero_out(fd, offset, len).is_ok() {
+            if offset.is_multiple_of(sector)
+                && len.is_multiple_of(sector)
+                && sys::block_zero_out(fd, offset, len).is_ok()
+            {
                 return Ok(());
             }
         }
@@ -199,19 +247,29 @@ impl Volume for FileVolume {
     }
 
     fn sync(&self) -> Result<()> {
-        self.file.sync_all().map_err(|source| VolumeError::Other { op: "flushing", path: self.path.clone(), source })
+        self.file.sync_all().map_err(|source| VolumeError::Other {
+            op: "flushing",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
         let mut cur = self.size.lock().expect("size lock");
         match self.kind {
             VolumeKind::File => {
-                self.file.set_len(size).map_err(|e| self.io_err("resizing", size, 0, e))?;
+                self.file
+                    .set_len(size)
+                    .map_err(|e| self.io_err("resizing", size, 0, e))?;
                 *cur = size;
                 Ok(())
             }
             VolumeKind::BlockDevice if size <= *cur => Ok(()),
-            VolumeKind::BlockDevice => Err(VolumeError::TooSmall { path: self.path.clone(), have: *cur, need: size }),
+            VolumeKind::BlockDevice => Err(VolumeError::TooSmall {
+                path: self.path.clone(),
+                have: *cur,
+                need: size,
+            }),
         }
     }
 
@@ -221,7 +279,12 @@ impl Volume for FileVolume {
 
     fn done_with(&self, offset: u64, len: u64) {
         if self.drop_cache {
-            let _ = fadvise(self.file.as_fd(), offset, std::num::NonZeroU64::new(len), Advice::DontNeed);
+            let _ = fadvise(
+                self.file.as_fd(),
+                offset,
+                std::num::NonZeroU64::new(len),
+                Advice::DontNeed,
+            );
         }
     }
 
@@ -241,11 +304,17 @@ impl Volume for FileVolume {
 /// Which operation of a [`MemVolume`] fails, and from which offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    Read { at: u64 },
-    Write { at: u64 },
+    Read {
+        at: u64,
+    },
+    Write {
+        at: u64,
+    },
     Sync,
     /// Writes fail with ENOSPC once this many bytes were written.
-    FullAfter { bytes: u64 },
+    FullAfter {
+        bytes: u64,
+    },
 }
 
 /// An in-memory volume for tests, with optional injected faults.
@@ -260,7 +329,13 @@ pub struct MemVolume {
 
 impl MemVolume {
     pub fn new(name: &str, data: Vec<u8>, resizable: bool) -> Self {
-        Self { path: PathBuf::from(name), data: Mutex::new(data), written: Mutex::new(0), fault: None, resizable }
+        Self {
+            path: PathBuf::from(name),
+            data: Mutex::new(data),
+            written: Mutex::new(0),
+            fault: None,
+            resizable,
+        }
     }
 
     pub fn with_fault(mut self, fault: Fault) -> Self {
@@ -273,18 +348,34 @@ impl MemVolume {
     }
 
     fn err(&self, op: &'static str, offset: u64, len: u64, kind: io::Error) -> VolumeError {
-        VolumeError::Io { op, path: self.path.clone(), offset, len, source: kind }
+        VolumeError::Io {
+            op,
+            path: self.path.clone(),
+            offset,
+            len,
+            source: kind,
+        }
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
         match self.fault {
             Some(Fault::Write { at }) if offset + len > at => {
-                return Err(self.err("writing", offset, len, io::Error::from_raw_os_error(libc::EIO)))
+                return Err(self.err(
+                    "writing",
+                    offset,
+                    len,
+                    io::Error::from_raw_os_error(libc::EIO),
+                ))
             }
             Some(Fault::FullAfter { bytes }) => {
                 let mut w = self.written.lock().expect("mem lock");
                 if *w + len > bytes {
-                    return Err(self.err("writing", offset, len, io::Error::from_raw_os_error(libc::ENOSPC)));
+                    return Err(self.err(
+                        "writing",
+                        offset,
+                        len,
+                        io::Error::from_raw_os_error(libc::ENOSPC),
+                    ));
                 }
                 *w += len;
             }
@@ -306,13 +397,25 @@ impl Volume for MemVolume {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if let Some(Fault::Read { at }) = self.fault {
             if offset + buf.len() as u64 > at {
-                return Err(self.err("reading", offset, buf.len() as u64, io::Error::from_raw_os_error(libc::EIO)));
+                return Err(self.err(
+                    "reading",
+                    offset,
+                    buf.len() as u64,
+                    io::Error::from_raw_os_error(libc::EIO),
+                ));
             }
         }
         let d = self.data.lock().expect("mem lock");
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= d.len() as u64);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= d.len() as u64);
         let Some(end) = end else {
-            return Err(self.err("reading", offset, buf.len() as u64, io::ErrorKind::UnexpectedEof.into()));
+            return Err(self.err(
+                "reading",
+                offset,
+                buf.len() as u64,
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
         };
         buf.copy_from_slice(&d[offset as usize..end as usize]);
         Ok(())
@@ -323,7 +426,12 @@ impl Volume for MemVolume {
         let mut d = self.data.lock().expect("mem lock");
         let end = offset as usize + buf.len();
         if end > d.len() {
-            return Err(self.err("writing", offset, buf.len() as u64, io::Error::from_raw_os_error(libc::ENOSPC)));
+            return Err(self.err(
+                "writing",
+                offset,
+                buf.len() as u64,
+                io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
         }
         d[offset as usize..end].copy_from_slice(buf);
         Ok(())
@@ -334,7 +442,12 @@ impl Volume for MemVolume {
         let mut d = self.data.lock().expect("mem lock");
         let end = (offset + len) as usize;
         if end > d.len() {
-            return Err(self.err("zeroing", offset, len, io::Error::from_raw_os_error(libc::ENOSPC)));
+            return Err(self.err(
+                "zeroing",
+                offset,
+                len,
+                io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
         }
         d[offset as usize..end].fill(0);
         Ok(())
@@ -354,7 +467,11 @@ impl Volume for MemVolume {
     fn set_size(&self, size: u64) -> Result<()> {
         let mut d = self.data.lock().expect("mem lock");
         if !self.resizable && size > d.len() as u64 {
-            return Err(VolumeError::TooSmall { path: self.path.clone(), have: d.len() as u64, need: size });
+            return Err(VolumeError::TooSmall {
+                path: self.path.clone(),
+                have: d.len() as u64,
+                need: size,
+            });
         }
         if self.resizable {
             d.resize(size as usize, 0);
@@ -399,7 +516,10 @@ mod tests {
     #[test]
     fn directory_is_not_a_volume() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(FileVolume::open(dir.path(), Access::Read), Err(VolumeError::NotAVolume { .. })));
+        assert!(matches!(
+            FileVolume::open(dir.path(), Access::Read),
+            Err(VolumeError::NotAVolume { .. })
+        ));
     }
 
     #[test]

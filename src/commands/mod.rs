@@ -13,9 +13,8 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Command::Sync(a) => sync::sync(a),
         Command::Verify(a) => sync::verify(a),
         Command::Serve(a) => serve::serve(a),
-        Command::Run(_) | Command::Status(_) => {
-            Err(crate::exit::UsageError("run and status are not available in this build".into()).into())
-        }
+        Command::Run(a) => crate::job::run(&a.config, a.once, a.json, &cancel_on_signals()?),
+        Command::Status(a) => crate::job::status(&a.config, a.json),
     }
 }
 
@@ -25,7 +24,11 @@ pub fn cancel_on_signals() -> Result<crate::engine::Cancel> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let cancel = crate::engine::Cancel::new();
     for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, Exit::Interrupted as i32, cancel.flag())?;
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            Exit::Interrupted as i32,
+            cancel.flag(),
+        )?;
         signal_hook::flag::register(sig, cancel.flag())?;
     }
     Ok(cancel)

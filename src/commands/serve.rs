@@ -14,7 +14,11 @@ pub fn serve(args: ServeArgs) -> Result<Exit> {
         .collect::<Result<Vec<_>, _>>()?;
     // The session is crash-consistent, so the default action of SIGTERM
     // (end now) is safe; SIGINT from a terminal is the same.
-    let cfg = ServeConfig { allow, state_dir: args.state_dir, cancel: crate::engine::Cancel::new() };
+    let cfg = ServeConfig {
+        allow,
+        state_dir: args.state_dir,
+        cancel: crate::engine::Cancel::new(),
+    };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout();
     match target::serve(stdin, stdout, &cfg) {

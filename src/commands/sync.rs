@@ -30,7 +30,11 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     params.resume = !a.no_resume;
     params.journal_max = a.journal_max;
     let report = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None)?;
-    print_report(&report, &a.transfer, if a.dry_run { "would send" } else { "synced" });
+    print_report(
+        &report,
+        &a.transfer,
+        if a.dry_run { "would send" } else { "synced" },
+    );
     if a.verify && !a.dry_run {
         params.mode = Mode::Verify;
         let check = run_session(source, &dest, &a.transfer, &params, &cancel, None)?;
@@ -53,10 +57,10 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
     params.force = true;
     let report = run_session(source, &dest, &a.transfer, &params, &cancel, None)?;
     if a.transfer.json {
-        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+        crate::cli::print_line(&serde_json::to_string(&report).expect("report serialises"));
     } else if !a.transfer.quiet {
         for (o, l) in &report.differing {
-            println!("differs: offset {o} length {l}");
+            crate::cli::print_line(&format!("differs: offset {o} length {l}"));
         }
     }
     if report.differing.is_empty() {
@@ -76,24 +80,41 @@ fn differs(r: &Report) -> Coded {
     let bytes: u64 = r.differing.iter().map(|(_, l)| l).sum();
     Coded {
         exit: Exit::Differs,
-        message: format!("{} ranges ({bytes} bytes) differ between source and replica", r.differing.len()),
+        message: format!(
+            "{} ranges ({bytes} bytes) differ between source and replica",
+            r.differing.len()
+        ),
     }
 }
 
 fn open_source(path: &Path, t: &TransferArgs) -> Result<Arc<dyn Volume>> {
-    let mut v = FileVolume::open(path, Access::Read).map_err(SyncError::Source).context("opening the source")?;
+    let mut v = FileVolume::open(path, Access::Read)
+        .map_err(SyncError::Source)
+        .context("opening the source")?;
     v.advise_sequential(!t.keep_cache);
     Ok(Arc::new(v))
 }
 
 /// Identity of the source and of its current content, for the replica's
 /// state: a resumed copy must continue the very same content.
-fn session_params(src: &Path, dest: &Destination, t: &TransferArgs, v: &dyn Volume) -> Result<SessionParams> {
-    let block_size = BlockSize::new(t.block_size).map_err(|e| UsageError(format!("--block-size: {e}")))?;
+fn session_params(
+    src: &Path,
+    dest: &Destination,
+    t: &TransferArgs,
+    v: &dyn Volume,
+) -> Result<SessionParams> {
+    let block_size =
+        BlockSize::new(t.block_size).map_err(|e| UsageError(format!("--block-size: {e}")))?;
     let abs = transport::absolute(src)?;
     let meta = std::fs::metadata(&abs).with_context(|| format!("reading {}", abs.display()))?;
     let source_id = format!("path:{}", abs.display());
-    let snapshot_id = format!("live:{}:{}:{}:{}", meta.dev(), meta.ino(), v.size(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000);
+    let snapshot_id = format!(
+        "live:{}:{}:{}:{}",
+        meta.dev(),
+        meta.ino(),
+        v.size(),
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000
+    );
     let target_path = match dest {
         Destination::Local(p) => transport::absolute(p)?.to_string_lossy().into_owned(),
         Destination::Remote { path, .. } => path.clone(),
@@ -124,7 +145,10 @@ pub fn run_session(
 ) -> Result<Report> {
     let (conn, peer) = match dest {
         Destination::Local(p) => {
-            let state_dir = t.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            let state_dir = t
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
             transport::local(transport::absolute(p)?, state_dir, cancel.clone())?
         }
         Destination::Remote { host, path } => {
@@ -139,7 +163,11 @@ pub fn run_session(
             })?
         }
     };
-    let progress = Progress::new(source.size(), &source.path().display().to_string(), t.quiet || t.json);
+    let progress = Progress::new(
+        source.size(),
+        &source.path().display().to_string(),
+        t.quiet || t.json,
+    );
     let result = source::run(source.clone(), conn, params, &progress, cancel, changes);
     progress.finish();
     let peer_failure = peer.finish();
@@ -164,7 +192,7 @@ pub fn run_session(
 
 fn print_report(r: &Report, t: &TransferArgs, verb: &str) {
     if t.json {
-        println!("{}", serde_json::to_string(r).expect("report serialises"));
+        crate::cli::print_line(&serde_json::to_string(r).expect("report serialises"));
     } else if !t.quiet {
         let b = |n: u64| bytesize::ByteSize(n).to_string();
         eprintln!(

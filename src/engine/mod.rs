@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// How many blocks the target may hash ahead of the source's credit. At
 /// 64 KiB blocks that is 512 MiB of volume but only 128 KiB of digests in
 /// flight.
-pub const WINDOW_BLOCKS: u64 = 8192;
+pub const WINDOW_BLOCKS: u64 = 1 << 20;
 /// Bytes read from a volume per IO: large sequential reads keep a disk busy.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Differing blocks awaiting their sub-block digests, at most.
@@ -39,4 +39,117 @@ impl Cancel {
 /// Blocks per IO chunk for a block size.
 pub fn blocks_per_chunk(block: blockdiff::BlockSize) -> u64 {
     (CHUNK_BYTES as u64 / block.bytes() as u64).max(1)
+}
+
+/// Chunks a reader may hold ready ahead of its consumer.
+pub const READ_AHEAD: usize = 4;
+
+/// A run of whole blocks read from a volume.
+#[derive(Debug)]
+pub struct Chunk {
+    pub first_block: u64,
+    pub blocks: u64,
+    /// The chunk's bytes; empty when `hole`.
+    pub data: Vec<u8>,
+    /// Known to be all zeros without reading (a hole, or past the end of
+    /// what the volume held before it grew).
+    pub hole: bool,
+}
+
+/// A thread reading a volume front to back in [`CHUNK_BYTES`] chunks ahead
+/// of its consumer, so reading and hashing overlap. Buffers come back
+/// through [`ChunkReader::recycle`] so a scan of any size reuses the same
+/// few megabytes.
+#[derive(Debug)]
+pub struct ChunkReader {
+    pub chunks: crossbeam_channel::Receiver<Result<Chunk, snapshot::VolumeError>>,
+    free: crossbeam_channel::Sender<Vec<u8>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    bytes_read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ChunkReader {
+    /// Reads blocks `start_block..` of a volume of logical size `size`,
+    /// of which only the first `readable` bytes exist (past them: zeros).
+    pub fn spawn(
+        volume: Arc<dyn snapshot::Volume>,
+        block: blockdiff::BlockSize,
+        size: u64,
+        readable: u64,
+        start_block: u64,
+        cancel: Cancel,
+    ) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD);
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(READ_AHEAD + 2);
+        let bytes_read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = bytes_read.clone();
+        let handle = std::thread::Builder::new()
+            .name("volume-read".into())
+            .spawn(move || {
+                let total = block.blocks_in(size);
+                let per = blocks_per_chunk(block);
+                let mut b = start_block;
+                while b < total && !cancel.is_cancelled() {
+                    let n = per.min(total - b);
+                    let offset = block.offset_of(b);
+                    let len = (size - offset).min(n * block.bytes() as u64) as usize;
+                    let real_end = (offset + len as u64).min(readable);
+                    let hole = offset >= real_end
+                        || volume.next_data(offset).is_none_or(|d| d >= real_end);
+                    let mut data = Vec::new();
+                    let mut r = Ok(());
+                    if !hole {
+                        data = free_rx.try_recv().unwrap_or_default();
+                        data.resize(len, 0);
+                        let n_real = (real_end - offset) as usize;
+                        r = volume.read_at(&mut data[..n_real], offset);
+                        data[n_real..].fill(0);
+                        counter.fetch_add(n_real as u64, Ordering::Relaxed);
+                        volume.done_with(offset, n_real as u64);
+                    }
+                    let failed = r.is_err();
+                    let item = r.map(|()| Chunk {
+                        first_block: b,
+                        blocks: n,
+                        data,
+                        hole,
+                    });
+                    if tx.send(item).is_err() || failed {
+                        return;
+                    }
+                    b += n;
+                }
+            })
+            .expect("spawn volume reader");
+        Self {
+            chunks: rx,
+            free: free_tx,
+            handle: Some(handle),
+            bytes_read,
+        }
+    }
+
+    /// Hands a chunk's buffer back for reuse.
+    pub fn recycle(&self, chunk: Chunk) {
+        if !chunk.hole {
+            let _ = self.free.try_send(chunk.data);
+        }
+    }
+
+    /// Bytes actually read from the volume so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ChunkReader {
+    fn drop(&mut self) {
+        // Unblock the thread (its sends fail once the receiver is gone) and
+        // wait for it, so no read outlives the session.
+        let (_, dead) = crossbeam_channel::bounded(0);
+        self.chunks = dead;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }

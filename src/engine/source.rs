@@ -21,14 +21,11 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use snapshot::{Volume, VolumeError};
 use wire::{
-    features, Codec, Committed, Credit, Data, Finish, FrameReader, FrameWriter, Generation, Hello, Mode, Msg, Open,
-    Opened, Refine, RemoteError, WireError, Zero,
+    features, Codec, Committed, Credit, Data, Finish, FrameReader, FrameWriter, Generation, Hello,
+    Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
-use super::{blocks_per_chunk, Cancel, MAX_PENDING_REFINES};
-
-/// Chunks the reader may hold ready ahead of the comparer.
-const READ_AHEAD: usize = 4;
+use super::{Cancel, Chunk, ChunkReader, MAX_PENDING_REFINES};
 use crate::progress::Progress;
 
 /// Why a session failed, classified for exit codes.
@@ -127,16 +124,17 @@ enum Incoming {
     Failed(WireError),
 }
 
-struct Chunk {
-    first_block: u64,
-    data: Vec<u8>,
-    /// The chunk is a hole of a sparse source: zeros, not read.
-    hole: bool,
-}
-
 enum Pending {
-    Zero { offset: u64, len: u64, end_block: u64 },
-    Refine { block: u64, offset: u64, data: Vec<u8> },
+    Zero {
+        offset: u64,
+        len: u64,
+        end_block: u64,
+    },
+    Refine {
+        block: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 impl Pending {
@@ -163,18 +161,43 @@ pub fn run(
     let key = HashKey(key);
     let mut wr = FrameWriter::new(conn.writer);
     let mut rd = FrameReader::new(conn.reader);
-    let want_features = if params.compress.is_some() { features::ZSTD } else { 0 };
+    let want_features = if params.compress.is_some() {
+        features::ZSTD
+    } else {
+        0
+    };
     wr.write_preamble()?;
-    wr.send(&Msg::Hello(Hello { features: want_features, key, software: crate::VERSION.into() }), &[])?;
+    wr.send(
+        &Msg::Hello(Hello {
+            features: want_features,
+            key,
+            software: crate::VERSION.into(),
+        }),
+        &[],
+    )?;
     wr.flush()?;
     rd.read_preamble()?;
     let ack = match rd.read()?.0 {
         Msg::HelloAck(a) => a,
-        m => return Err(WireError::Unexpected { got: m.kind(), want: "HelloAck" }.into()),
+        m => {
+            return Err(WireError::Unexpected {
+                got: m.kind(),
+                want: "HelloAck",
+            }
+            .into())
+        }
     };
-    let compress = params.compress.filter(|_| ack.features & features::ZSTD != 0);
+    let compress = params
+        .compress
+        .filter(|_| ack.features & features::ZSTD != 0);
     let size = source.size();
-    let mode = if changes.is_some() { params.mode } else if params.mode == Mode::Verify { Mode::Verify } else { Mode::FullScan };
+    let mode = if changes.is_some() {
+        params.mode
+    } else if params.mode == Mode::Verify {
+        Mode::Verify
+    } else {
+        Mode::FullScan
+    };
     wr.send(
         &Msg::Open(Open {
             path: params.target_path.clone(),
@@ -183,7 +206,10 @@ pub fn run(
             source_id: params.source_id.clone(),
             mode,
             base: params.base.clone(),
-            target_generation: Generation { number: 0, snapshot: params.snapshot_id.clone() },
+            target_generation: Generation {
+                number: 0,
+                snapshot: params.snapshot_id.clone(),
+            },
             dry_run: params.dry_run || mode == Mode::Verify,
             force: params.force,
             journal_max: params.journal_max,
@@ -194,7 +220,13 @@ pub fn run(
     wr.flush()?;
     let opened = match rd.read()?.0 {
         Msg::Opened(o) => o,
-        m => return Err(WireError::Unexpected { got: m.kind(), want: "Opened" }.into()),
+        m => {
+            return Err(WireError::Unexpected {
+                got: m.kind(),
+                want: "Opened",
+            }
+            .into())
+        }
     };
 
     let mut report = Report {
@@ -260,7 +292,10 @@ pub fn run(
     if let Err(e) = &result {
         if !matches!(e, SyncError::Transport(_) | SyncError::Remote(_)) {
             let _ = out.send((
-                Msg::Error(RemoteError { code: wire::ErrorCode::Interrupted, message: format!("source failed: {e}") }),
+                Msg::Error(RemoteError {
+                    code: wire::ErrorCode::Interrupted,
+                    message: format!("source failed: {e}"),
+                }),
                 Vec::new(),
             ));
         }
@@ -301,7 +336,10 @@ fn recv_loop<R: Read>(mut rd: FrameReader<R>, tx: Sender<Incoming>) -> u64 {
                 }
             }
             Ok((Msg::Committed(c), _)) => Incoming::Committed(c),
-            Ok((m, _)) => Incoming::Failed(WireError::Unexpected { got: m.kind(), want: "digests" }),
+            Ok((m, _)) => Incoming::Failed(WireError::Unexpected {
+                got: m.kind(),
+                want: "digests",
+            }),
             Err(e) => Incoming::Failed(e),
         };
         let stop = matches!(item, Incoming::Failed(_) | Incoming::Committed(_));
@@ -340,7 +378,13 @@ fn write_loop<W: Write>(
         };
         match (msg, compress) {
             (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
-                wr.send(&Msg::Data(Data { codec: Codec::Zstd, ..d }), &zbuf)?;
+                wr.send(
+                    &Msg::Data(Data {
+                        codec: Codec::Zstd,
+                        ..d
+                    }),
+                    &zbuf,
+                )?;
             }
             (msg, _) => wr.send(&msg, &payload)?,
         }
@@ -392,7 +436,9 @@ impl Comparer<'_> {
                 Ok(Incoming::Committed(c)) => self.committed = Some(c),
                 Ok(Incoming::Failed(e)) => return Err(e.into()),
                 Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Err(SyncError::Transport(WireError::Closed)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SyncError::Transport(WireError::Closed))
+                }
             }
             return Ok(());
         }
@@ -402,7 +448,9 @@ impl Comparer<'_> {
         loop {
             if let Some((first, d)) = self.hashes.front() {
                 if block < *first {
-                    return Err(WireError::Malformed(format!("digest for block {block} skipped")).into());
+                    return Err(
+                        WireError::Malformed(format!("digest for block {block} skipped")).into(),
+                    );
                 }
                 let i = (block - first) as usize;
                 if i < d.len() {
@@ -419,105 +467,72 @@ impl Comparer<'_> {
         }
     }
 
-    /// Starts the reader thread. Buffers come back through `free` so a
-    /// scan of any size reuses the same few megabytes.
-    fn spawn_reader(
-        &self,
-        start_block: u64,
-        free: Receiver<Vec<u8>>,
-    ) -> (Receiver<Result<Chunk, VolumeError>>, thread::JoinHandle<()>) {
-        let (tx, rx) = bounded::<Result<Chunk, VolumeError>>(READ_AHEAD);
-        let (source, block, size, cancel) = (self.source.clone(), self.block, self.size, self.cancel.clone());
-        let h = thread::Builder::new()
-            .name("sync-read".into())
-            .spawn(move || {
-                let total = block.blocks_in(size);
-                let per = blocks_per_chunk(block);
-                let mut b = start_block;
-                while b < total && !cancel.is_cancelled() {
-                    let n = per.min(total - b);
-                    let offset = block.offset_of(b);
-                    let len = (size - offset).min(n * block.bytes() as u64) as usize;
-                    let end = offset + len as u64;
-                    let hole = source.next_data(offset).is_none_or(|d| d >= end);
-                    let mut data = Vec::new();
-                    let r = if hole {
-                        Ok(())
-                    } else {
-                        data = free.try_recv().unwrap_or_default();
-                        data.resize(len, 0);
-                        source.read_at(&mut data, offset)
-                    };
-                    source.done_with(offset, len as u64);
-                    let failed = r.is_err();
-                    if tx.send(r.map(|()| Chunk { first_block: b, data, hole })).is_err() || failed {
-                        return;
-                    }
-                    b += n;
-                }
-            })
-            .expect("spawn reader");
-        (rx, h)
-    }
-
     fn run_scan(&mut self, opened: &Opened) -> Result<(), SyncError> {
         let total = self.block.blocks_in(self.size);
-        let (free_tx, free_rx) = bounded::<Vec<u8>>(READ_AHEAD + 2);
-        let (chunks, reader) = self.spawn_reader(opened.start_block, free_rx);
+        let reader = ChunkReader::spawn(
+            self.source.clone(),
+            self.block,
+            self.size,
+            self.size,
+            opened.start_block,
+            self.cancel.clone(),
+        );
         let zero_block = vec![0u8; self.block.bytes() as usize];
         let mut next_credit = opened.start_block;
-        let mut result = Ok(());
-        for chunk in chunks.iter() {
+        for chunk in reader.chunks.iter() {
             if self.cancel.is_cancelled() {
-                result = Err(SyncError::Interrupted);
-                break;
+                return Err(SyncError::Interrupted);
             }
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            };
-            if let Err(e) = self.compare_chunk(&chunk, &zero_block) {
-                result = Err(e);
-                break;
-            }
-            let first_block = chunk.first_block;
-            let _ = free_tx.try_send(chunk.data);
-            let through = self.first_unsent(first_block + blocks_per_chunk(self.block));
+            let chunk = chunk?;
+            self.compare_chunk(&chunk, &zero_block)?;
+            self.report.source_bytes_read = reader.bytes_read();
+            let through = self.first_unsent(chunk.first_block + chunk.blocks);
+            reader.recycle(chunk);
             if through >= next_credit {
-                if let Err(e) = self.send(Msg::Credit(Credit { through: through.min(total) }), Vec::new()) {
-                    result = Err(e);
-                    break;
-                }
+                self.send(
+                    Msg::Credit(Credit {
+                        through: through.min(total),
+                    }),
+                    Vec::new(),
+                )?;
                 next_credit = through + 64;
             }
         }
-        drop(chunks);
-        reader.join().expect("reader panicked");
-        result?;
+        if self.cancel.is_cancelled() {
+            return Err(SyncError::Interrupted);
+        }
+        self.report.source_bytes_read = reader.bytes_read();
         while !self.pending.is_empty() {
             self.resolve_pending(true)?;
         }
         self.send(Msg::Credit(Credit { through: total }), Vec::new())?;
-        self.send(Msg::Finish(Finish { blocks: total - opened.start_block }), Vec::new())
+        self.send(
+            Msg::Finish(Finish {
+                blocks: total - opened.start_block,
+            }),
+            Vec::new(),
+        )
     }
 
     /// First block with an op not yet sent, given everything before
     /// `scanned` was compared.
     fn first_unsent(&self, scanned: u64) -> u64 {
-        self.pending.front().map_or(scanned, |p| p.block(self.block))
+        self.pending
+            .front()
+            .map_or(scanned, |p| p.block(self.block))
     }
 
     fn compare_chunk(&mut self, chunk: &Chunk, zero_block: &[u8]) -> Result<(), SyncError> {
         let bs = self.block.bytes() as usize;
-        let total = self.block.blocks_in(self.size);
-        let n = blocks_per_chunk(self.block).min(total - chunk.first_block);
+        let n = chunk.blocks;
         for i in 0..n {
             let b = chunk.first_block + i;
             let len = self.block.len_of(b, self.size) as usize;
-            let data = if chunk.hole { &zero_block[..len] } else { &chunk.data[i as usize * bs..i as usize * bs + len] };
+            let data = if chunk.hole {
+                &zero_block[..len]
+            } else {
+                &chunk.data[i as usize * bs..i as usize * bs + len]
+            };
             let theirs = self.target_digest(b)?;
             let (decision, _) = decide(&self.signer, data, Some(&theirs));
             self.report.blocks_compared += 1;
@@ -528,17 +543,29 @@ impl Comparer<'_> {
                     self.report.blocks_changed += 1;
                     self.report.zero_bytes += len as u64;
                     match self.pending.back_mut() {
-                        Some(Pending::Zero { offset: o, len: l, end_block }) if *o + *l == offset => {
+                        Some(Pending::Zero {
+                            offset: o,
+                            len: l,
+                            end_block,
+                        }) if *o + *l == offset => {
                             *l += len as u64;
                             *end_block = b + 1;
                         }
-                        _ => self.pending.push_back(Pending::Zero { offset, len: len as u64, end_block: b + 1 }),
+                        _ => self.pending.push_back(Pending::Zero {
+                            offset,
+                            len: len as u64,
+                            end_block: b + 1,
+                        }),
                     }
                 }
                 Decision::Refine | Decision::SendWhole => {
                     self.report.blocks_changed += 1;
                     self.send(Msg::Refine(Refine { block: b }), Vec::new())?;
-                    self.pending.push_back(Pending::Refine { block: b, offset, data: data.to_vec() });
+                    self.pending.push_back(Pending::Refine {
+                        block: b,
+                        offset,
+                        data: data.to_vec(),
+                    });
                     self.pending_refines += 1;
                 }
             }
@@ -547,10 +574,10 @@ impl Comparer<'_> {
                 self.resolve_pending(true)?;
             }
         }
-        if !chunk.hole {
-            self.report.source_bytes_read += chunk.data.len() as u64;
-        }
-        self.progress.update(self.block.offset_of(chunk.first_block + n).min(self.size), self.report.data_bytes);
+        self.progress.update(
+            self.block.offset_of(chunk.first_block + n).min(self.size),
+            self.report.data_bytes,
+        );
         // Send what is ready without waiting.
         while !self.pending.is_empty() && self.resolve_pending(false)? {}
         Ok(())
@@ -562,7 +589,9 @@ impl Comparer<'_> {
         match self.pending.front() {
             None => Ok(false),
             Some(Pending::Zero { .. }) => {
-                let Some(Pending::Zero { offset, len, .. }) = self.pending.pop_front() else { unreachable!() };
+                let Some(Pending::Zero { offset, len, .. }) = self.pending.pop_front() else {
+                    unreachable!()
+                };
                 self.note_range(offset, len);
                 if self.send_ops {
                     self.send(Msg::Zero(Zero { offset, len }), Vec::new())?;
@@ -590,14 +619,20 @@ impl Comparer<'_> {
                     self.pump()?;
                 }
                 let (_, theirs) = self.subs.pop_front().expect("checked");
-                let Some(Pending::Refine { offset, data, .. }) = self.pending.pop_front() else { unreachable!() };
+                let Some(Pending::Refine { offset, data, .. }) = self.pending.pop_front() else {
+                    unreachable!()
+                };
                 self.pending_refines -= 1;
                 for (off, len) in changed_runs(&self.signer, &data, &theirs) {
                     let (o, l) = (off as usize, len as usize);
                     self.report.data_bytes += len as u64;
                     self.note_range(offset + off as u64, len as u64);
                     if self.send_ops {
-                        let d = Data { offset: offset + off as u64, len, codec: Codec::Raw };
+                        let d = Data {
+                            offset: offset + off as u64,
+                            len,
+                            codec: Codec::Raw,
+                        };
                         self.send(Msg::Data(d), data[o..o + l].to_vec())?;
                     }
                 }
@@ -646,7 +681,13 @@ impl Comparer<'_> {
                     }
                     self.report.zero_bytes += r.end - r.start;
                     self.report.blocks_changed += (r.end - r.start).div_ceil(bs);
-                    self.send(Msg::Zero(Zero { offset: r.start, len: r.end - r.start }), Vec::new())?;
+                    self.send(
+                        Msg::Zero(Zero {
+                            offset: r.start,
+                            len: r.end - r.start,
+                        }),
+                        Vec::new(),
+                    )?;
                     done = done.max(r.end);
                 }
                 Change::Data(r) => {
@@ -660,10 +701,20 @@ impl Comparer<'_> {
                         self.report.blocks_changed += 1;
                         if blockdiff::is_zero(&buf[..n]) {
                             self.report.zero_bytes += n as u64;
-                            self.send(Msg::Zero(Zero { offset: off, len: n as u64 }), Vec::new())?;
+                            self.send(
+                                Msg::Zero(Zero {
+                                    offset: off,
+                                    len: n as u64,
+                                }),
+                                Vec::new(),
+                            )?;
                         } else {
                             self.report.data_bytes += n as u64;
-                            let d = Data { offset: off, len: n as u32, codec: Codec::Raw };
+                            let d = Data {
+                                offset: off,
+                                len: n as u32,
+                                codec: Codec::Raw,
+                            };
                             self.send(Msg::Data(d), buf[..n].to_vec())?;
                         }
                         off += n as u64;
@@ -673,7 +724,12 @@ impl Comparer<'_> {
                 }
             }
         }
-        self.send(Msg::Finish(Finish { blocks: self.report.blocks_changed }), Vec::new())
+        self.send(
+            Msg::Finish(Finish {
+                blocks: self.report.blocks_changed,
+            }),
+            Vec::new(),
+        )
     }
 
     /// Waits for the target's verdict.

@@ -17,11 +17,11 @@ use blockdiff::{BlockSize, Digest, HashKey, Signer};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use snapshot::{Access, FileVolume, Volume, VolumeError};
 use wire::{
-    features, BlockHashes, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation, HelloAck, Mode, Msg,
-    Open, Opened, RemoteError, ReplicaState, SubHashes, WireError,
+    features, BlockHashes, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation,
+    HelloAck, Mode, Msg, Open, Opened, RemoteError, ReplicaState, SubHashes, WireError,
 };
 
-use super::{blocks_per_chunk, Cancel, CHUNK_BYTES, WINDOW_BLOCKS};
+use super::{Cancel, ChunkReader, WINDOW_BLOCKS};
 use crate::journal::{self, Journal};
 use crate::state::{self, InProgress, StatePaths, VolumeLock, VolumeState};
 
@@ -44,7 +44,10 @@ pub struct TargetError {
 
 impl TargetError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -63,8 +66,13 @@ fn volume_err(e: VolumeError) -> TargetError {
 impl From<WireError> for TargetError {
     fn from(e: WireError) -> Self {
         match e {
-            WireError::Remote(r) => TargetError::new(r.code, format!("source reported: {}", r.message)),
-            WireError::Closed => TargetError::new(ErrorCode::Protocol, "the source closed the connection mid-session"),
+            WireError::Remote(r) => {
+                TargetError::new(r.code, format!("source reported: {}", r.message))
+            }
+            WireError::Closed => TargetError::new(
+                ErrorCode::Protocol,
+                "the source closed the connection mid-session",
+            ),
             e => TargetError::new(ErrorCode::Protocol, e.to_string()),
         }
     }
@@ -98,7 +106,13 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
         m => return Err(protocol(format!("expected Hello, got {:?}", m.kind()))),
     };
     let feats = hello.features & features::ALL;
-    wr.send(&Msg::HelloAck(HelloAck { features: feats, software: crate::VERSION.into() }), &[])?;
+    wr.send(
+        &Msg::HelloAck(HelloAck {
+            features: feats,
+            software: crate::VERSION.into(),
+        }),
+        &[],
+    )?;
     wr.flush()?;
     let open = match rd.read()?.0 {
         Msg::Open(o) => o,
@@ -114,7 +128,13 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
 }
 
 fn send_error<W: Write>(wr: &mut FrameWriter<W>, e: &TargetError) -> Result<(), WireError> {
-    wr.send(&Msg::Error(RemoteError { code: e.code, message: e.message.clone() }), &[])?;
+    wr.send(
+        &Msg::Error(RemoteError {
+            code: e.code,
+            message: e.message.clone(),
+        }),
+        &[],
+    )?;
     wr.flush()
 }
 
@@ -122,16 +142,25 @@ fn send_error<W: Write>(wr: &mut FrameWriter<W>, e: &TargetError) -> Result<(), 
 fn checked_path(p: &str) -> Result<PathBuf, TargetError> {
     let path = Path::new(p);
     if !path.is_absolute() {
-        return Err(TargetError::new(ErrorCode::Usage, format!("target path {p:?} must be absolute")));
+        return Err(TargetError::new(
+            ErrorCode::Usage,
+            format!("target path {p:?} must be absolute"),
+        ));
     }
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(TargetError::new(ErrorCode::NotAllowed, format!("target path {p:?} contains '..'")));
+        return Err(TargetError::new(
+            ErrorCode::NotAllowed,
+            format!("target path {p:?} contains '..'"),
+        ));
     }
     Ok(path.components().collect())
 }
 
 fn allowed(cfg: &ServeConfig, path: &Path) -> bool {
-    let opts = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    let opts = glob::MatchOptions {
+        require_literal_separator: true,
+        ..Default::default()
+    };
     let matches = |p: &Path| cfg.allow.iter().any(|pat| pat.matches_path_with(p, opts));
     if !matches(path) {
         return false;
@@ -152,7 +181,10 @@ struct ZeroDigests {
 impl ZeroDigests {
     fn get(&mut self, len: u32) -> Digest {
         let signer = &self.signer;
-        *self.cache.entry(len).or_insert_with(|| signer.block_digest(&vec![0u8; len as usize]))
+        *self
+            .cache
+            .entry(len)
+            .or_insert_with(|| signer.block_digest(&vec![0u8; len as usize]))
     }
 }
 
@@ -166,7 +198,10 @@ struct Shared {
     signer: Signer,
     credit: Mutex<u64>,
     credit_cv: Condvar,
+    /// Bytes read outside the scan (refinements, copies).
     bytes_read: AtomicU64,
+    /// Bytes the scan read.
+    scan_bytes: AtomicU64,
     cancel: Cancel,
 }
 
@@ -193,7 +228,11 @@ impl Shared {
             if self.cancel.is_cancelled() {
                 return false;
             }
-            c = self.credit_cv.wait_timeout(c, Duration::from_millis(200)).expect("credit lock").0;
+            c = self
+                .credit_cv
+                .wait_timeout(c, Duration::from_millis(200))
+                .expect("credit lock")
+                .0;
         }
         !self.cancel.is_cancelled()
     }
@@ -203,10 +242,13 @@ impl Shared {
 enum Applier {
     DryRun,
     /// Ops go to the write-ahead journal, applied on commit.
-    Journal(Journal),
+    Journal(Box<Journal>),
     /// Ops go straight to the volume; the replica is inconsistent until
     /// commit and a durable progress mark allows resuming.
-    InPlace { last_mark: Instant, dirty: u64 },
+    InPlace {
+        last_mark: Instant,
+        dirty: u64,
+    },
 }
 
 struct Session {
@@ -225,19 +267,30 @@ struct Session {
 }
 
 impl Session {
-    fn open(open: Open, key: HashKey, feats: u32, cfg: &ServeConfig) -> Result<(Self, Opened), TargetError> {
+    fn open(
+        open: Open,
+        key: HashKey,
+        feats: u32,
+        cfg: &ServeConfig,
+    ) -> Result<(Self, Opened), TargetError> {
         let path = checked_path(&open.path)?;
         if !allowed(cfg, &path) {
             return Err(TargetError::new(
                 ErrorCode::NotAllowed,
-                format!("target {} is not on this server's --allow list", path.display()),
+                format!(
+                    "target {} is not on this server's --allow list",
+                    path.display()
+                ),
             ));
         }
         let paths = StatePaths::new(&cfg.state_dir, &path);
         let lock = match VolumeLock::acquire(&paths.lock) {
             Ok(l) => Some(l),
             Err(e) if e.downcast_ref::<state::Busy>().is_some() => {
-                return Err(TargetError::new(ErrorCode::Busy, format!("target {}: {e:#}", path.display())))
+                return Err(TargetError::new(
+                    ErrorCode::Busy,
+                    format!("target {}: {e:#}", path.display()),
+                ))
             }
             Err(e) if open.dry_run => {
                 tracing::debug!("no lock for a dry run: {e:#}");
@@ -246,18 +299,28 @@ impl Session {
             Err(e) => return Err(TargetError::new(ErrorCode::TargetIo, format!("{e:#}"))),
         };
         let exists = path.exists();
+        // A journal left by a crash must be settled before anything looks
+        // at the volume, even a dry run or a verify: they too must see a
+        // complete generation.
+        let pending_journal = exists && paths.journal.exists() && lock.is_some();
         let volume: Arc<dyn Volume> = if open.dry_run && !exists {
             Arc::new(snapshot::MemVolume::new(&open.path, Vec::new(), true))
         } else {
-            let access = if open.dry_run { Access::Read } else { Access::Write { create: true } };
+            let write = !open.dry_run || pending_journal;
+            let access = if write {
+                Access::Write { create: true }
+            } else {
+                Access::Read
+            };
             Arc::new(FileVolume::open(&path, access).map_err(volume_err)?)
         };
-        let mut state = state::load(&paths.state).map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+        let mut state = state::load(&paths.state)
+            .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
 
-        // A complete journal left by a crash is replayed before anything
-        // else looks at the volume: the replica is then generation n.
+        // A complete journal is replayed (the replica becomes generation
+        // n), an incomplete one discarded (it stays n-1).
         let mut recovered = None;
-        if !open.dry_run {
+        if lock.is_some() {
             recovered = journal::recover(&paths, &mut state, volume.as_ref())
                 .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
         }
@@ -277,7 +340,11 @@ impl Session {
         let old_size = volume.size();
         let new_size = open.source_size;
         if new_size > old_size && !volume.resizable() {
-            return Err(volume_err(VolumeError::TooSmall { path: path.clone(), have: old_size, need: new_size }));
+            return Err(volume_err(VolumeError::TooSmall {
+                path: path.clone(),
+                have: old_size,
+                need: new_size,
+            }));
         }
         let block = open.block_size;
         let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
@@ -285,7 +352,10 @@ impl Session {
         // Delta mode trusts that the target holds exactly the base.
         let mut mode = open.mode;
         if mode == Mode::Delta {
-            let holds_base = same_source && state.consistent && state.generation == open.base && open.base.is_some();
+            let holds_base = same_source
+                && state.consistent
+                && state.generation == open.base
+                && open.base.is_some();
             if !holds_base {
                 mode = Mode::FullScan;
             }
@@ -303,19 +373,25 @@ impl Session {
             }
         }
         let number = state.generation.as_ref().map_or(0, |g| g.number) + 1;
-        let next_generation = Generation { number, snapshot: open.target_generation.snapshot.clone() };
+        let next_generation = Generation {
+            number,
+            snapshot: open.target_generation.snapshot.clone(),
+        };
 
         let applier = if open.dry_run || mode == Mode::Verify {
             Applier::DryRun
         } else if start_block > 0 || !state.consistent || !same_source || open.journal_max == 0 {
             // Nothing consistent to protect (first copy, resumed copy, or an
             // already torn replica): write in place, with progress marks.
-            Applier::InPlace { last_mark: Instant::now(), dirty: 0 }
+            Applier::InPlace {
+                last_mark: Instant::now(),
+                dirty: 0,
+            }
         } else {
-            Applier::Journal(
+            Applier::Journal(Box::new(
                 Journal::create(&paths.journal, open.journal_max)
                     .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?,
-            )
+            ))
         };
 
         let opened = Opened {
@@ -324,7 +400,10 @@ impl Session {
                 source_id: state.source_id.clone(),
                 generation: state.generation.clone().filter(|_| state.consistent),
                 consistent: state.consistent,
-                resume: state.in_progress.as_ref().map(|ip| (ip.generation.clone(), ip.mark_block)),
+                resume: state
+                    .in_progress
+                    .as_ref()
+                    .map(|ip| (ip.generation.clone(), ip.mark_block)),
                 recovered: recovered.clone(),
             },
             start_block,
@@ -340,6 +419,7 @@ impl Session {
             credit: Mutex::new(start_block),
             credit_cv: Condvar::new(),
             bytes_read: AtomicU64::new(0),
+            scan_bytes: AtomicU64::new(0),
             cancel: Cancel::new(),
         });
         let session = Session {
@@ -377,7 +457,10 @@ impl Session {
 
         let scanner = (self.mode != Mode::Delta).then(|| {
             let (s, tx, start) = (shared.clone(), out_tx.clone(), self.start_block);
-            thread::Builder::new().name("serve-scan".into()).spawn(move || scan_loop(&s, &tx, start)).expect("spawn")
+            thread::Builder::new()
+                .name("serve-scan".into())
+                .spawn(move || scan_loop(&s, &tx, start))
+                .expect("spawn")
         });
         let (refine_tx, refine_rx) = unbounded::<u64>();
         let refiner = {
@@ -392,7 +475,9 @@ impl Session {
         drop(refine_tx);
         shared.cancel.cancel();
         shared.credit_cv.notify_all();
-        let scan_result = scanner.map(|h| h.join().expect("scanner panicked")).unwrap_or(Ok(()));
+        let scan_result = scanner
+            .map(|h| h.join().expect("scanner panicked"))
+            .unwrap_or(Ok(()));
         let refine_result = refiner.join().expect("refiner panicked");
         let result = result.and_then(|f| {
             scan_result?;
@@ -408,11 +493,17 @@ impl Session {
                 let _ = out_tx.send(Out::Frame(Msg::Committed(committed.clone()), Vec::new()));
                 drop(out_tx);
                 writer.join().expect("writer panicked")?;
-                Ok(ServeSummary { path: self.open.path.clone(), committed })
+                Ok(ServeSummary {
+                    path: self.open.path.clone(),
+                    committed,
+                })
             }
             Err(e) => {
                 self.abort();
-                let msg = Msg::Error(RemoteError { code: e.code, message: e.message.clone() });
+                let msg = Msg::Error(RemoteError {
+                    code: e.code,
+                    message: e.message.clone(),
+                });
                 let _ = out_tx.send(Out::Frame(msg, Vec::new()));
                 drop(out_tx);
                 let _ = writer.join();
@@ -432,13 +523,19 @@ impl Session {
         let mut scratch = Vec::new();
         loop {
             if cfg.cancel.is_cancelled() {
-                return Err(TargetError::new(ErrorCode::Interrupted, "the target was interrupted by a signal"));
+                return Err(TargetError::new(
+                    ErrorCode::Interrupted,
+                    "the target was interrupted by a signal",
+                ));
             }
             let (msg, payload) = rd.read()?;
             match msg {
                 Msg::Credit(c) => {
                     if c.through > total_blocks {
-                        return Err(protocol(format!("credit past the last block ({} > {total_blocks})", c.through)));
+                        return Err(protocol(format!(
+                            "credit past the last block ({} > {total_blocks})",
+                            c.through
+                        )));
                     }
                     {
                         let mut cur = self.shared.credit.lock().expect("credit lock");
@@ -449,23 +546,33 @@ impl Session {
                 }
                 Msg::Refine(r) => {
                     if self.mode == Mode::Delta || r.block >= total_blocks {
-                        return Err(protocol(format!("refine of block {} is out of range", r.block)));
+                        return Err(protocol(format!(
+                            "refine of block {} is out of range",
+                            r.block
+                        )));
                     }
                     let _ = refine_tx.send(r.block);
                 }
                 Msg::Data(d) => {
                     self.check_extent(d.offset, d.len as u64)?;
                     if d.len > self.shared.block.bytes() {
-                        return Err(protocol(format!("data op of {} bytes exceeds the block size", d.len)));
+                        return Err(protocol(format!(
+                            "data op of {} bytes exceeds the block size",
+                            d.len
+                        )));
                     }
                     let data = match d.codec {
                         Codec::Raw if payload.len() == d.len as usize => payload,
-                        Codec::Raw => return Err(protocol("data payload length does not match its header")),
+                        Codec::Raw => {
+                            return Err(protocol("data payload length does not match its header"))
+                        }
                         Codec::Zstd if self.features & features::ZSTD != 0 => {
                             wire::decompress(payload, d.len as usize, &mut scratch)?;
                             &scratch[..]
                         }
-                        Codec::Zstd => return Err(protocol("zstd data frame without negotiating zstd")),
+                        Codec::Zstd => {
+                            return Err(protocol("zstd data frame without negotiating zstd"))
+                        }
                     };
                     self.apply(Op::Data(d.offset, data))?;
                 }
@@ -480,13 +587,18 @@ impl Session {
                         return Err(protocol("copy op larger than a block"));
                     }
                     let mut buf = vec![0u8; c.len as usize];
-                    self.shared.read_virtual(&mut buf, c.from).map_err(volume_err)?;
+                    self.shared
+                        .read_virtual(&mut buf, c.from)
+                        .map_err(volume_err)?;
                     self.apply(Op::Data(c.to, &buf))?;
                 }
                 Msg::Finish(f) => {
                     let expect = total_blocks - self.start_block;
                     if self.mode != Mode::Delta && f.blocks != expect {
-                        return Err(protocol(format!("source compared {} blocks, expected {expect}", f.blocks)));
+                        return Err(protocol(format!(
+                            "source compared {} blocks, expected {expect}",
+                            f.blocks
+                        )));
                     }
                     return Ok(());
                 }
@@ -528,7 +640,10 @@ impl Session {
                 self.begin_in_place(self.start_block)?;
                 let Applier::Journal(j) = std::mem::replace(
                     &mut self.applier,
-                    Applier::InPlace { last_mark: Instant::now(), dirty: 0 },
+                    Applier::InPlace {
+                        last_mark: Instant::now(),
+                        dirty: 0,
+                    },
                 ) else {
                     unreachable!()
                 };
@@ -576,7 +691,8 @@ impl Session {
     }
 
     fn save_state(&self) -> Result<(), TargetError> {
-        state::save(&self.paths.state, &self.state).map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))
+        state::save(&self.paths.state, &self.state)
+            .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))
     }
 
     /// Every op for blocks below `through` has been received: for an
@@ -585,7 +701,9 @@ impl Session {
         const MARK_BYTES: u64 = 256 << 20;
         const MARK_EVERY: Duration = Duration::from_secs(5);
         if let Applier::InPlace { last_mark, dirty } = &mut self.applier {
-            if self.state.in_progress.is_none() || (*dirty < MARK_BYTES && last_mark.elapsed() < MARK_EVERY) {
+            if self.state.in_progress.is_none()
+                || (*dirty < MARK_BYTES && last_mark.elapsed() < MARK_EVERY)
+            {
                 return Ok(());
             }
             *dirty = 0;
@@ -611,13 +729,19 @@ impl Session {
                 // Sealing makes the journal complete and durable: from here
                 // a crash replays it, so the volume ends at generation n.
                 let sealed = j
-                    .seal(&self.next_generation, &self.open.source_id, self.shared.new_size)
+                    .seal(
+                        &self.next_generation,
+                        &self.open.source_id,
+                        self.shared.new_size,
+                    )
                     .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
                 self.bytes_written += sealed
                     .apply(self.shared.volume.as_ref())
                     .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
                 self.finish_generation()?;
-                sealed.remove().map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                sealed
+                    .remove()
+                    .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
                 "journal"
             }
             Applier::InPlace { .. } => {
@@ -630,9 +754,14 @@ impl Session {
                 }
             }
         };
-        let generation = if dry { self.state.generation.clone() } else { Some(self.next_generation.clone()) };
+        let generation = if dry {
+            self.state.generation.clone()
+        } else {
+            Some(self.next_generation.clone())
+        };
         Ok(Committed {
-            target_bytes_read: self.shared.bytes_read.load(Ordering::Relaxed),
+            target_bytes_read: self.shared.bytes_read.load(Ordering::Relaxed)
+                + self.shared.scan_bytes.load(Ordering::Relaxed),
             target_bytes_written: self.bytes_written,
             journal_bytes,
             apply_mode: apply_mode.into(),
@@ -658,7 +787,10 @@ impl Session {
         self.state.consistent = true;
         self.state.in_progress = None;
         self.state.block_size = Some(self.shared.block.bytes());
-        self.state.committed_at = SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+        self.state.committed_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
         self.save_state()
     }
 
@@ -696,39 +828,53 @@ fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(),
 }
 
 fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError> {
-    let total = s.block.blocks_in(s.new_size);
-    let per_chunk = blocks_per_chunk(s.block);
-    let mut buf = vec![0u8; CHUNK_BYTES.max(s.block.bytes() as usize)];
-    let mut zeros = ZeroDigests { signer: s.signer.clone(), cache: HashMap::new() };
+    let reader = ChunkReader::spawn(
+        s.volume.clone(),
+        s.block,
+        s.new_size,
+        s.old_size,
+        start,
+        s.cancel.clone(),
+    );
+    let mut zeros = ZeroDigests {
+        signer: s.signer.clone(),
+        cache: HashMap::new(),
+    };
     let mut digests = Vec::new();
     let mut payload = Vec::new();
-    let mut block = start;
-    while block < total {
-        let n = per_chunk.min(total - block);
-        if !s.wait_credit(block + n - 1) {
+    let bs = s.block.bytes() as u64;
+    for chunk in reader.chunks.iter() {
+        let chunk = chunk.map_err(volume_err)?;
+        if !s.wait_credit(chunk.first_block + chunk.blocks - 1) {
             return Ok(());
         }
-        let offset = s.block.offset_of(block);
-        let len = (s.new_size - offset).min(n * s.block.bytes() as u64) as usize;
-        let all_zero = s.read_virtual(&mut buf[..len], offset).map_err(volume_err)?;
         digests.clear();
-        for i in 0..n {
-            let blen = s.block.len_of(block + i, s.new_size);
-            let from = (i * s.block.bytes() as u64) as usize;
-            let d = if all_zero {
+        for i in 0..chunk.blocks {
+            let blen = s.block.len_of(chunk.first_block + i, s.new_size);
+            let d = if chunk.hole {
                 zeros.get(blen)
             } else {
-                s.signer.block_digest(&buf[from..from + blen as usize])
+                let from = (i * bs) as usize;
+                s.signer
+                    .block_digest(&chunk.data[from..from + blen as usize])
             };
             digests.push(d);
         }
-        s.volume.done_with(offset, len as u64);
+        s.scan_bytes.store(reader.bytes_read(), Ordering::Relaxed);
         wire::digests_to_payload(&digests, &mut payload);
-        if tx.send(Out::Frame(Msg::BlockHashes(BlockHashes { first: block }), payload.clone())).is_err() {
+        let first = chunk.first_block;
+        reader.recycle(chunk);
+        if tx
+            .send(Out::Frame(
+                Msg::BlockHashes(BlockHashes { first }),
+                payload.clone(),
+            ))
+            .is_err()
+        {
             return Ok(());
         }
-        block += n;
     }
+    s.scan_bytes.store(reader.bytes_read(), Ordering::Relaxed);
     Ok(())
 }
 
@@ -738,11 +884,18 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
     let mut payload = Vec::new();
     for block in rx {
         let len = s.block.len_of(block, s.new_size) as usize;
-        s.read_virtual(&mut buf[..len], s.block.offset_of(block)).map_err(volume_err)?;
+        s.read_virtual(&mut buf[..len], s.block.offset_of(block))
+            .map_err(volume_err)?;
         subs.clear();
         s.signer.sub_digests(&buf[..len], &mut subs);
         wire::digests_to_payload(&subs, &mut payload);
-        if tx.send(Out::Frame(Msg::SubHashes(SubHashes { block }), payload.clone())).is_err() {
+        if tx
+            .send(Out::Frame(
+                Msg::SubHashes(SubHashes { block }),
+                payload.clone(),
+            ))
+            .is_err()
+        {
             break;
         }
     }

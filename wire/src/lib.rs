@@ -385,9 +385,13 @@ impl Msg {
 
     fn decode(kind: Kind, header: &[u8]) -> Result<Msg, WireError> {
         fn dec<T: DeserializeOwned>(h: &[u8]) -> Result<T, WireError> {
-            let (v, rest) = postcard::take_from_bytes(h).map_err(|e| WireError::Malformed(e.to_string()))?;
+            let (v, rest) =
+                postcard::take_from_bytes(h).map_err(|e| WireError::Malformed(e.to_string()))?;
             if !rest.is_empty() {
-                return Err(WireError::Malformed(format!("{} trailing header bytes", rest.len())));
+                return Err(WireError::Malformed(format!(
+                    "{} trailing header bytes",
+                    rest.len()
+                )));
             }
             Ok(v)
         }
@@ -421,7 +425,10 @@ pub fn encode_frame(msg: &Msg, payload: &[u8], out: &mut Vec<u8>) -> Result<(), 
     let h_len = out.len() - h_start;
     if h_len > MAX_HEADER || payload.len() > MAX_PAYLOAD {
         out.truncate(start);
-        return Err(WireError::TooLarge { len: h_len + payload.len(), max: MAX_FRAME });
+        return Err(WireError::TooLarge {
+            len: h_len + payload.len(),
+            max: MAX_FRAME,
+        });
     }
     out.extend_from_slice(payload);
     let len = (out.len() - start - 4) as u32;
@@ -434,24 +441,38 @@ pub fn encode_frame(msg: &Msg, payload: &[u8], out: &mut Vec<u8>) -> Result<(), 
 /// payload is the returned range of `body`.
 pub fn decode_frame(body: &[u8]) -> Result<(Msg, std::ops::Range<usize>), WireError> {
     if body.len() > MAX_FRAME {
-        return Err(WireError::TooLarge { len: body.len(), max: MAX_FRAME });
+        return Err(WireError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
     }
     if body.len() < 5 {
-        return Err(WireError::Malformed(format!("frame of {} bytes is too short", body.len())));
+        return Err(WireError::Malformed(format!(
+            "frame of {} bytes is too short",
+            body.len()
+        )));
     }
-    let kind = Kind::from_u8(body[0]).ok_or_else(|| WireError::Malformed(format!("unknown frame kind {}", body[0])))?;
+    let kind = Kind::from_u8(body[0])
+        .ok_or_else(|| WireError::Malformed(format!("unknown frame kind {}", body[0])))?;
     let h_len = u32::from_le_bytes(body[1..5].try_into().expect("4 bytes")) as usize;
     if h_len > MAX_HEADER || h_len > body.len() - 5 {
-        return Err(WireError::Malformed(format!("header length {h_len} does not fit the frame")));
+        return Err(WireError::Malformed(format!(
+            "header length {h_len} does not fit the frame"
+        )));
     }
     let msg = Msg::decode(kind, &body[5..5 + h_len])?;
     let payload = 5 + h_len..body.len();
     if payload.len() > MAX_PAYLOAD {
-        return Err(WireError::TooLarge { len: payload.len(), max: MAX_PAYLOAD });
+        return Err(WireError::TooLarge {
+            len: payload.len(),
+            max: MAX_PAYLOAD,
+        });
     }
     let allows_payload = matches!(kind, Kind::BlockHashes | Kind::SubHashes | Kind::Data);
     if !allows_payload && !payload.is_empty() {
-        return Err(WireError::Malformed(format!("{kind:?} frame carries an unexpected payload")));
+        return Err(WireError::Malformed(format!(
+            "{kind:?} frame carries an unexpected payload"
+        )));
     }
     Ok((msg, payload))
 }
@@ -476,14 +497,19 @@ pub fn read_preamble(r: &mut impl Read) -> Result<(), WireError> {
     }
     let theirs = u32::from_le_bytes(p[8..].try_into().expect("4 bytes"));
     if theirs != PROTOCOL_VERSION {
-        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs });
+        return Err(WireError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        });
     }
     Ok(())
 }
 
 fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => WireError::Closed,
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => WireError::Closed,
         _ => WireError::Io(e),
     })
 }
@@ -498,7 +524,11 @@ pub struct FrameReader<R> {
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner, buf: Vec::new(), bytes: 0 }
+        Self {
+            inner,
+            buf: Vec::new(),
+            bytes: 0,
+        }
     }
 
     /// Bytes read so far, preamble and frame headers included.
@@ -519,7 +549,10 @@ impl<R: Read> FrameReader<R> {
         read_exact_or_closed(&mut self.inner, &mut len)?;
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
-            return Err(WireError::TooLarge { len, max: MAX_FRAME });
+            return Err(WireError::TooLarge {
+                len,
+                max: MAX_FRAME,
+            });
         }
         self.buf.resize(len, 0);
         read_exact_or_closed(&mut self.inner, &mut self.buf)?;
@@ -546,7 +579,11 @@ pub struct FrameWriter<W: Write> {
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner: io::BufWriter::with_capacity(256 * 1024, inner), scratch: Vec::new(), bytes: 0 }
+        Self {
+            inner: io::BufWriter::with_capacity(256 * 1024, inner),
+            scratch: Vec::new(),
+            bytes: 0,
+        }
     }
 
     /// Bytes written so far, preamble and frame headers included.
@@ -568,10 +605,15 @@ impl<W: Write> FrameWriter<W> {
         // avoid copying block data into the scratch buffer.
         let total = self.scratch.len() - 4 + payload.len();
         if payload.len() > MAX_PAYLOAD {
-            return Err(WireError::TooLarge { len: payload.len(), max: MAX_PAYLOAD });
+            return Err(WireError::TooLarge {
+                len: payload.len(),
+                max: MAX_PAYLOAD,
+            });
         }
         self.scratch[..4].copy_from_slice(&(total as u32).to_le_bytes());
-        self.inner.write_all(&self.scratch).map_err(closed_on_pipe)?;
+        self.inner
+            .write_all(&self.scratch)
+            .map_err(closed_on_pipe)?;
         self.inner.write_all(payload).map_err(closed_on_pipe)?;
         self.bytes += (self.scratch.len() + payload.len()) as u64;
         Ok(())
@@ -601,11 +643,18 @@ pub fn digests_to_payload(digests: &[Digest], out: &mut Vec<u8>) {
 /// Unpacks a digest payload, refusing a length that is not a multiple of
 /// the digest size.
 pub fn payload_to_digests(payload: &[u8], out: &mut Vec<Digest>) -> Result<(), WireError> {
-    if payload.len() % DIGEST_LEN != 0 {
-        return Err(WireError::Malformed(format!("digest payload of {} bytes", payload.len())));
+    if !payload.len().is_multiple_of(DIGEST_LEN) {
+        return Err(WireError::Malformed(format!(
+            "digest payload of {} bytes",
+            payload.len()
+        )));
     }
     out.clear();
-    out.extend(payload.chunks_exact(DIGEST_LEN).map(|c| <Digest>::try_from(c).expect("16 bytes")));
+    out.extend(
+        payload
+            .chunks_exact(DIGEST_LEN)
+            .map(|c| <Digest>::try_from(c).expect("16 bytes")),
+    );
     Ok(())
 }
 
@@ -627,13 +676,18 @@ pub fn compress(data: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
 /// (`len` is bounded by the caller to the block size).
 pub fn decompress(payload: &[u8], len: usize, out: &mut Vec<u8>) -> Result<(), WireError> {
     if len > MAX_PAYLOAD {
-        return Err(WireError::TooLarge { len, max: MAX_PAYLOAD });
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_PAYLOAD,
+        });
     }
     out.resize(len, 0);
     let n = zstd::bulk::decompress_to_buffer(payload, &mut out[..])
         .map_err(|e| WireError::Malformed(format!("zstd payload: {e}")))?;
     if n != len {
-        return Err(WireError::Malformed(format!("zstd payload expanded to {n} bytes, expected {len}")));
+        return Err(WireError::Malformed(format!(
+            "zstd payload expanded to {n} bytes, expected {len}"
+        )));
     }
     Ok(())
 }
@@ -667,13 +721,29 @@ mod tests {
     }
 
     fn gen() -> Generation {
-        Generation { number: 3, snapshot: "vg0/data-snapsync-3".into() }
+        Generation {
+            number: 3,
+            snapshot: "vg0/data-snapsync-3".into(),
+        }
     }
 
     fn all_messages() -> Vec<(Msg, Vec<u8>)> {
         vec![
-            (Msg::Hello(Hello { features: 1, key: HashKey([9; 32]), software: "0.1".into() }), vec![]),
-            (Msg::HelloAck(HelloAck { features: 1, software: "0.1".into() }), vec![]),
+            (
+                Msg::Hello(Hello {
+                    features: 1,
+                    key: HashKey([9; 32]),
+                    software: "0.1".into(),
+                }),
+                vec![],
+            ),
+            (
+                Msg::HelloAck(HelloAck {
+                    features: 1,
+                    software: "0.1".into(),
+                }),
+                vec![],
+            ),
             (
                 Msg::Open(Open {
                     path: "/dev/x".into(),
@@ -710,12 +780,45 @@ mod tests {
             (Msg::Credit(Credit { through: u64::MAX }), vec![]),
             (Msg::Refine(Refine { block: 3 }), vec![]),
             (Msg::SubHashes(SubHashes { block: 3 }), vec![2; 256]),
-            (Msg::Data(Data { offset: 4096, len: 3, codec: Codec::Raw }), vec![1, 2, 3]),
-            (Msg::Zero(Zero { offset: 0, len: 1 << 50 }), vec![]),
-            (Msg::Copy(Copy { from: 1, to: 2, len: 3 }), vec![]),
+            (
+                Msg::Data(Data {
+                    offset: 4096,
+                    len: 3,
+                    codec: Codec::Raw,
+                }),
+                vec![1, 2, 3],
+            ),
+            (
+                Msg::Zero(Zero {
+                    offset: 0,
+                    len: 1 << 50,
+                }),
+                vec![],
+            ),
+            (
+                Msg::Copy(Copy {
+                    from: 1,
+                    to: 2,
+                    len: 3,
+                }),
+                vec![],
+            ),
             (Msg::Finish(Finish { blocks: 9 }), vec![]),
-            (Msg::Committed(Committed { target_bytes_read: 1, apply_mode: "journal".into(), ..Default::default() }), vec![]),
-            (Msg::Error(RemoteError { code: ErrorCode::NotAllowed, message: "no".into() }), vec![]),
+            (
+                Msg::Committed(Committed {
+                    target_bytes_read: 1,
+                    apply_mode: "journal".into(),
+                    ..Default::default()
+                }),
+                vec![],
+            ),
+            (
+                Msg::Error(RemoteError {
+                    code: ErrorCode::NotAllowed,
+                    message: "no".into(),
+                }),
+                vec![],
+            ),
         ]
     }
 
@@ -744,17 +847,26 @@ mod tests {
 
     #[test]
     fn bad_magic_and_version() {
-        assert!(matches!(read_preamble(&mut &b"SSH-2.0-OpenSSH"[..]), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            read_preamble(&mut &b"SSH-2.0-OpenSSH"[..]),
+            Err(WireError::BadMagic(_))
+        ));
         let mut p = MAGIC.to_vec();
         p.extend_from_slice(&99u32.to_le_bytes());
-        assert!(matches!(read_preamble(&mut &p[..]), Err(WireError::Version { theirs: 99, .. })));
+        assert!(matches!(
+            read_preamble(&mut &p[..]),
+            Err(WireError::Version { theirs: 99, .. })
+        ));
     }
 
     #[test]
     fn payload_on_a_control_frame_is_malformed() {
         let mut buf = Vec::new();
         encode_frame(&Msg::Credit(Credit { through: 1 }), &[1], &mut buf).unwrap();
-        assert!(matches!(decode_frame(&buf[4..]), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&buf[4..]),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]

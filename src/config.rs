@@ -1,0 +1,265 @@
+//! The TOML configuration of `snapsync run` and `snapsync status`.
+//!
+//! ```toml
+//! state_dir = "/var/lib/snapsync"     # source-side state: bases, last results
+//! parallel = 2                        # volumes replicated at once
+//!
+//! [defaults]                          # any volume key may be set here
+//! interval = "15m"
+//! compress = "zstd:3"
+//!
+//! [[volume]]
+//! name = "data"                       # unique; names state files and snapshots
+//! source = "vg0/data"                 # LVM vg/lv, /dev/vg/lv, a device or an image file
+//! target = "backup.example:/dev/vg1/data"
+//! snapshot = "auto"                   # auto | lvm | reflink | none
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::exit::UsageError;
+
+/// Largest config file read: a config is small; refuse anything else.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    #[serde(default)]
+    pub defaults: VolumeDefaults,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(crate::state::DEFAULT_STATE_DIR)
+}
+
+fn default_parallel() -> usize {
+    2
+}
+
+/// Settings a volume inherits unless it sets its own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDefaults {
+    pub interval: Option<String>,
+    pub compress: Option<String>,
+    pub block_size: Option<String>,
+    pub scrub_every: Option<u64>,
+    pub rsh: Option<String>,
+    pub remote_bin: Option<String>,
+    pub journal_max: Option<String>,
+    pub snapshot: Option<String>,
+    pub snapshot_size: Option<String>,
+    pub target_state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub source: String,
+    pub target: String,
+    #[serde(flatten)]
+    pub settings: VolumeDefaults,
+}
+
+/// How the source is frozen for a cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// LVM for LVM volumes, reflink for image files.
+    Auto,
+    Lvm,
+    Reflink,
+    /// Read the live source (the copy may be inconsistent if it is written).
+    None,
+}
+
+/// A volume's settings with defaults applied and values parsed.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub name: String,
+    pub source: String,
+    pub target: String,
+    pub interval: Duration,
+    pub compress: String,
+    pub block_size: u64,
+    /// Every Nth cycle is a full scan even when changed-block tracking
+    /// could be used (0: never).
+    pub scrub_every: u64,
+    pub rsh: String,
+    pub remote_bin: String,
+    pub journal_max: u64,
+    pub snapshot: SnapshotKind,
+    /// Size of a thick LVM snapshot: bytes, or a percentage of the origin.
+    pub snapshot_size: SnapshotSize,
+    pub target_state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SnapshotSize {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl SnapshotSize {
+    pub fn for_origin(self, origin: u64) -> u64 {
+        match self {
+            SnapshotSize::Bytes(b) => b,
+            SnapshotSize::Percent(p) => ((origin as f64) * p / 100.0).ceil() as u64,
+        }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<(Config, Vec<Volume>)> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading config {}", path.display()))?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(UsageError(format!("config {} is larger than 1 MiB", path.display())).into());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    parse(&text).map_err(|e| UsageError(format!("config {}: {e:#}", path.display())).into())
+}
+
+/// Parses config text; every error names the volume and key.
+pub fn parse(text: &str) -> Result<(Config, Vec<Volume>)> {
+    let cfg: Config = toml::from_str(text)?;
+    if cfg.parallel == 0 {
+        anyhow::bail!("parallel must be at least 1");
+    }
+    let mut seen = HashSet::new();
+    let mut volumes = Vec::new();
+    for v in &cfg.volumes {
+        if !seen.insert(v.name.clone()) {
+            anyhow::bail!("volume name {:?} appears twice", v.name);
+        }
+        if v.name.is_empty()
+            || !v
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.+-".contains(&b))
+        {
+            anyhow::bail!(
+                "volume name {:?}: use letters, digits, '_', '.', '+', '-'",
+                v.name
+            );
+        }
+        volumes.push(resolve(v, &cfg.defaults).with_context(|| format!("volume {:?}", v.name))?);
+    }
+    Ok((cfg, volumes))
+}
+
+fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
+    let s = &v.settings;
+    let pick = |a: &Option<String>, b: &Option<String>, dflt: &str| {
+        a.clone().or(b.clone()).unwrap_or(dflt.into())
+    };
+    let interval = pick(&s.interval, &d.interval, "15m");
+    let interval =
+        humantime::parse_duration(&interval).with_context(|| format!("interval {interval:?}"))?;
+    let size = |key: &str, val: String| {
+        crate::cli::parse_size(&val).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+    };
+    let snapshot = match pick(&s.snapshot, &d.snapshot, "auto").as_str() {
+        "auto" => SnapshotKind::Auto,
+        "lvm" => SnapshotKind::Lvm,
+        "reflink" => SnapshotKind::Reflink,
+        "none" => SnapshotKind::None,
+        other => anyhow::bail!("snapshot {other:?}: use auto, lvm, reflink or none"),
+    };
+    let snapshot_size = pick(&s.snapshot_size, &d.snapshot_size, "20%");
+    let snapshot_size = match snapshot_size.strip_suffix('%') {
+        Some(p) => match p.trim().parse::<f64>() {
+            Ok(p) if p > 0.0 && p <= 100.0 => SnapshotSize::Percent(p),
+            _ => anyhow::bail!("snapshot_size {snapshot_size:?}: a percentage must be in (0, 100]"),
+        },
+        None => SnapshotSize::Bytes(size("snapshot_size", snapshot_size)?),
+    };
+    let compress = pick(&s.compress, &d.compress, "auto");
+    crate::cli::parse_compress(&compress, true)?;
+    let block_size = size("block_size", pick(&s.block_size, &d.block_size, "64KiB"))?;
+    blockdiff::BlockSize::new(block_size)?;
+    Ok(Volume {
+        name: v.name.clone(),
+        source: v.source.clone(),
+        target: v.target.clone(),
+        interval,
+        compress,
+        block_size,
+        scrub_every: s.scrub_every.or(d.scrub_every).unwrap_or(0),
+        rsh: pick(&s.rsh, &d.rsh, "ssh -T -o BatchMode=yes"),
+        remote_bin: pick(&s.remote_bin, &d.remote_bin, "snapsync"),
+        journal_max: size("journal_max", pick(&s.journal_max, &d.journal_max, "1GiB"))?,
+        snapshot,
+        snapshot_size,
+        target_state_dir: s.target_state_dir.clone().or(d.target_state_dir.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_and_volumes_override() {
+        let (cfg, vols) = parse(
+            r#"
+            state_dir = "/tmp/s"
+            [defaults]
+            interval = "5m"
+            compress = "zstd:5"
+            [[volume]]
+            name = "a"
+            source = "vg0/a"
+            target = "h:/dev/vg1/a"
+            [[volume]]
+            name = "b"
+            source = "/img/b"
+            target = "/backup/b"
+            interval = "1h"
+            snapshot = "none"
+            snapshot_size = "1GiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.state_dir, Path::new("/tmp/s"));
+        assert_eq!(vols[0].interval, Duration::from_secs(300));
+        assert_eq!(vols[0].compress, "zstd:5");
+        assert_eq!(vols[0].snapshot_size, SnapshotSize::Percent(20.0));
+        assert_eq!(vols[1].interval, Duration::from_secs(3600));
+        assert_eq!(vols[1].snapshot, SnapshotKind::None);
+        assert_eq!(vols[1].snapshot_size.for_origin(5), 1 << 30);
+    }
+
+    #[test]
+    fn errors_name_the_volume_and_key() {
+        let e = parse("[[volume]]\nname=\"x\"\nsource=\"a\"\ntarget=\"b\"\ninterval=\"soon\"")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("volume \"x\""), "{e:#}");
+        assert!(format!("{e:#}").contains("interval"), "{e:#}");
+        assert!(parse("bogus = 1").is_err());
+        let dup = "[[volume]]\nname=\"x\"\nsource=\"a\"\ntarget=\"b\"\n[[volume]]\nname=\"x\"\nsource=\"a\"\ntarget=\"b\"";
+        assert!(format!("{:#}", parse(dup).unwrap_err()).contains("twice"));
+        assert!(parse("[[volume]]\nname=\"../x\"\nsource=\"a\"\ntarget=\"b\"").is_err());
+    }
+
+    #[test]
+    fn parse_never_panics() {
+        use proptest::prelude::*;
+        proptest!(|(s in ".{0,300}")| {
+            let _ = parse(&s);
+        });
+    }
+}

@@ -1,0 +1,709 @@
+//! Replication cycles of configured volumes: `snapsync run` and `status`.
+//!
+//! One cycle of a volume: take its lock, clean up leftovers of a crashed
+//! run, snapshot the source, find what changed (thin-LVM changed-block
+//! tracking when the target holds the base generation, else a full scan),
+//! ship it, and keep the new snapshot as the next base (thin) or drop it
+//! (thick, reflink). The source side's state per volume lives in the
+//! config's `state_dir` as `volume-NAME.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use blockdiff::BlockSize;
+use serde::{Deserialize, Serialize};
+use snapshot::lvm::{LvInfo, LvName, Lvm, SnapshotState};
+use snapshot::reflink::ReflinkSnapshot;
+use snapshot::{Access, FileVolume, Volume};
+use wire::{Generation, Mode};
+
+use crate::cli::{parse_compress, TransferArgs};
+use crate::commands::sync::run_session;
+use crate::config::{self, SnapshotKind};
+use crate::engine::source::{Report, SessionParams};
+use crate::engine::Cancel;
+use crate::exit::{classify, Coded, Exit};
+use crate::state::{self, VolumeLock};
+use crate::transport::Destination;
+
+/// Every snapshot snapsync makes carries this tag, so it can find its own.
+pub const TAG: &str = "snapsync";
+
+/// What the source side remembers about a volume between cycles.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SourceState {
+    /// The thin snapshot the replica equals, kept for the next delta.
+    pub base: Option<Base>,
+    pub cycles: u64,
+    pub last_attempt: Option<u64>,
+    pub last_success: Option<u64>,
+    /// When the snapshot of the last successful cycle was taken: the
+    /// replica's content is from then.
+    pub last_snapshot_time: Option<u64>,
+    pub generation: Option<u64>,
+    pub last_mode: Option<String>,
+    pub last_wire_bytes: Option<u64>,
+    pub last_data_bytes: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_exit: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Base {
+    /// `vg/lv` of the kept snapshot.
+    pub snapshot: String,
+    pub generation: Generation,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn state_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("volume-{name}.json"))
+}
+
+pub fn load_state(dir: &Path, name: &str) -> Result<SourceState> {
+    let p = state_path(dir, name);
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("state file {} is corrupt", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SourceState::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+fn save_state(dir: &Path, name: &str, s: &SourceState) -> Result<()> {
+    state::write_atomic(
+        &state_path(dir, name),
+        &serde_json::to_vec_pretty(s).expect("serialises"),
+    )
+}
+
+/// Outcome of one volume's cycle, as `run --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct CycleResult {
+    pub volume: String,
+    pub ok: bool,
+    pub exit: u8,
+    pub error: Option<String>,
+    pub report: Option<Report>,
+}
+
+/// Runs one cycle of `vol`, recording the outcome in its state file.
+pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleResult {
+    let result = (|| {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let _lock = VolumeLock::acquire(&state_dir.join(format!("volume-{}.lock", vol.name)))
+            .with_context(|| format!("volume {}", vol.name))?;
+        let mut st = load_state(state_dir, &vol.name)?;
+        st.last_attempt = Some(now());
+        st.cycles += 1;
+        save_state(state_dir, &vol.name, &st)?;
+        let outcome = run_cycle(state_dir, vol, &mut st, cancel);
+        match &outcome {
+            Ok(r) => {
+                st.last_success = st.last_attempt;
+                st.last_snapshot_time = st.last_attempt;
+                st.generation = r.generation;
+                st.last_mode = Some(r.mode.clone());
+                st.last_wire_bytes = Some(r.wire_bytes_sent + r.wire_bytes_received);
+                st.last_data_bytes = Some(r.data_bytes);
+                st.last_error = None;
+                st.last_exit = Some(0);
+            }
+            Err(e) => {
+                st.last_error = Some(format!("{e:#}"));
+                st.last_exit = Some(classify(e) as u8);
+            }
+        }
+        save_state(state_dir, &vol.name, &st)?;
+        outcome
+    })();
+    match result {
+        Ok(r) => CycleResult {
+            volume: vol.name.clone(),
+            ok: true,
+            exit: 0,
+            error: None,
+            report: Some(r),
+        },
+        Err(e) => CycleResult {
+            volume: vol.name.clone(),
+            ok: false,
+            exit: classify(&e) as u8,
+            error: Some(format!("{e:#}")),
+            report: None,
+        },
+    }
+}
+
+fn transfer_args(vol: &config::Volume) -> TransferArgs {
+    TransferArgs {
+        block_size: vol.block_size,
+        rsh: vol.rsh.clone(),
+        remote_bin: vol.remote_bin.clone(),
+        state_dir: vol.target_state_dir.clone(),
+        json: false,
+        quiet: true,
+        keep_cache: false,
+    }
+}
+
+fn params(
+    vol: &config::Volume,
+    dest: &Destination,
+    source_id: String,
+    snapshot_id: String,
+) -> Result<SessionParams> {
+    let target_path = match dest {
+        Destination::Local(p) => crate::transport::absolute(p)?
+            .to_string_lossy()
+            .into_owned(),
+        Destination::Remote { path, .. } => path.clone(),
+    };
+    Ok(SessionParams {
+        target_path,
+        block_size: BlockSize::new(vol.block_size)?,
+        compress: parse_compress(&vol.compress, matches!(dest, Destination::Remote { .. }))?,
+        mode: Mode::FullScan,
+        dry_run: false,
+        force: false,
+        resume: true,
+        journal_max: vol.journal_max,
+        source_id,
+        snapshot_id,
+        base: None,
+    })
+}
+
+/// Whether `source` names an LVM volume (as opposed to a file or device path).
+fn lvm_source(vol: &config::Volume) -> bool {
+    match vol.snapshot {
+        SnapshotKind::Lvm => true,
+        SnapshotKind::Reflink | SnapshotKind::None => false,
+        SnapshotKind::Auto => {
+            let s = vol.source.as_str();
+            let p = Path::new(s);
+            // vg/lv, /dev/vg/lv or /dev/mapper/vg-lv; an image file is not.
+            (!s.starts_with('/') && s.matches('/').count() == 1)
+                || ((s.starts_with("/dev/mapper/")
+                    || s.matches('/').count() == 3 && s.starts_with("/dev/"))
+                    && p.exists()
+                    && !p.is_file())
+        }
+    }
+}
+
+fn run_cycle(
+    state_dir: &Path,
+    vol: &config::Volume,
+    st: &mut SourceState,
+    cancel: &Cancel,
+) -> Result<Report> {
+    let dest = Destination::parse(&vol.target);
+    if lvm_source(vol) {
+        return lvm_cycle(state_dir, vol, st, &dest, cancel);
+    }
+    let src = crate::transport::absolute(Path::new(&vol.source))?;
+    let source_id = format!("path:{}", src.display());
+    let t = transfer_args(vol);
+    match vol.snapshot {
+        SnapshotKind::None => {
+            tracing::warn!(
+                "volume {}: copying the live source {} without a snapshot; the replica may be inconsistent if it is being written",
+                vol.name,
+                src.display()
+            );
+            let v = open_source(&src)?;
+            let p = params(vol, &dest, source_id, format!("live:{}", now()))?;
+            run_session(v, &dest, &t, &p, cancel, None)
+        }
+        _ => {
+            let name = src
+                .file_name()
+                .context("source has no file name")?
+                .to_string_lossy()
+                .into_owned();
+            let snap_path = src.with_file_name(format!(".{name}.snapsync-{}", st.cycles));
+            let _ = std::fs::remove_file(&snap_path); // a leftover of a crashed run
+            let snap = ReflinkSnapshot::create(&src, &snap_path).map_err(|e| Coded {
+                exit: Exit::Source,
+                message: format!("volume {}: {e}", vol.name),
+            })?;
+            let v = open_source(snap.path())?;
+            let p = params(
+                vol,
+                &dest,
+                source_id,
+                format!("reflink:{}:{}", now(), st.cycles),
+            )?;
+            let r = run_session(v, &dest, &t, &p, cancel, None);
+            snap.finish()
+                .with_context(|| format!("removing snapshot {}", snap_path.display()))?;
+            r
+        }
+    }
+}
+
+fn open_source(p: &Path) -> Result<Arc<dyn Volume>> {
+    let mut v = FileVolume::open(p, Access::Read)
+        .map_err(crate::engine::source::SyncError::Source)
+        .context("opening the source")?;
+    v.advise_sequential(true);
+    Ok(Arc::new(v))
+}
+
+fn lvm_err(vol: &config::Volume, what: &str) -> impl Fn(snapshot::lvm::LvmError) -> anyhow::Error {
+    let (what, name) = (what.to_owned(), vol.name.clone());
+    move |e| {
+        Coded {
+            exit: Exit::Source,
+            message: format!("volume {name}: {what}: {e}"),
+        }
+        .into()
+    }
+}
+
+/// Removes snapsync snapshots of this origin left by a crashed run, except
+/// the base that changed-block tracking still needs.
+fn cleanup_stale(lvm: &Lvm, origin: &LvInfo, vol_tag: &str, keep: Option<&str>) -> Result<()> {
+    for lv in lvm.list_tagged(&origin.vg, TAG)? {
+        if !lv.has_tag(vol_tag) {
+            continue;
+        }
+        let name = lv.lv_name().to_string();
+        if Some(name.as_str()) == keep {
+            continue;
+        }
+        tracing::info!("removing leftover snapshot {name}");
+        lvm.remove(&lv.lv_name())
+            .with_context(|| format!("removing leftover snapshot {name}"))?;
+    }
+    Ok(())
+}
+
+fn lvm_cycle(
+    state_dir: &Path,
+    vol: &config::Volume,
+    st: &mut SourceState,
+    dest: &Destination,
+    cancel: &Cancel,
+) -> Result<Report> {
+    let lvm = Lvm::new();
+    let origin = lvm
+        .resolve(&vol.source)
+        .map_err(lvm_err(vol, "resolving the source"))?;
+    let vol_tag = format!("snapsync-volume-{}", vol.name);
+    // A base that no longer exists is useless; forget it.
+    if let Some(b) = &st.base {
+        let exists = LvName::parse(&b.snapshot)
+            .ok()
+            .and_then(|n| lvm.lv(&n).ok())
+            .is_some();
+        if !exists {
+            tracing::warn!(
+                "base snapshot {} is gone; this cycle does a full scan",
+                b.snapshot
+            );
+            st.base = None;
+        }
+    }
+    cleanup_stale(
+        &lvm,
+        &origin,
+        &vol_tag,
+        st.base.as_ref().map(|b| b.snapshot.as_str()),
+    )?;
+    let source_id = format!("lvm:{}/{}", origin.vg, origin.name);
+    let snap_name = format!("{}.snapsync.{}", origin.name, now());
+    let tags = [TAG, vol_tag.as_str()];
+    let t = transfer_args(vol);
+
+    if origin.is_thin() {
+        // Release a metadata snapshot a killed run left held (we hold the
+        // volume lock; runs of other volumes of the pool take the pool lock).
+        let pool = lvm
+            .pool_of(&origin)
+            .map_err(lvm_err(vol, "finding the thin pool"))?;
+        let _pool_lock = VolumeLock::acquire(
+            &state_dir.join(format!("pool-{}-{}.lock", pool.lv.vg, pool.lv.name)),
+        )?;
+        if lvm
+            .release_stale_metadata_snap(&pool)
+            .map_err(lvm_err(vol, "checking the pool"))?
+        {
+            tracing::warn!("released a metadata snapshot left held by an interrupted run");
+        }
+        let snap = lvm
+            .create_thin_snapshot(&origin.lv_name(), &snap_name, &tags)
+            .map_err(lvm_err(vol, "creating a thin snapshot"))?;
+        let guard = LvGuard {
+            lvm: &lvm,
+            lv: Some(snap.lv_name()),
+        };
+        let scrub = vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every);
+        let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
+        let spill = state_dir.join(format!("volume-{}.delta", vol.name));
+        let mut changes = None;
+        if let (Some(base), false) = (&st.base, scrub) {
+            let base_lv = lvm.lv(&LvName::parse(&base.snapshot)?)?;
+            crate::cbt::compute(&lvm, &base_lv, &snap, &spill)?;
+            drop(_pool_lock);
+            p.mode = Mode::Delta;
+            p.base = Some(base.generation.clone());
+            changes = Some(Box::new(crate::cbt::read_spill(&spill)?) as _);
+        } else {
+            drop(_pool_lock);
+        }
+        let v = open_source(
+            snap.path
+                .as_deref()
+                .context("thin snapshot has no device path")?,
+        )?;
+        let result = run_session(v, dest, &t, &p, cancel, changes);
+        let _ = std::fs::remove_file(&spill);
+        let report = result?;
+        // The new snapshot is the next base; the old base goes.
+        let new_base = guard.keep();
+        if let Some(old) = st.base.take() {
+            if let Err(e) = lvm.remove(&LvName::parse(&old.snapshot)?) {
+                tracing::warn!("removing the old base snapshot {}: {e}", old.snapshot);
+            }
+        }
+        let generation = Generation {
+            number: report.generation.unwrap_or(0),
+            snapshot: new_base.to_string(),
+        };
+        st.base = Some(Base {
+            snapshot: new_base.to_string(),
+            generation,
+        });
+        return Ok(report);
+    }
+
+    // Thick LVM: a copy-on-write snapshot sized for the cycle's writes.
+    let size = vol.snapshot_size.for_origin(origin.size).max(4 << 20);
+    let snap = lvm
+        .create_thick_snapshot(&origin.lv_name(), &snap_name, size, &tags)
+        .map_err(lvm_err(vol, "creating a snapshot"))?;
+    let guard = LvGuard {
+        lvm: &lvm,
+        lv: Some(snap.lv_name()),
+    };
+    let p = params(vol, dest, source_id, snap.lv_name().to_string())?;
+    // Watch the snapshot while it is read: once its COW space overflows
+    // it is invalid and what we read from it is garbage.
+    let session_cancel = Cancel::new();
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (sc, of, done, name, outer) = (
+            session_cancel.clone(),
+            overflowed.clone(),
+            done.clone(),
+            snap.lv_name(),
+            cancel.clone(),
+        );
+        thread::spawn(move || {
+            let lvm = Lvm::new();
+            while !done.load(Ordering::SeqCst) {
+                if outer.is_cancelled() {
+                    sc.cancel();
+                }
+                if matches!(lvm.snapshot_state(&name), Ok(SnapshotState::Invalid)) {
+                    of.store(true, Ordering::SeqCst);
+                    sc.cancel();
+                    return;
+                }
+                thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let v = open_source(
+        snap.path
+            .as_deref()
+            .context("snapshot has no device path")?,
+    )?;
+    let result = run_session(v, dest, &t, &p, &session_cancel, None);
+    done.store(true, Ordering::SeqCst);
+    let _ = watcher.join();
+    let invalid = overflowed.load(Ordering::SeqCst)
+        || matches!(
+            lvm.snapshot_state(&snap.lv_name()),
+            Ok(SnapshotState::Invalid)
+        );
+    drop(guard);
+    if invalid {
+        return Err(Coded {
+            exit: Exit::Source,
+            message: format!(
+                "volume {}: snapshot {} overflowed its {} bytes of copy-on-write space during the cycle; raise snapshot_size",
+                vol.name,
+                snap.lv_name(),
+                size
+            ),
+        }
+        .into());
+    }
+    result
+}
+
+/// Removes a snapshot LV unless kept.
+struct LvGuard<'a> {
+    lvm: &'a Lvm,
+    lv: Option<LvName>,
+}
+
+impl LvGuard<'_> {
+    fn keep(mut self) -> LvName {
+        self.lv.take().expect("kept once")
+    }
+}
+
+impl Drop for LvGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(lv) = self.lv.take() {
+            if let Err(e) = self.lvm.remove(&lv) {
+                tracing::warn!("removing snapshot {lv}: {e}");
+            }
+        }
+    }
+}
+
+/// Whether a volume is due: never run, or its interval has (nearly)
+/// passed since the last attempt. The 5% slack keeps a timer firing every
+/// `interval` from skipping cycles through jitter.
+pub fn due(st: &SourceState, interval: Duration, at: u64) -> bool {
+    match st.last_attempt {
+        None => true,
+        Some(t) => at.saturating_sub(t) as f64 >= interval.as_secs_f64() * 0.95,
+    }
+}
+
+/// `snapsync run`: cycles of due volumes, `parallel` at a time; with
+/// `once`, one pass and exit.
+pub fn run(config_path: &Path, once: bool, json: bool, cancel: &Cancel) -> Result<Exit> {
+    let (cfg, volumes) = config::load(config_path)?;
+    if volumes.is_empty() {
+        return Err(crate::exit::UsageError(format!(
+            "{}: no [[volume]] configured",
+            config_path.display()
+        ))
+        .into());
+    }
+    let mut worst = Exit::Ok;
+    loop {
+        let t = now();
+        let queue: Vec<_> = volumes
+            .iter()
+            .filter(|v| {
+                load_state(&cfg.state_dir, &v.name)
+                    .map(|s| due(&s, v.interval, t))
+                    .unwrap_or(true)
+            })
+            .cloned()
+            .collect();
+        let results = run_parallel(&cfg.state_dir, queue, cfg.parallel, cancel);
+        for r in &results {
+            report_cycle(r, json);
+            if !r.ok && worst == Exit::Ok {
+                worst = exit_from(r.exit);
+            }
+        }
+        if once || cancel.is_cancelled() {
+            break;
+        }
+        // Sleep until the next volume is due, waking for signals.
+        let next = volumes
+            .iter()
+            .map(|v| {
+                let last = load_state(&cfg.state_dir, &v.name)
+                    .ok()
+                    .and_then(|s| s.last_attempt)
+                    .unwrap_or(0);
+                last + (v.interval.as_secs_f64() * 0.95) as u64
+            })
+            .min()
+            .unwrap_or(t + 60);
+        while now() < next && !cancel.is_cancelled() {
+            thread::sleep(Duration::from_millis(250));
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+    }
+    if cancel.is_cancelled() {
+        return Ok(Exit::Interrupted);
+    }
+    Ok(worst)
+}
+
+fn exit_from(code: u8) -> Exit {
+    use Exit::*;
+    [
+        Internal,
+        Usage,
+        Source,
+        Target,
+        Transport,
+        Busy,
+        Differs,
+        Interrupted,
+    ]
+    .into_iter()
+    .find(|e| *e as u8 == code)
+    .unwrap_or(Internal)
+}
+
+fn run_parallel(
+    state_dir: &Path,
+    queue: Vec<config::Volume>,
+    parallel: usize,
+    cancel: &Cancel,
+) -> Vec<CycleResult> {
+    let queue = Arc::new(Mutex::new(queue.into_iter()));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    thread::scope(|s| {
+        for _ in 0..parallel {
+            let (queue, results) = (queue.clone(), results.clone());
+            s.spawn(move || loop {
+                let next = queue.lock().expect("queue").next();
+                let Some(vol) = next else { return };
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let r = cycle(state_dir, &vol, cancel);
+                results.lock().expect("results").push(r);
+            });
+        }
+    });
+    let mut v = std::mem::take(&mut *results.lock().expect("results"));
+    v.sort_by(|a, b| a.volume.cmp(&b.volume));
+    v
+}
+
+fn report_cycle(r: &CycleResult, json: bool) {
+    if json {
+        crate::cli::print_line(&serde_json::to_string(r).expect("serialises"));
+        return;
+    }
+    match (&r.report, &r.error) {
+        (Some(rep), _) => {
+            eprintln!(
+                "{}: generation {} ({}, {}): {} changed, {} on the wire, {:.1}s",
+                r.volume,
+                rep.generation.unwrap_or(0),
+                rep.mode,
+                rep.apply_mode,
+                bytesize::ByteSize(rep.data_bytes + rep.zero_bytes),
+                bytesize::ByteSize(rep.wire_bytes_sent + rep.wire_bytes_received),
+                rep.elapsed_seconds
+            );
+            if let Some(f) = &rep.fallback {
+                eprintln!("{}: note: {f}", r.volume);
+            }
+        }
+        (None, Some(e)) => eprintln!("{}: failed (exit {}): {e}", r.volume, r.exit),
+        (None, None) => {}
+    }
+}
+
+/// One volume's line of `snapsync status`.
+#[derive(Debug, Serialize)]
+pub struct StatusLine {
+    pub volume: String,
+    pub source: String,
+    pub target: String,
+    pub last_success: Option<u64>,
+    pub generation: Option<u64>,
+    /// Seconds between now and the snapshot the replica holds.
+    pub lag_seconds: Option<u64>,
+    pub mode: Option<String>,
+    pub last_wire_bytes: Option<u64>,
+    pub base_snapshot: Option<String>,
+    pub last_error: Option<String>,
+    /// Whether another run holds the volume now.
+    pub running: bool,
+}
+
+pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
+    let (cfg, volumes) = config::load(config_path)?;
+    let t = now();
+    let mut lines = Vec::new();
+    for v in &volumes {
+        let st = load_state(&cfg.state_dir, &v.name)?;
+        let lock = cfg.state_dir.join(format!("volume-{}.lock", v.name));
+        let running = lock.exists() && VolumeLock::acquire(&lock).is_err();
+        lines.push(StatusLine {
+            volume: v.name.clone(),
+            source: v.source.clone(),
+            target: v.target.clone(),
+            last_success: st.last_success,
+            generation: st.generation,
+            lag_seconds: st.last_snapshot_time.map(|s| t.saturating_sub(s)),
+            mode: st.last_mode.clone(),
+            last_wire_bytes: st.last_wire_bytes,
+            base_snapshot: st.base.as_ref().map(|b| b.snapshot.clone()),
+            last_error: st.last_error.clone(),
+            running,
+        });
+    }
+    if json {
+        crate::cli::print_line(&serde_json::to_string_pretty(&lines).expect("serialises"));
+        return Ok(Exit::Ok);
+    }
+    crate::cli::print_line(&format!(
+        "{:<16} {:>5} {:>10} {:<10} {:>10}  {:<20} last error",
+        "VOLUME", "GEN", "LAG", "MODE", "SHIPPED", "LAST SUCCESS"
+    ));
+    for l in &lines {
+        let lag = l.lag_seconds.map_or("-".into(), |s| {
+            humantime::format_duration(Duration::from_secs(s)).to_string()
+        });
+        let when = l.last_success.map_or("never".into(), |s| {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
+        });
+        crate::cli::print_line(&format!(
+            "{:<16} {:>5} {:>10} {:<10} {:>10}  {:<20} {}{}",
+            l.volume,
+            l.generation.map_or("-".into(), |g| g.to_string()),
+            lag,
+            l.mode.as_deref().unwrap_or("-"),
+            l.last_wire_bytes
+                .map_or("-".into(), |b| bytesize::ByteSize(b).to_string()),
+            when,
+            if l.running { "(running) " } else { "" },
+            l.last_error.as_deref().unwrap_or("")
+        ));
+    }
+    Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_rules() {
+        let mut st = SourceState::default();
+        assert!(due(&st, Duration::from_secs(60), 1000));
+        st.last_attempt = Some(1000);
+        assert!(!due(&st, Duration::from_secs(60), 1030));
+        assert!(due(&st, Duration::from_secs(60), 1058), "5% slack");
+    }
+
+    #[test]
+    fn exit_codes_round_trip() {
+        for e in [Exit::Busy, Exit::Source, Exit::Interrupted] {
+            assert_eq!(exit_from(e as u8), e);
+        }
+    }
+}
