@@ -122,11 +122,17 @@ impl std::fmt::Debug for HashKey {
 #[derive(Debug, Clone)]
 pub struct Signer {
     key: HashKey,
+    /// Key of sub-block digests, derived from `key`: a different key
+    /// separates the two kinds of digest without a prefix byte, which would
+    /// misalign the input and cost BLAKE3 its SIMD parallelism (measured:
+    /// 10x slower).
+    sub_key: [u8; 32],
 }
 
 impl Signer {
     pub fn new(key: HashKey) -> Self {
-        Self { key }
+        let sub_key = *blake3::keyed_hash(&key.0, b"snapsync sub-block digest key").as_bytes();
+        Self { key, sub_key }
     }
 
     /// Digest of one whole block (any length).
@@ -138,14 +144,11 @@ impl Signer {
 
     /// One digest per [`SUB_BLOCK`] of `data` (the last may be short),
     /// appended to `out`. Sub-digests are domain-separated from block
-    /// digests by a prefix byte, so a 4 KiB block never matches a sub-block
+    /// digests by their key, so a 4 KiB block never matches a sub-block
     /// digest by construction.
     pub fn sub_digests(&self, data: &[u8], out: &mut Vec<Digest>) {
         for chunk in data.chunks(SUB_BLOCK as usize) {
-            let mut h = blake3::Hasher::new_keyed(&self.key.0);
-            h.update(&[0x53]);
-            h.update(chunk);
-            out.push(truncate(h.finalize()));
+            out.push(truncate(blake3::keyed_hash(&self.sub_key, chunk)));
         }
     }
 }
@@ -247,11 +250,19 @@ pub fn plan(signer: &Signer, block: BlockSize, source: &[u8], target: &[u8]) -> 
     for (i, src) in source.chunks(bs).enumerate() {
         let start = i * bs;
         let tgt = target.get(start..(start + src.len()).min(target.len()));
-        let tgt_digest = tgt.filter(|t| t.len() == src.len()).map(|t| signer.block_digest(t));
+        let tgt_digest = tgt
+            .filter(|t| t.len() == src.len())
+            .map(|t| signer.block_digest(t));
         match decide(signer, src, tgt_digest.as_ref()).0 {
             Decision::Same => {}
-            Decision::Zero => ops.push(Op::Zero { offset: start as u64, len: src.len() as u64 }),
-            Decision::SendWhole => ops.push(Op::Data { offset: start as u64, data: src.to_vec() }),
+            Decision::Zero => ops.push(Op::Zero {
+                offset: start as u64,
+                len: src.len() as u64,
+            }),
+            Decision::SendWhole => ops.push(Op::Data {
+                offset: start as u64,
+                data: src.to_vec(),
+            }),
             Decision::Refine => {
                 let mut subs = Vec::new();
                 signer.sub_digests(tgt.unwrap_or(&[]), &mut subs);
@@ -347,13 +358,39 @@ mod tests {
     fn zero_block_travels_as_zero() {
         let s = signer();
         let ops = plan(&s, BlockSize::new(4096).unwrap(), &[0; 8192], &[1; 8192]);
-        assert_eq!(ops, vec![Op::Zero { offset: 0, len: 4096 }, Op::Zero { offset: 4096, len: 4096 }]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::Zero {
+                    offset: 0,
+                    len: 4096
+                },
+                Op::Zero {
+                    offset: 4096,
+                    len: 4096
+                }
+            ]
+        );
     }
 
     #[test]
     fn copy_reads_old_content() {
         let mut t = vec![1, 2, 3, 4];
-        apply(&[Op::Copy { from: 0, to: 2, len: 2 }, Op::Data { offset: 0, data: vec![9] }], &mut t, 4);
+        apply(
+            &[
+                Op::Copy {
+                    from: 0,
+                    to: 2,
+                    len: 2,
+                },
+                Op::Data {
+                    offset: 0,
+                    data: vec![9],
+                },
+            ],
+            &mut t,
+            4,
+        );
         assert_eq!(t, vec![9, 2, 1, 2]);
     }
 
