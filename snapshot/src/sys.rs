@@ -29,7 +29,13 @@ pub fn logical_block_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut size: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to
     // a live, aligned c_int on our stack; the fd is borrowed and open.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET as _, &mut size as *mut libc::c_int) };
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

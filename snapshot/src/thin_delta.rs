@@ -217,7 +217,9 @@ pub enum ThinDeltaError {
     },
     /// An attribute that must be a decimal number is not one (or does not
     /// fit in a `u64`).
-    #[error("thin_delta output: <{element} {attribute}={value:?}> is not a number near byte {position}")]
+    #[error(
+        "thin_delta output: <{element} {attribute}={value:?}> is not a number near byte {position}"
+    )]
     BadNumber {
         /// Element name.
         element: &'static str,
@@ -232,7 +234,9 @@ pub enum ThinDeltaError {
     #[error("thin_delta output: data_block_size={0} sectors is impossible for dm-thin")]
     BadBlockSize(u64),
     /// A range whose end does not fit in a `u64`.
-    #[error("thin_delta output: range begin={begin} length={length} overflows near byte {position}")]
+    #[error(
+        "thin_delta output: range begin={begin} length={length} overflows near byte {position}"
+    )]
     RangeOverflow {
         /// First block.
         begin: u64,
@@ -317,7 +321,12 @@ impl<R: BufRead> BufRead for EventLimit<R> {
                 "XML element too long",
             ));
         }
-        self.inner.fill_buf()
+        // Hand out no more than one byte past the limit, so an inner
+        // reader with a huge buffer (a slice) cannot slip a whole
+        // oversized element through in one call.
+        let allowed = MAX_ELEMENT_BYTES + 1 - self.since_reset;
+        let avail = self.inner.fill_buf()?;
+        Ok(&avail[..avail.len().min(allowed)])
     }
 
     fn consume(&mut self, amt: usize) {
@@ -490,10 +499,9 @@ impl<R: BufRead> DeltaParser<R> {
                         });
                     }
                     return Err(match e {
-                        quick_xml::Error::Io(io) => ThinDeltaError::Io(io::Error::new(
-                            io.kind(),
-                            io.to_string(),
-                        )),
+                        quick_xml::Error::Io(io) => {
+                            ThinDeltaError::Io(io::Error::new(io.kind(), io.to_string()))
+                        }
                         source => ThinDeltaError::Xml { position, source },
                     });
                 }
@@ -637,19 +645,22 @@ impl<R: BufRead> DeltaParser<R> {
     /// document ended properly.
     fn step(&mut self) -> Result<Option<DeltaRange>, ThinDeltaError> {
         loop {
-            let item = self.read()?;
+            let item = match self.read() {
+                Err(ThinDeltaError::UnexpectedContent { position, .. })
+                    if self.state == State::AfterSuperblock =>
+                {
+                    return Err(ThinDeltaError::TrailingData { position })
+                }
+                other => other?,
+            };
             match (self.state, item) {
                 (State::Diff, Item::Empty(name, attrs)) => match DeltaKind::from_name(&name) {
                     Some(kind) => return self.range(kind, &attrs).map(Some),
-                    None => {
-                        return Err(self.unexpected(&Item::Empty(name, attrs), "inside <diff>"))
-                    }
+                    None => return Err(self.unexpected(&Item::Empty(name, attrs), "inside <diff>")),
                 },
                 (State::Diff, Item::Start(name, attrs)) => match DeltaKind::from_name(&name) {
                     Some(kind) => self.state = State::Group(kind),
-                    None => {
-                        return Err(self.unexpected(&Item::Start(name, attrs), "inside <diff>"))
-                    }
+                    None => return Err(self.unexpected(&Item::Start(name, attrs), "inside <diff>")),
                 },
                 (State::Diff, Item::End(name)) if name == b"diff" => self.state = State::AfterDiff,
                 (State::Diff, other) => return Err(self.unexpected(&other, "inside <diff>")),
@@ -665,9 +676,7 @@ impl<R: BufRead> DeltaParser<R> {
                 (State::AfterDiff, Item::End(name)) if name == b"superblock" => {
                     self.state = State::AfterSuperblock
                 }
-                (State::AfterDiff, other) => {
-                    return Err(self.unexpected(&other, "after </diff>"))
-                }
+                (State::AfterDiff, other) => return Err(self.unexpected(&other, "after </diff>")),
                 (State::AfterSuperblock, Item::Eof) => {
                     self.state = State::Done;
                     return Ok(None);
@@ -708,4 +717,452 @@ pub fn parse_all(input: &[u8]) -> Result<(Superblock, Vec<DeltaRange>), ThinDelt
     let sb = parser.superblock().clone();
     let ranges = parser.collect::<Result<Vec<_>, _>>()?;
     Ok((sb, ranges))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use DeltaKind::*;
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_bytes!(concat!("../tests/fixtures/", $name)).as_slice()
+        };
+    }
+
+    fn r(kind: DeltaKind, begin: u64, length: u64) -> DeltaRange {
+        DeltaRange {
+            kind,
+            begin,
+            length,
+        }
+    }
+
+    /// Scenario of capture.sh: snap1 (id 2) has blocks 0..16 written;
+    /// then blocks 16..32 appended, block 2 rewritten and block 5
+    /// discarded before snap2 (id 3).
+    fn snap1_to_snap2() -> Vec<DeltaRange> {
+        vec![
+            r(Same, 0, 2),
+            r(Different, 2, 1),
+            r(Same, 3, 2),
+            r(LeftOnly, 5, 1),
+            r(Same, 6, 10),
+            r(RightOnly, 16, 16),
+        ]
+    }
+
+    #[test]
+    fn real_thin_delta_output() {
+        let (sb, ranges) = parse_all(fixture!("thin-delta-1-2.xml")).unwrap();
+        assert_eq!(sb.data_block_size, 128);
+        assert_eq!(sb.data_block_bytes(), 64 << 10);
+        // thin_delta 0.9.0 prints nr_data_blocks="0" with -m.
+        assert_eq!(sb.nr_data_blocks, 0);
+        assert_eq!((sb.time, sb.transaction), (3, 4));
+        assert_eq!(sb.uuid, "");
+        assert_eq!(sb.metadata_snap, None);
+        assert_eq!(ranges, snap1_to_snap2());
+
+        let p = DeltaParser::new(fixture!("thin-delta-1-2.xml")).unwrap();
+        assert_eq!((p.left(), p.right()), (2, 3));
+    }
+
+    #[test]
+    fn appended_blocks_past_the_last_shared_run_are_reported() {
+        // snap3 (id 4) = snap2 plus blocks 32..36. Older thin_delta
+        // releases dropped the tail of a run once the other side ran out
+        // of mappings; 0.9.0 reports it.
+        let (_, ranges) = parse_all(fixture!("thin-delta-2-4.xml")).unwrap();
+        assert_eq!(ranges, [r(Same, 0, 5), r(Same, 6, 26), r(RightOnly, 32, 4)]);
+        let (_, ranges) = parse_all(fixture!("thin-delta-1-4.xml")).unwrap();
+        let mut expect = snap1_to_snap2();
+        expect[5].length = 20;
+        assert_eq!(ranges, expect);
+    }
+
+    #[test]
+    fn verbose_form_gives_the_same_ranges() {
+        let (sb, ranges) = parse_all(fixture!("thin-delta-verbose-1-2.xml")).unwrap();
+        assert_eq!(sb.data_block_size, 128);
+        assert_eq!(ranges, snap1_to_snap2());
+    }
+
+    #[test]
+    fn device_against_itself_is_all_same() {
+        let (_, ranges) = parse_all(fixture!("thin-delta-same.xml")).unwrap();
+        assert_eq!(ranges, [r(Same, 0, 16)]);
+    }
+
+    #[test]
+    fn byte_ranges() {
+        let bs = 64 << 10;
+        assert_eq!(
+            r(RightOnly, 16, 16).byte_range(bs).unwrap(),
+            (1 << 20)..(2 << 20)
+        );
+        assert!(r(Same, u64::MAX / 2, 1).byte_range(bs).is_err());
+        assert!(r(Same, 1, u64::MAX / 2).byte_range(bs).is_err());
+        assert!(r(Same, (u64::MAX - 1) / bs, 1).byte_range(bs).is_err());
+        assert!(RightOnly.needs_data() && Different.needs_data());
+        assert!(!Same.needs_data() && !LeftOnly.needs_data() && LeftOnly.is_zeroed());
+    }
+
+    const HEAD: &str = r#"<superblock uuid="" time="1" transaction="2" data_block_size="128" nr_data_blocks="0"><diff left="1" right="2">"#;
+    const TAIL: &str = "</diff></superblock>";
+
+    fn body(inner: &str) -> String {
+        format!("{HEAD}{inner}{TAIL}")
+    }
+
+    fn err_of(doc: &str) -> ThinDeltaError {
+        match parse_all(doc.as_bytes()) {
+            Err(e) => e,
+            Ok(v) => panic!(
+                "accepted {:?}: {v:?}",
+                doc.chars().take(300).collect::<String>()
+            ),
+        }
+    }
+
+    #[test]
+    fn empty_diff_and_prolog_noise() {
+        assert_eq!(parse_all(body("").as_bytes()).unwrap().1, []);
+        let doc = format!(
+            "<?xml version=\"1.0\"?>\n<!-- c -->\n{}\n<!-- end -->\n",
+            body("\n  <same begin=\"0\" length=\"1\"/>\n")
+        );
+        assert_eq!(parse_all(doc.as_bytes()).unwrap().1, [r(Same, 0, 1)]);
+        let empty_diff =
+            r#"<superblock data_block_size="256"><diff left="1" right="2"/></superblock>"#;
+        let (sb, ranges) = parse_all(empty_diff.as_bytes()).unwrap();
+        assert_eq!((sb.data_block_bytes(), ranges.len()), (128 << 10, 0));
+    }
+
+    #[test]
+    fn rejects_malformed_documents() {
+        use ThinDeltaError as E;
+        type Check = fn(&ThinDeltaError) -> bool;
+        let cases: Vec<(String, Check)> = vec![
+            ("".into(), |e| matches!(e, E::Truncated { .. })),
+            ("   ".into(), |e| matches!(e, E::Truncated { .. })),
+            (HEAD.into(), |e| matches!(e, E::Truncated { .. })),
+            (format!("{HEAD}<same begin=\"0\" length=\"1\"/>"), |e| {
+                matches!(e, E::Truncated { .. })
+            }),
+            (format!("{HEAD}</diff>"), |e| {
+                matches!(e, E::Truncated { .. })
+            }),
+            ("<diff left=\"1\" right=\"2\"></diff>".into(), |e| {
+                matches!(e, E::UnexpectedElement { .. })
+            }),
+            (
+                r#"<superblock><diff left="1" right="2"></diff></superblock>"#.into(),
+                |e| {
+                    matches!(
+                        e,
+                        E::MissingAttribute {
+                            attribute: "data_block_size",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                r#"<superblock data_block_size="0"><diff left="1" right="2"></diff></superblock>"#
+                    .into(),
+                |e| matches!(e, E::BadBlockSize(0)),
+            ),
+            (
+                r#"<superblock data_block_size="128"><diff right="2"></diff></superblock>"#.into(),
+                |e| {
+                    matches!(
+                        e,
+                        E::MissingAttribute {
+                            attribute: "left",
+                            ..
+                        }
+                    )
+                },
+            ),
+            (body(r#"<moved begin="0" length="1"/>"#), |e| {
+                matches!(e, E::UnexpectedElement { .. })
+            }),
+            (body(r#"<same length="1"/>"#), |e| {
+                matches!(
+                    e,
+                    E::MissingAttribute {
+                        attribute: "begin",
+                        ..
+                    }
+                )
+            }),
+            (body(r#"<same begin="0"/>"#), |e| {
+                matches!(
+                    e,
+                    E::MissingAttribute {
+                        attribute: "length",
+                        ..
+                    }
+                )
+            }),
+            (body(r#"<same begin="x" length="1"/>"#), |e| {
+                matches!(e, E::BadNumber { .. })
+            }),
+            (body(r#"<same begin="-1" length="1"/>"#), |e| {
+                matches!(e, E::BadNumber { .. })
+            }),
+            (body(r#"<same begin=" 1" length="1"/>"#), |e| {
+                matches!(e, E::BadNumber { .. })
+            }),
+            (
+                body(r#"<same begin="18446744073709551616" length="1"/>"#),
+                |e| matches!(e, E::BadNumber { .. }),
+            ),
+            (
+                body(r#"<same begin="18446744073709551615" length="1"/>"#),
+                |e| matches!(e, E::RangeOverflow { .. }),
+            ),
+            (body(r#"<same begin="0" length="0"/>"#), |e| {
+                matches!(e, E::EmptyRange { .. })
+            }),
+            (
+                body(r#"<same begin="5" length="2"/><different begin="6" length="1"/>"#),
+                |e| {
+                    matches!(
+                        e,
+                        E::OutOfOrder {
+                            begin: 6,
+                            prev_end: 7,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (body("text"), |e| matches!(e, E::UnexpectedContent { .. })),
+            (body("<![CDATA[x]]>"), |e| {
+                matches!(e, E::UnexpectedContent { .. })
+            }),
+            (body(r#"<same><same begin="0" length="1"/></same>"#), |e| {
+                matches!(e, E::UnexpectedElement { .. })
+            }),
+            (body(r#"<range begin="0" length="1"/>"#), |e| {
+                matches!(e, E::UnexpectedElement { .. })
+            }),
+            (
+                body(r#"<same><range begin="0" length="1"/></different>"#),
+                |e| matches!(e, E::Xml { .. }),
+            ),
+            (format!("{}<superblock/>", body("")), |e| {
+                matches!(e, E::TrailingData { .. })
+            }),
+            (format!("{}trailing", body("")), |e| {
+                matches!(e, E::TrailingData { .. })
+            }),
+            (body(r#"<same begin="0" begin="1" length="1"/>"#), |e| {
+                matches!(e, E::Xml { .. })
+            }),
+            (body("<same begin=\"0\" length=\"1\"></diff>"), |e| {
+                matches!(e, E::Xml { .. } | E::UnexpectedElement { .. })
+            }),
+        ];
+        for (doc, ok) in cases {
+            let e = err_of(&doc);
+            assert!(ok(&e), "{doc:?} gave {e:?}");
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn iterator_stops_after_an_error() {
+        let doc = body(r#"<same begin="0" length="1"/><bogus/><same begin="5" length="1"/>"#);
+        let mut p = DeltaParser::new(doc.as_bytes()).unwrap();
+        assert!(matches!(p.next(), Some(Ok(_))));
+        assert!(matches!(p.next(), Some(Err(_))));
+        assert!(p.next().is_none());
+        assert!(p.next().is_none());
+    }
+
+    #[test]
+    fn huge_element_is_refused_without_buffering_it() {
+        let doc = format!(
+            "{HEAD}<same begin=\"0\" length=\"1\" pad=\"{}\"/>{TAIL}",
+            "x".repeat(MAX_ELEMENT_BYTES * 4)
+        );
+        let e = err_of(&doc);
+        assert!(matches!(e, ThinDeltaError::ElementTooLong { .. }), "{e:?}");
+        // Long runs of whitespace are one event too.
+        let doc = format!("{HEAD}{}{TAIL}", " ".repeat(MAX_ELEMENT_BYTES * 2));
+        assert!(matches!(
+            err_of(&doc),
+            ThinDeltaError::ElementTooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn io_errors_surface() {
+        #[derive(Debug)]
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        let e = DeltaParser::new(io::BufReader::new(Failing)).unwrap_err();
+        assert!(matches!(e, ThinDeltaError::Io(_)), "{e:?}");
+    }
+
+    /// A reader that hands out at most `n` bytes per call, to move the
+    /// buffer boundaries through every position of the document.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        n: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let k = self.n.min(out.len()).min(self.data.len());
+            out[..k].copy_from_slice(&self.data[..k]);
+            self.data = &self.data[k..];
+            Ok(k)
+        }
+    }
+
+    #[test]
+    fn streams_many_ranges_in_bounded_memory() {
+        // 2 million ranges (~80 MB of XML) generated on the fly.
+        struct Gen {
+            next: u64,
+            total: u64,
+            pending: Vec<u8>,
+            pos: usize,
+            done: bool,
+        }
+        impl Read for Gen {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if self.pos == self.pending.len() {
+                    self.pending.clear();
+                    self.pos = 0;
+                    if self.next == 0 {
+                        self.pending.extend_from_slice(HEAD.as_bytes());
+                    }
+                    while self.pending.len() < 8192 && self.next < self.total {
+                        let kind = ["same", "different", "left_only", "right_only"]
+                            [(self.next % 4) as usize];
+                        self.pending.extend_from_slice(
+                            format!("<{kind} begin=\"{}\" length=\"1\"/>\n", self.next * 2)
+                                .as_bytes(),
+                        );
+                        self.next += 1;
+                    }
+                    if self.next == self.total && !self.done {
+                        self.pending.extend_from_slice(TAIL.as_bytes());
+                        self.done = true;
+                    }
+                }
+                let k = out.len().min(self.pending.len() - self.pos);
+                out[..k].copy_from_slice(&self.pending[self.pos..self.pos + k]);
+                self.pos += k;
+                Ok(k)
+            }
+        }
+        let total = 2_000_000;
+        let parser = DeltaParser::new(io::BufReader::new(Gen {
+            next: 0,
+            total,
+            pending: Vec::new(),
+            pos: 0,
+            done: false,
+        }))
+        .unwrap();
+        let mut count = 0u64;
+        for range in parser {
+            let range = range.unwrap();
+            assert_eq!(range.begin, count * 2);
+            count += 1;
+        }
+        assert_eq!(count, total);
+    }
+
+    fn render(ranges: &[DeltaRange], verbose: bool) -> String {
+        let mut s = String::from(HEAD);
+        for r in ranges {
+            if verbose {
+                s += &format!(
+                    "<{k}>\n<range begin=\"{}\" data_begin=\"7\" length=\"{}\"/>\n</{k}>\n",
+                    r.begin,
+                    r.length,
+                    k = r.kind.as_str()
+                );
+            } else {
+                s += &format!(
+                    "<{} begin=\"{}\" length=\"{}\"/>\n",
+                    r.kind.as_str(),
+                    r.begin,
+                    r.length
+                );
+            }
+        }
+        s + TAIL
+    }
+
+    fn ranges_strategy() -> impl Strategy<Value = Vec<DeltaRange>> {
+        proptest::collection::vec((0u8..4, 0u64..1000, 1u64..1000), 0..50).prop_map(|v| {
+            let mut at = 0u64;
+            v.into_iter()
+                .map(|(k, gap, length)| {
+                    let begin = at + gap;
+                    at = begin + length;
+                    let kind = [Same, Different, LeftOnly, RightOnly][k as usize];
+                    DeltaRange {
+                        kind,
+                        begin,
+                        length,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(p) = DeltaParser::new(bytes.as_slice()) {
+                // Stops at the first error: the iterator is fused then.
+                for r in p.flatten() {
+                    let _ = r.byte_range(65536);
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_real_output_never_panics(
+            pos in 0usize..700,
+            byte in any::<u8>(),
+            cut in 0usize..700,
+        ) {
+            let mut doc = fixture!("thin-delta-verbose-1-2.xml").to_vec();
+            let n = doc.len();
+            doc[pos % n] = byte;
+            doc.truncate(cut.max(pos % n + 1));
+            let _ = parse_all(&doc);
+        }
+
+        #[test]
+        fn rendered_ranges_parse_back(ranges in ranges_strategy(), verbose in any::<bool>(), chunk in 1usize..64) {
+            let doc = render(&ranges, verbose);
+            let reader = io::BufReader::with_capacity(chunk, Trickle { data: doc.as_bytes(), n: chunk });
+            let parsed: Vec<_> = DeltaParser::new(reader).unwrap().collect::<Result<_, _>>().unwrap();
+            prop_assert_eq!(parsed, ranges);
+        }
+
+        #[test]
+        fn truncated_output_is_never_accepted(ranges in ranges_strategy(), cut in any::<prop::sample::Index>()) {
+            let doc = render(&ranges, false);
+            // Dropping at least the final '>' must fail, wherever the cut.
+            let at = cut.index(doc.len());
+            prop_assert!(parse_all(&doc.as_bytes()[..at]).is_err());
+        }
+    }
 }
