@@ -70,6 +70,10 @@ pub struct TransferArgs {
     /// (by default a scan drops what it read, to spare other users' cache).
     #[arg(long)]
     pub keep_cache: bool,
+    /// Give up when the other side makes no progress for this long (a hung
+    /// remote never hangs the run).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -154,6 +154,7 @@ fn transfer_args(vol: &config::Volume) -> TransferArgs {
         json: false,
         quiet: true,
         keep_cache: false,
+        timeout: Duration::from_secs(600),
     }
 }
 
@@ -181,6 +182,7 @@ fn params(
         source_id,
         snapshot_id,
         base: None,
+        io_timeout: Duration::from_secs(600),
     })
 }
 

@@ -35,9 +35,26 @@ fn main() -> ExitCode {
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
             });
             if !broken_pipe || exit != Exit::Internal {
-                let _ = writeln!(std::io::stderr(), "snapsync: error: {err:#}");
+                let _ = writeln!(std::io::stderr(), "snapsync: error: {}", describe(&err));
             }
             exit.into()
         }
     }
+}
+
+/// The error and its causes, each said once: causes that repeat what an
+/// outer message already says (a common shape of wrapped IO errors) are
+/// left out.
+fn describe(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -131,6 +131,7 @@ fn session_params(
         source_id,
         snapshot_id,
         base: None,
+        io_timeout: t.timeout,
     })
 }
 
@@ -171,6 +172,12 @@ pub fn run_session(
     let result = source::run(source.clone(), conn, params, &progress, cancel, changes);
     progress.finish();
     let peer_failure = peer.finish();
+    // A signal may surface as a dropped connection or a remote error first.
+    let result = if cancel.is_cancelled() && result.is_err() {
+        Err(SyncError::Interrupted)
+    } else {
+        result
+    };
     match result {
         Ok(r) => Ok(r),
         // A dropped connection is best explained by how the peer ended.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// How many blocks the target may hash ahead of the source's credit. At
 /// 64 KiB blocks that is 512 MiB of volume but only 128 KiB of digests in
 /// flight.
-pub const WINDOW_BLOCKS: u64 = 1 << 20;
+pub const WINDOW_BLOCKS: u64 = 1 << 16;
 /// Bytes read from a volume per IO: large sequential reads keep a disk busy.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Differing blocks awaiting their sub-block digests, at most.

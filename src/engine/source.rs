@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockdiff::{changed_runs, decide, BlockSize, Decision, Digest, HashKey, Signer};
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use serde::Serialize;
 use snapshot::{Volume, VolumeError};
 use wire::{
@@ -65,6 +65,8 @@ pub struct SessionParams {
     pub source_id: String,
     pub snapshot_id: String,
     pub base: Option<Generation>,
+    /// How long the target may make no progress before the session fails.
+    pub io_timeout: Duration,
 }
 
 /// True counts of what a session did; printed by `--json`.
@@ -278,6 +280,7 @@ pub fn run(
         send_ops: !(params.dry_run || opened.mode == Mode::Verify),
         collect_ranges: params.dry_run || opened.mode == Mode::Verify,
         report: &mut report,
+        io_timeout: params.io_timeout,
         progress,
         cancel,
         committed: None,
@@ -406,41 +409,75 @@ struct Comparer<'a> {
     send_ops: bool,
     collect_ranges: bool,
     report: &'a mut Report,
+    /// Longest wait for the target before giving up on it.
+    io_timeout: Duration,
     progress: &'a Progress,
     cancel: &'a Cancel,
     committed: Option<Committed>,
 }
 
 impl Comparer<'_> {
+    /// Queues a frame for the writer. A writer that cannot get rid of it
+    /// for `io_timeout` means the target stopped reading.
     fn send(&self, msg: Msg, payload: Vec<u8>) -> Result<(), SyncError> {
-        self.out.send((msg, payload)).map_err(|_| self.peer_gone())
+        let mut item = (msg, payload);
+        let started = Instant::now();
+        loop {
+            match self.out.send_timeout(item, Duration::from_millis(200)) {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Disconnected(_)) => return Err(self.peer_gone()),
+                Err(SendTimeoutError::Timeout(back)) => item = back,
+            }
+            if self.cancel.is_cancelled() {
+                return Err(SyncError::Interrupted);
+            }
+            if started.elapsed() > self.io_timeout {
+                return Err(self.stalled());
+            }
+        }
     }
 
-    /// The writer thread stopped: the real error comes from the receiver.
+    fn stalled(&self) -> SyncError {
+        SyncError::Transport(WireError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the target made no progress for {} s",
+                self.io_timeout.as_secs()
+            ),
+        )))
+    }
+
+    /// The writer thread stopped: the real error comes from the receiver,
+    /// possibly behind digests still queued.
     fn peer_gone(&self) -> SyncError {
-        match self.incoming.recv_timeout(Duration::from_secs(5)) {
-            Ok(Incoming::Failed(e)) => e.into(),
-            _ => SyncError::Transport(WireError::Closed),
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.incoming.recv_timeout(left) {
+                Ok(Incoming::Failed(e)) => return e.into(),
+                Ok(_) => continue,
+                Err(_) => break,
+            }
         }
+        SyncError::Transport(WireError::Closed)
     }
 
     /// Waits for the next message from the target, stashing digests.
     fn pump(&mut self) -> Result<(), SyncError> {
+        let started = Instant::now();
         loop {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
             }
             match self.incoming.recv_timeout(Duration::from_millis(200)) {
-                Ok(Incoming::Hashes(first, d)) => self.hashes.push_back((first, d)),
-                Ok(Incoming::Subs(b, d)) => self.subs.push_back((b, d)),
-                Ok(Incoming::Committed(c)) => self.committed = Some(c),
-                Ok(Incoming::Failed(e)) => return Err(e.into()),
+                Ok(m) => return self.stash(m),
+                Err(RecvTimeoutError::Timeout) if started.elapsed() > self.io_timeout => {
+                    return Err(self.stalled())
+                }
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(SyncError::Transport(WireError::Closed))
                 }
             }
-            return Ok(());
         }
     }
 

@@ -60,7 +60,7 @@ fn volume_err(e: VolumeError) -> TargetError {
         VolumeError::TooSmall { .. } => ErrorCode::TooSmall,
         _ => ErrorCode::TargetIo,
     };
-    TargetError::new(code, format!("target: {e}"))
+    TargetError::new(code, e.to_string())
 }
 
 impl From<WireError> for TargetError {
@@ -165,11 +165,34 @@ fn allowed(cfg: &ServeConfig, path: &Path) -> bool {
     if !matches(path) {
         return false;
     }
-    // A symlink inside an allowed directory must not lead outside it.
-    match std::fs::canonicalize(path) {
-        Ok(real) => real == path || matches(&real),
-        Err(_) => true,
+    // Whatever the name resolves to must be allowed too, so a symlink in
+    // an allowed directory cannot lead elsewhere. One exception keeps LVM
+    // usable: /dev/VG/LV names are symlinks to /dev/dm-N, so a symlink
+    // that root (or we) own and that points to a block device is followed.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
+            Ok(real) => matches(&real) || trusted_device_link(&m, &real),
+            // Dangling: opening it would create a file wherever it points.
+            Err(_) => false,
+        },
+        // Directories above it may be symlinks: check the real location.
+        Ok(_) => std::fs::canonicalize(path).is_ok_and(|real| real == path || matches(&real)),
+        Err(_) => {
+            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                return false;
+            };
+            std::fs::canonicalize(dir).is_ok_and(|d| {
+                let real = d.join(name);
+                real == path || matches(&real)
+            })
+        }
     }
+}
+
+fn trusted_device_link(link: &std::fs::Metadata, real: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let owner_ok = link.uid() == 0 || link.uid() == rustix::process::geteuid().as_raw();
+    owner_ok && std::fs::metadata(real).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// Zero digests by block length (only the last block can be short).
@@ -725,7 +748,6 @@ impl Session {
             Applier::DryRun => "dry-run",
             Applier::Journal(j) => {
                 journal_bytes = j.bytes();
-                self.grow()?;
                 // Sealing makes the journal complete and durable: from here
                 // a crash replays it, so the volume ends at generation n.
                 let sealed = j
