@@ -123,13 +123,13 @@ impl SnapshotSize {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<(Config, Vec<Volume>)> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("reading config {}", path.display()))?;
+    let unreadable =
+        |e: std::io::Error| UsageError(format!("reading config {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(UsageError(format!("config {} is larger than 1 MiB", path.display())).into());
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
     parse(&text).map_err(|e| UsageError(format!("config {}: {e:#}", path.display())).into())
 }
 
