@@ -104,6 +104,10 @@ pub struct SyncArgs {
     /// After syncing, compare both ends again by hash.
     #[arg(long)]
     pub verify: bool,
+    /// For a thin-LV target: take a thin snapshot of it as the rollback
+    /// point and apply in place, instead of the journal's double write.
+    #[arg(long)]
+    pub target_snapshot: bool,
 }
 
 #[derive(Debug, Args)]

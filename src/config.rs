@@ -62,6 +62,7 @@ pub struct VolumeDefaults {
     pub snapshot: Option<String>,
     pub snapshot_size: Option<String>,
     pub target_state_dir: Option<PathBuf>,
+    pub target_snapshot: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +105,8 @@ pub struct Volume {
     /// Size of a thick LVM snapshot: bytes, or a percentage of the origin.
     pub snapshot_size: SnapshotSize,
     pub target_state_dir: Option<PathBuf>,
+    /// Thin-LV target: snapshot it as the rollback point instead of journaling.
+    pub target_snapshot: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -205,6 +208,7 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         snapshot,
         snapshot_size,
         target_state_dir: s.target_state_dir.clone().or(d.target_state_dir.clone()),
+        target_snapshot: s.target_snapshot.or(d.target_snapshot).unwrap_or(false),
     })
 }
 

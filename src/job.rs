@@ -182,6 +182,7 @@ fn params(
         source_id,
         snapshot_id,
         base: None,
+        target_snapshot: vol.target_snapshot,
         io_timeout: Duration::from_secs(600),
     })
 }

@@ -33,6 +33,10 @@ pub struct VolumeState {
     pub block_size: Option<u32>,
     /// Unix seconds of the last commit.
     pub committed_at: Option<u64>,
+    /// A thin snapshot (`vg/lv`) of the replica taken before an in-place
+    /// apply under `--target-snapshot`: the way back to `generation`.
+    #[serde(default)]
+    pub rollback: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

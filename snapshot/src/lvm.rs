@@ -1310,6 +1310,44 @@ impl Lvm {
         self.lv(&snap)
     }
 
+    /// Puts a thin snapshot in the place of its origin: removes `origin`,
+    /// renames `snapshot` to the origin's name, clears its activation-skip
+    /// flag and activates it. This is how a thin target rolls back to the
+    /// snapshot taken before an in-place apply. Nothing may hold `origin`
+    /// open. If a step after the removal fails, the data is still in
+    /// `snapshot` and the error says so.
+    pub fn replace_with_snapshot(
+        &self,
+        origin: &LvName,
+        snapshot: &LvName,
+    ) -> Result<(), LvmError> {
+        if origin.vg() != snapshot.vg() {
+            return Err(LvmError::Argument(format!(
+                "{snapshot} is not in the volume group of {origin}"
+            )));
+        }
+        self.remove(origin)?;
+        self.run_lvm(vec![
+            os("lvrename"),
+            os(origin.vg()),
+            os(snapshot.lv()),
+            os(origin.lv()),
+        ])?;
+        self.run_lvm(vec![
+            os("lvchange"),
+            os("-kn"),
+            os("--"),
+            os(origin.to_string()),
+        ])?;
+        self.run_lvm(vec![
+            os("lvchange"),
+            os("-ay"),
+            os("--"),
+            os(origin.to_string()),
+        ])
+        .map(drop)
+    }
+
     /// Removes an LV (`lvremove -f`). Taking an [`LvName`] rather than a
     /// string means a bare VG name, which would remove every LV in it,
     /// cannot get here.

@@ -29,6 +29,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     params.force = a.force;
     params.resume = !a.no_resume;
     params.journal_max = a.journal_max;
+    params.target_snapshot = a.target_snapshot;
     let report = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None)?;
     print_report(
         &report,
@@ -131,6 +132,7 @@ fn session_params(
         source_id,
         snapshot_id,
         base: None,
+        target_snapshot: false,
         io_timeout: t.timeout,
     })
 }

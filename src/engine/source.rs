@@ -67,6 +67,8 @@ pub struct SessionParams {
     pub base: Option<Generation>,
     /// How long the target may make no progress before the session fails.
     pub io_timeout: Duration,
+    /// Ask a thin-LV target to snapshot itself instead of journaling.
+    pub target_snapshot: bool,
 }
 
 /// True counts of what a session did; printed by `--json`.
@@ -216,6 +218,7 @@ pub fn run(
             force: params.force,
             journal_max: params.journal_max,
             resume: params.resume,
+            target_snapshot: params.target_snapshot,
         }),
         &[],
     )?;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockdiff::{BlockSize, Digest, HashKey, Signer};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use snapshot::lvm::{LvName, Lvm};
 use snapshot::{Access, FileVolume, Volume, VolumeError};
 use wire::{
     features, BlockHashes, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation,
@@ -119,7 +120,19 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
         m => return Err(protocol(format!("expected Open, got {:?}", m.kind()))),
     };
     match Session::open(open, hello.key, feats, cfg) {
-        Ok((session, opened)) => session.run(rd, wr, opened, cfg),
+        Ok((session, opened)) => {
+            let rollback = matches!(session.applier, Applier::Snapshot { .. })
+                .then(|| (session.paths.clone(), PathBuf::from(&session.open.path)));
+            let result = session.run(rd, wr, opened, cfg);
+            // The session and its handle on the volume are gone: roll a
+            // failed snapshot-protected apply back now.
+            if let (Err(_), Some((paths, path))) = (&result, rollback) {
+                if let Err(e) = rollback_pending(&paths, &path) {
+                    tracing::warn!("{e}");
+                }
+            }
+            result
+        }
         Err(e) => {
             let _ = send_error(&mut wr, &e);
             Err(e)
@@ -272,6 +285,12 @@ enum Applier {
         last_mark: Instant,
         dirty: u64,
     },
+    /// A thin-LV replica: snapshot it before the first write (the rollback
+    /// point), write in place, drop the snapshot on commit.
+    Snapshot {
+        origin: LvName,
+        taken: bool,
+    },
 }
 
 struct Session {
@@ -321,6 +340,12 @@ impl Session {
             }
             Err(e) => return Err(TargetError::new(ErrorCode::TargetIo, format!("{e:#}"))),
         };
+        if lock.is_some() && !open.dry_run {
+            rollback_pending(&paths, &path)?;
+        }
+        if open.target_snapshot && !open.dry_run && open.mode != Mode::Verify {
+            thin_target(&path)?;
+        }
         let exists = path.exists();
         // A journal left by a crash must be settled before anything looks
         // at the volume, even a dry run or a verify: they too must see a
@@ -403,6 +428,11 @@ impl Session {
 
         let applier = if open.dry_run || mode == Mode::Verify {
             Applier::DryRun
+        } else if open.target_snapshot && state.consistent && same_source && start_block == 0 {
+            Applier::Snapshot {
+                origin: thin_target(&path)?,
+                taken: false,
+            }
         } else if start_block > 0 || !state.consistent || !same_source || open.journal_max == 0 {
             // Nothing consistent to protect (first copy, resumed copy, or an
             // already torn replica): write in place, with progress marks.
@@ -681,6 +711,13 @@ impl Session {
                     self.begin_in_place(self.start_block)?;
                 }
             }
+            Applier::Snapshot { origin, taken } => {
+                if !*taken {
+                    let origin = origin.clone();
+                    *taken = true;
+                    self.take_rollback_snapshot(&origin)?;
+                }
+            }
         }
         self.grow()?;
         let v = self.shared.volume.as_ref();
@@ -710,6 +747,24 @@ impl Session {
             block_size: self.shared.block.bytes(),
             mark_block,
         });
+        self.save_state()
+    }
+
+    /// Snapshots the thin target before its first in-place write and
+    /// records it durably: from here a failure rolls back to it.
+    fn take_rollback_snapshot(&mut self, origin: &LvName) -> Result<(), TargetError> {
+        let name = format!("{}.snapsync-rollback", origin.lv());
+        let lvm = Lvm::new();
+        let snap = lvm
+            .create_thin_snapshot(origin, &name, &["snapsync", "snapsync-rollback"])
+            .map_err(|e| {
+                TargetError::new(
+                    ErrorCode::TargetIo,
+                    format!("snapshotting target {origin}: {e}"),
+                )
+            })?;
+        self.state.rollback = Some(snap.lv_name().to_string());
+        self.state.consistent = false;
         self.save_state()
     }
 
@@ -765,6 +820,23 @@ impl Session {
                     .remove()
                     .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
                 "journal"
+            }
+            Applier::Snapshot { .. } => {
+                self.grow()?;
+                let snap = self.state.rollback.take();
+                self.finish_generation()?;
+                if let Some(snap) = snap {
+                    // The generation is recorded: the rollback point goes.
+                    // A failure here only leaves a snapshot that the next
+                    // open removes.
+                    if let Err(e) = LvName::parse(&snap)
+                        .map_err(|e| e.to_string())
+                        .and_then(|lv| Lvm::new().remove(&lv).map_err(|e| e.to_string()))
+                    {
+                        tracing::warn!("removing rollback snapshot {snap}: {e}");
+                    }
+                }
+                "snapshot"
             }
             Applier::InPlace { .. } => {
                 self.grow()?;
@@ -830,6 +902,60 @@ impl Session {
 enum Op<'a> {
     Data(u64, &'a [u8]),
     Zero(u64, u64),
+}
+
+/// The thin LV behind a target path, for `--target-snapshot`.
+fn thin_target(path: &Path) -> Result<LvName, TargetError> {
+    let usage = |why: String| {
+        TargetError::new(
+            ErrorCode::Usage,
+            format!("--target-snapshot: {}: {why}", path.display()),
+        )
+    };
+    let info = Lvm::new()
+        .resolve(&path.to_string_lossy())
+        .map_err(|e| usage(e.to_string()))?;
+    if !info.is_thin() {
+        return Err(usage("not a thin logical volume".into()));
+    }
+    Ok(info.lv_name())
+}
+
+/// Settles a `--target-snapshot` session that did not commit: the replica
+/// is put back to the snapshot taken before it was written. A snapshot
+/// left after a commit is just removed.
+pub fn rollback_pending(paths: &StatePaths, path: &Path) -> Result<Option<String>, TargetError> {
+    let io = |e: String| TargetError::new(ErrorCode::TargetIo, e);
+    let mut state = state::load(&paths.state).map_err(|e| io(format!("{e:#}")))?;
+    let Some(snap) = state.rollback.clone() else {
+        return Ok(None);
+    };
+    let lvm = Lvm::new();
+    let snap_lv = LvName::parse(&snap).map_err(|e| io(e.to_string()))?;
+    let what = if state.consistent {
+        lvm.remove(&snap_lv)
+            .map_err(|e| io(format!("removing rollback snapshot {snap}: {e}")))?;
+        format!("removed the rollback snapshot {snap} of a committed generation")
+    } else {
+        let origin = Lvm::new()
+            .resolve(&path.to_string_lossy())
+            .map_err(|e| io(format!("rolling back {}: {e}", path.display())))?
+            .lv_name();
+        lvm.replace_with_snapshot(&origin, &snap_lv).map_err(|e| {
+            io(format!(
+                "rolling back {origin} to {snap}: {e}; the previous generation is intact in {snap}"
+            ))
+        })?;
+        state.consistent = state.generation.is_some();
+        format!(
+            "rolled an interrupted apply back to generation {}",
+            state.generation.as_ref().map_or(0, |g| g.number)
+        )
+    };
+    state.rollback = None;
+    state::save(&paths.state, &state).map_err(|e| io(format!("{e:#}")))?;
+    tracing::info!("{}: {what}", path.display());
+    Ok(Some(what))
 }
 
 fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(), TargetError> {

@@ -214,6 +214,9 @@ pub struct Open {
     pub journal_max: u64,
     /// Resume an interrupted in-place copy of the same snapshot, if any.
     pub resume: bool,
+    /// A thin-LV target snapshots itself as the rollback point and applies
+    /// in place, instead of journaling (no double write).
+    pub target_snapshot: bool,
 }
 
 /// What the target knows about its replica.
@@ -757,6 +760,7 @@ mod tests {
                     force: true,
                     journal_max: 77,
                     resume: true,
+                    target_snapshot: true,
                 }),
                 vec![],
             ),
