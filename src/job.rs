@@ -326,7 +326,10 @@ fn lvm_cycle(
         st.base.as_ref().map(|b| b.snapshot.as_str()),
     )?;
     let source_id = format!("lvm:{}/{}", origin.vg, origin.name);
-    let snap_name = format!("{}.snapsync.{}", origin.name, now());
+    // The cycle number keeps the name unique when two cycles start in the
+    // same second (or the clock steps back), which would otherwise make
+    // lvcreate fail on the name of the base.
+    let snap_name = format!("{}.snapsync.{}.{}", origin.name, now(), st.cycles);
     let tags = [TAG, vol_tag.as_str()];
     let t = transfer_args(vol);
 
@@ -336,8 +339,9 @@ fn lvm_cycle(
         let pool = lvm
             .pool_of(&origin)
             .map_err(lvm_err(vol, "finding the thin pool"))?;
-        let _pool_lock = VolumeLock::acquire(
+        let _pool_lock = acquire_pool_lock(
             &state_dir.join(format!("pool-{}-{}.lock", pool.lv.vg, pool.lv.name)),
+            cancel,
         )?;
         if lvm
             .release_stale_metadata_snap(&pool)
@@ -457,6 +461,30 @@ fn lvm_cycle(
         .into());
     }
     result
+}
+
+/// How long a cycle waits for another volume of the same thin pool to
+/// finish its snapshot and changed-block steps.
+const POOL_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Takes the per-pool lock, waiting while another volume's cycle holds it:
+/// volumes of one pool (e.g. with `parallel` > 1) take turns for the
+/// snapshot and `thin_delta` steps, which last seconds; being refused
+/// would fail the cycle as busy although nobody runs this volume.
+fn acquire_pool_lock(path: &Path, cancel: &Cancel) -> Result<VolumeLock> {
+    let deadline = std::time::Instant::now() + POOL_LOCK_WAIT;
+    loop {
+        match VolumeLock::acquire(path) {
+            Err(e)
+                if e.downcast_ref::<state::Busy>().is_some()
+                    && !cancel.is_cancelled()
+                    && std::time::Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Removes a snapshot LV unless kept.

@@ -12,7 +12,7 @@
 //! ```text
 //! header:  "SNAPJRN1"
 //! record:  kind u8 | offset u64 LE | len u64 LE | payload (Data: len bytes)
-//! seal:    kind 0xFF | trailer_len u32 LE | trailer JSON | blake3(all bytes before the seal)
+//! seal:    kind 0xFF | trailer_len u32 LE | trailer JSON | blake3(every byte before this digest)
 //! ```
 
 use std::fs::{self, File};
@@ -129,11 +129,14 @@ impl Journal {
             volume_size,
             records: self.records,
         };
-        let digest = self.hasher.finalize();
         let json = serde_json::to_vec(&trailer).expect("trailer serialises");
         let mut seal = vec![KIND_SEAL];
         seal.extend_from_slice(&(json.len() as u32).to_le_bytes());
         seal.extend_from_slice(&json);
+        // The digest covers every byte before it, the trailer included: a
+        // corrupt generation or size must not be replayed either.
+        self.hasher.update(&seal);
+        let digest = self.hasher.finalize();
         seal.extend_from_slice(digest.as_bytes());
         self.out
             .write_all(&seal)
@@ -227,6 +230,7 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
     }
     hasher.update(&magic);
     let mut data = Vec::new();
+    let mut records = 0u64;
     loop {
         let mut kind = [0u8; 1];
         if !read_full(&mut r, &mut kind)? {
@@ -246,10 +250,19 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
             if !read_full(&mut r, &mut json)? || !read_full(&mut r, &mut digest)? {
                 return Ok(None);
             }
-            let trailer: Trailer =
-                serde_json::from_slice(&json).context("journal trailer is corrupt")?;
+            hasher.update(&kind);
+            hasher.update(&(len).to_le_bytes());
+            hasher.update(&json);
             if hasher.finalize().as_bytes() != &digest {
                 bail!("journal digest does not match its records");
+            }
+            let trailer: Trailer =
+                serde_json::from_slice(&json).context("journal trailer is corrupt")?;
+            if trailer.records != records {
+                bail!(
+                    "journal trailer counts {} records, found {records}",
+                    trailer.records
+                );
             }
             let mut rest = [0u8; 1];
             if read_full(&mut r, &mut rest)? {
@@ -267,6 +280,7 @@ pub fn parse(mut r: impl Read, mut f: impl FnMut(Record) -> Result<()>) -> Resul
         }
         hasher.update(&kind);
         hasher.update(&head);
+        records += 1;
         let offset = u64::from_le_bytes(head[..8].try_into().expect("8"));
         let len = u64::from_le_bytes(head[8..].try_into().expect("8"));
         offset

@@ -64,6 +64,9 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
             crate::cli::print_line(&format!("differs: offset {o} length {l}"));
         }
     }
+    if let (Some(rec), false) = (&report.recovered, a.transfer.json) {
+        eprintln!("note: target {rec}");
+    }
     if report.differing.is_empty() {
         if !a.transfer.quiet && !a.transfer.json {
             eprintln!("identical: {} bytes compared", report.volume_bytes);

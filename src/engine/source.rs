@@ -288,6 +288,11 @@ pub fn run(
         cancel,
         committed: None,
     };
+    // A file replica longer than the source differs in its tail (a sync
+    // truncates it at commit; a verify or dry run must say so).
+    if opened.resizable && opened.target_size > size {
+        cmp.note_range(size, opened.target_size - size);
+    }
     let result = match (opened.mode, changes) {
         (Mode::Delta, Some(changes)) => cmp.run_delta(changes),
         _ => cmp.run_scan(&opened),

@@ -360,7 +360,11 @@ impl Session {
             } else {
                 Access::Read
             };
-            Arc::new(FileVolume::open(&path, access).map_err(volume_err)?)
+            let mut v = FileVolume::open(&path, access).map_err(volume_err)?;
+            // Sequential readahead for the scan. No drop-behind: refining a
+            // block re-reads it soon after the scan passed it.
+            v.advise_sequential(false);
+            Arc::new(v)
         };
         let mut state = state::load(&paths.state)
             .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
@@ -462,6 +466,7 @@ impl Session {
             start_block,
             window_blocks: WINDOW_BLOCKS,
             mode,
+            resizable: volume.resizable(),
         };
         let shared = Arc::new(Shared {
             volume,

@@ -246,6 +246,9 @@ pub struct Opened {
     /// The mode the target runs: a requested [`Mode::Delta`] becomes
     /// [`Mode::FullScan`] when the target does not hold the base.
     pub mode: Mode,
+    /// The target is a file: its size follows the source's (a block
+    /// device keeps a longer tail).
+    pub resizable: bool,
 }
 
 /// target → source: digests of blocks `first..first+n`, n digests in the payload.
@@ -777,6 +780,7 @@ mod tests {
                     start_block: 4,
                     window_blocks: 1024,
                     mode: Mode::FullScan,
+                    resizable: true,
                 }),
                 vec![],
             ),
