@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Small helpers for the guest scripts of scripts/vm-test and scripts/vm-bench.
+(Python starts slowly under emulation, ~1 s: one call per cycle at most.)
+
+    vm-helper.py flat FILE [FILE2]      every leaf of the first JSON line of
+                                        FILE (a `run --json` line), or of
+                                        the JSON document (`status --json`:
+                                        keyed by volume), as KEY.PATH=VALUE
+                                        lines; FILE2's keys get "status."
+                                        (FILE "-": none)
+    vm-helper.py get FILE KEY...        value at KEY path of the first JSON
+                                        line of FILE
+    vm-helper.py write DEV COUNT SEED CHUNK [LO HI]
+                                        COUNT random 4 KiB writes at random
+                                        4 KiB-aligned offsets in [LO, HI) of
+                                        DEV (fsynced); prints how many
+                                        distinct CHUNK-sized chunks they hit
+    vm-helper.py writechunks DEV COUNT SEED CHUNK
+                                        COUNT distinct random whole chunks
+                                        (fsynced); prints COUNT
+
+Values print as JSON would spell them (null, true, false) except strings,
+which print raw; a missing key prints "missing".
+"""
+
+import json
+import os
+import random
+import sys
+
+
+def show(v):
+    if isinstance(v, str):
+        print(v)
+    else:
+        print(json.dumps(v))
+
+
+def first_json(path):
+    """The whole file as one JSON document, else its first JSON line."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    for line in text.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError(f"no JSON in {path}")
+
+
+def walk(v, keys):
+    for k in keys:
+        if isinstance(v, list):
+            v = v[int(k)]
+        elif isinstance(v, dict) and k in v:
+            v = v[k]
+        else:
+            return "missing"
+        if v is None:
+            return None
+    return v
+
+
+def flat(v, prefix, out):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            flat(x, f"{prefix}{k}.", out)
+    elif isinstance(v, list) and all(isinstance(x, dict) and "volume" in x for x in v):
+        for x in v:
+            flat(x, f"{prefix}{x['volume']}.", out)
+    else:
+        text = v if isinstance(v, str) else json.dumps(v)
+        out.append(prefix[:-1] + "=" + text.replace("\n", "\\n"))
+
+
+def main(argv):
+    cmd = argv[1]
+    if cmd == "flat":
+        out = []
+        for path, prefix in zip(argv[2:4], ["", "status."]):
+            if path == "-":
+                continue
+            try:
+                flat(first_json(path), prefix, out)
+            except (OSError, ValueError) as e:
+                out.append(f"{prefix}unreadable={e}")
+        print("\n".join(out))
+    elif cmd == "get":
+        try:
+            show(walk(first_json(argv[2]), argv[3:]))
+        except (OSError, ValueError) as e:
+            print(f"unreadable: {e}")
+    elif cmd == "write":
+        dev, count, seed, chunk = argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            lo = int(argv[6]) if len(argv) > 6 else 0
+            hi = int(argv[7]) if len(argv) > 7 else size
+            rnd = random.Random(seed)
+            chunks = set()
+            for _ in range(count):
+                off = rnd.randrange(lo // 4096, hi // 4096) * 4096
+                os.pwrite(fd, rnd.randbytes(4096), off)
+                chunks.add(off // chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        print(len(chunks))
+    elif cmd == "writechunks":
+        dev, count, seed, chunk = argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            rnd = random.Random(seed)
+            for c in rnd.sample(range(size // chunk), count):
+                os.pwrite(fd, rnd.randbytes(chunk), c * chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        print(count)
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
