@@ -52,7 +52,7 @@ pub struct TransferArgs {
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub block_size: u64,
     /// Remote shell used to reach HOST in HOST:PATH, split on spaces.
-    #[arg(long, default_value = "ssh -T -o BatchMode=yes")]
+    #[arg(long, default_value = crate::transport::DEFAULT_RSH)]
     pub rsh: String,
     /// Path of snapsync on the remote host.
     #[arg(long, default_value = "snapsync")]

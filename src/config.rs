@@ -202,7 +202,7 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         compress,
         block_size,
         scrub_every: s.scrub_every.or(d.scrub_every).unwrap_or(0),
-        rsh: pick(&s.rsh, &d.rsh, "ssh -T -o BatchMode=yes"),
+        rsh: pick(&s.rsh, &d.rsh, crate::transport::DEFAULT_RSH),
         remote_bin: pick(&s.remote_bin, &d.remote_bin, "snapsync"),
         journal_max: size("journal_max", pick(&s.journal_max, &d.journal_max, "1GiB"))?,
         snapshot,

@@ -422,18 +422,26 @@ mod tests {
         p
     }
 
+    /// Runs recovery with the journal `journal` (state file in `dir`) on a
+    /// volume of 16 bytes of 1; returns the volume, state and what it said.
+    fn recover_ones(dir: &Path, journal: &Path) -> (MemVolume, VolumeState, Option<String>) {
+        let paths = StatePaths {
+            state: dir.join("st"),
+            lock: dir.join("l"),
+            journal: journal.to_owned(),
+        };
+        let v = MemVolume::new("v", vec![1; 16], false);
+        let mut st = VolumeState::default();
+        let said = recover(&paths, &mut st, &v).unwrap();
+        (v, st, said)
+    }
+
     #[test]
     fn sealed_journal_replays_idempotently() {
         let dir = tempfile::tempdir().unwrap();
         let p = build(dir.path());
-        let paths = StatePaths {
-            state: dir.path().join("st"),
-            lock: dir.path().join("l"),
-            journal: p.clone(),
-        };
-        let v = MemVolume::new("v", vec![1; 16], false);
-        let mut st = VolumeState::default();
-        let what = recover(&paths, &mut st, &v).unwrap().unwrap();
+        let (v, st, what) = recover_ones(dir.path(), &p);
+        let what = what.unwrap();
         assert!(what.contains("replayed"));
         let mut want = vec![1u8; 16];
         want[..2].fill(0);
@@ -450,14 +458,8 @@ mod tests {
         let full = fs::read(&p).unwrap();
         for cut in 0..full.len() {
             fs::write(&p, &full[..cut]).unwrap();
-            let paths = StatePaths {
-                state: dir.path().join("st"),
-                lock: dir.path().join("l"),
-                journal: p.clone(),
-            };
-            let v = MemVolume::new("v", vec![1; 16], false);
-            let mut st = VolumeState::default();
-            let what = recover(&paths, &mut st, &v).unwrap().unwrap();
+            let (v, _, what) = recover_ones(dir.path(), &p);
+            let what = what.unwrap();
             assert!(what.contains("discarded"), "cut {cut}: {what}");
             assert_eq!(v.contents(), vec![1; 16], "cut {cut} touched the volume");
         }
@@ -470,14 +472,7 @@ mod tests {
         let mut bytes = fs::read(&p).unwrap();
         bytes[30] ^= 0x40;
         fs::write(&p, &bytes).unwrap();
-        let paths = StatePaths {
-            state: dir.path().join("st"),
-            lock: dir.path().join("l"),
-            journal: p,
-        };
-        let v = MemVolume::new("v", vec![1; 16], false);
-        let mut st = VolumeState::default();
-        recover(&paths, &mut st, &v).unwrap();
+        let (v, st, _) = recover_ones(dir.path(), &p);
         assert_eq!(v.contents(), vec![1; 16]);
         assert_eq!(st.generation, None);
     }

@@ -14,6 +14,11 @@ use crate::engine::source::Connection;
 use crate::engine::target::{self, ServeConfig, ServeSummary, TargetError};
 use crate::engine::Cancel;
 
+/// The remote shell unless `--rsh` says otherwise. Keepalives make a dead
+/// network path fail the session in about a minute instead of never.
+pub const DEFAULT_RSH: &str =
+    "ssh -T -o BatchMode=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4";
+
 /// Where the replica lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
@@ -104,6 +109,9 @@ pub fn remote(
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // Its own process group: a terminal's Ctrl-C reaches only us (we stop
+    // the session cleanly), and ending the peer ends everything it started.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let what = format!("{program} {host} {remote_bin} serve");
     let mut child = cmd
         .spawn()
@@ -162,7 +170,7 @@ impl Peer {
                             thread::sleep(Duration::from_millis(20))
                         }
                         _ => {
-                            let _ = child.kill();
+                            kill_group(&child);
                             let _ = child.wait();
                             break None;
                         }
@@ -184,6 +192,41 @@ impl Peer {
                 }
             }
         }
+    }
+}
+
+/// Kills the peer's whole process group (the remote shell and anything it
+/// started, which may hold our pipes).
+fn kill_group(child: &Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+impl Peer {
+    /// Ends the peer at once when `cancel` is set (a signal), so a session
+    /// blocked on a silent remote stops promptly. The returned flag stops
+    /// the watcher.
+    pub fn kill_on_cancel(
+        &self,
+        cancel: &Cancel,
+    ) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        let Peer::Child { child, .. } = self else {
+            return None;
+        };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)?;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, cancel) = (done.clone(), cancel.clone());
+        thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                if cancel.is_cancelled() {
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Some(done)
     }
 }
 

@@ -20,14 +20,15 @@
 //! Knobs: `SNAPSYNC_BIN` (binary under test), `SNAPSYNC_CRASH_TRIALS`
 //! (default 50), `SNAPSYNC_CRASH_SEED` (replay a run; the seed is printed).
 
+mod common;
 mod crash_support;
 
 use std::fs;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::*;
 use crash_support::*;
 use snapshot::{Fault, MemVolume, Volume};
 use snapsync::journal::Journal;
@@ -44,7 +45,7 @@ struct Rig {
     src: PathBuf,
     dst: PathBuf,
     state_dir: PathBuf,
-    files: StateFiles,
+    files: StatePaths,
     rsh: PathBuf,
     pidfile: PathBuf,
     /// Appears on the command line of every process of a session (sync,
@@ -60,7 +61,7 @@ impl Rig {
         let state_dir = dir.path().join("state");
         let pidfile = dir.path().join("serve.pid");
         let rsh = pid_rsh(dir.path(), &pidfile);
-        let files = StateFiles::new(&state_dir, &dst);
+        let files = state_files(&state_dir, &dst);
         let marker = s(&state_dir).to_owned();
         Rig {
             dir,
@@ -74,28 +75,18 @@ impl Rig {
         }
     }
 
-    /// `snapsync sync SRC localhost:DST` through the remote shell.
-    fn sync_cmd(&self, extra: &[&str]) -> std::process::Command {
-        let mut c = snapsync();
-        c.arg("sync")
-            .arg(&self.src)
-            .arg(format!("localhost:{}", s(&self.dst)))
-            .args([
-                "--rsh",
-                s(&self.rsh),
-                "--remote-bin",
-                s(&bin()),
-                "--state-dir",
-                s(&self.state_dir),
-                "--json",
-            ])
-            .args(extra);
-        c
+    /// Starts `snapsync WHAT SRC localhost:DST --json EXTRA…` through the
+    /// remote shell.
+    fn start(&self, what: &str, extra: &[&str]) -> Started {
+        let _ = fs::remove_file(&self.pidfile);
+        let dst = format!("localhost:{}", s(&self.dst));
+        let mut c = volume_cmd(what, &self.src, &dst, &self.state_dir);
+        c.args(remote_args(&self.rsh)).arg("--json").args(extra);
+        start(&mut c, self.dir.path())
     }
 
     fn start_sync(&self, extra: &[&str]) -> Started {
-        let _ = fs::remove_file(&self.pidfile);
-        start(&mut self.sync_cmd(extra), self.dir.path())
+        self.start("sync", extra)
     }
 
     fn sync(&self, extra: &[&str]) -> Run {
@@ -104,21 +95,7 @@ impl Rig {
 
     /// `snapsync verify --json SRC localhost:DST` through the remote shell.
     fn verify(&self) -> Run {
-        let _ = fs::remove_file(&self.pidfile);
-        let mut c = snapsync();
-        c.arg("verify")
-            .arg(&self.src)
-            .arg(format!("localhost:{}", s(&self.dst)))
-            .args([
-                "--rsh",
-                s(&self.rsh),
-                "--remote-bin",
-                s(&bin()),
-                "--state-dir",
-                s(&self.state_dir),
-                "--json",
-            ]);
-        run(&mut c, self.dir.path())
+        self.start("verify", &[]).wait(DEADLINE)
     }
 
     /// The serve process's PID once the remote shell wrote it; None if the
@@ -283,8 +260,8 @@ struct Stats {
     source_exit: std::collections::BTreeMap<String, u64>,
 }
 
-fn exit_text(st: &std::process::ExitStatus) -> String {
-    match (st.code(), st.signal()) {
+fn exit_text(run: &Run) -> String {
+    match (run.code, run.signal) {
         (Some(c), _) => format!("exit {c}"),
         (None, Some(sig)) => format!("signal {sig}"),
         _ => "?".into(),
@@ -338,7 +315,7 @@ impl Aftermath {
         let raw_len = file_len(&rig.dst);
         let zero_tail = me.name(&me.raw) == "a MIX"
             && raw_len > old_len
-            && sha256_prefix(&rig.dst, old_len) == old_hash
+            && sha256_prefix(&rig.dst, Some(old_len)) == old_hash
             && is_zero_from(&rig.dst, old_len);
         me.summary = format!(
             "state: consistent={} generation={:?} in_progress={:?}; journal: {}; raw replica {}{} ({raw_len} bytes); after recovery {}",
@@ -346,10 +323,9 @@ impl Aftermath {
             me.state.generation.as_ref().map(|g| g.number),
             me.state.in_progress.as_ref().map(|p| p.mark_block),
             match &me.journal {
-                JournalFile::Absent => "none".to_owned(),
-                JournalFile::Unsealed => "unsealed".to_owned(),
                 JournalFile::Sealed(t) => format!("sealed (generation {})", t.generation.number),
                 JournalFile::Corrupt(e) => format!("corrupt: {e}"),
+                j => j.kind().to_owned(),
             },
             me.name(&me.raw),
             if zero_tail { " = the old content grown with zeros" } else { "" },
@@ -418,8 +394,27 @@ impl Aftermath {
         v
     }
 
-    /// Checks the next, uninterrupted sync. Returns whether the replica now
-    /// holds generation n, and the violations.
+    /// The next runs after the crash, uninterrupted: `verify` first when
+    /// `verified`, then a sync with `extra`. Returns whether the replica
+    /// now holds generation n, the sync, and the violations of both.
+    fn check_next_runs(
+        &self,
+        rig: &Rig,
+        extra: &[&str],
+        large: bool,
+        verified: bool,
+    ) -> (bool, Run, Vec<String>) {
+        let mut problems = if verified {
+            self.check_verify(rig)
+        } else {
+            Vec::new()
+        };
+        let rerun = rig.sync(extra);
+        let (ok, more) = self.check_rerun(rig, &rerun, large, verified);
+        problems.extend(more);
+        (ok, rerun, problems)
+    }
+
     /// Observes the replica through the binary: `snapsync verify` opens the
     /// target, which runs its recovery first. It must report what the
     /// target's recovery (run on copies) predicted, leave the replica as
@@ -430,7 +425,7 @@ impl Aftermath {
         let src_len = file_len(&rig.src);
         let longer_only = self.recovered == self.raw
             && file_len(&rig.dst) > src_len
-            && sha256_prefix(&rig.dst, src_len) == self.new_hash;
+            && sha256_prefix(&rig.dst, Some(src_len)) == self.new_hash;
         let run = rig.verify();
         let mut v = Vec::new();
         let want_code = if self.recovered == self.new_hash {
@@ -441,13 +436,13 @@ impl Aftermath {
         // Known and asserted on its own in
         // `verify_sees_a_replica_longer_than_the_source`: verify ignores a
         // tail past the source's end. Not a crash-consistency matter.
-        let tolerated = longer_only && run.code() == Some(0);
-        if run.code() != Some(want_code) && !tolerated {
+        let tolerated = longer_only && run.code == Some(0);
+        if run.code != Some(want_code) && !tolerated {
             v.push(format!(
                 "verify after the crash should exit {want_code}; {summary}\n{run}"
             ));
         }
-        let reported = run.report().and_then(|r| r.opt_str("recovered"));
+        let reported = run.report().and_then(|r| r.opt_s("recovered"));
         if reported != self.rec_said {
             v.push(format!(
                 "verify reported recovered={reported:?}, the target's recovery says {:?}; {summary}",
@@ -472,8 +467,10 @@ impl Aftermath {
         v
     }
 
-    /// `recovered_before`: a `verify` already ran the recovery, so the
-    /// sync must find nothing left to recover.
+    /// Checks the next, uninterrupted sync. Returns whether the replica now
+    /// holds generation n, and the violations. `recovered_before`: a
+    /// `verify` already ran the recovery, so the sync must find nothing
+    /// left to recover.
     fn check_rerun(
         &self,
         rig: &Rig,
@@ -482,7 +479,7 @@ impl Aftermath {
         recovered_before: bool,
     ) -> (bool, Vec<String>) {
         let summary = &self.summary;
-        let Some(r) = run.report().filter(|_| run.code() == Some(0)) else {
+        let Some(r) = run.report().filter(|_| run.code == Some(0)) else {
             return (
                 false,
                 vec![format!("the next sync failed; {summary}\n{run}")],
@@ -495,7 +492,7 @@ impl Aftermath {
                 "after the next sync the replica is not the source; {summary}\n{r}"
             ));
         }
-        let reported = r.opt_str("recovered");
+        let reported = r.opt_s("recovered");
         let want_said = if recovered_before {
             None
         } else {
@@ -518,7 +515,7 @@ impl Aftermath {
         } else {
             ("journal", 0)
         };
-        let mode = r.str("apply_mode");
+        let mode = r.s("apply_mode");
         if mode != want_mode || r.u("start_block") != want_start {
             v.push(format!(
                 "the next sync applied {mode:?} from block {}, expected {want_mode:?} from {want_start}; {summary}\n{r}",
@@ -557,9 +554,9 @@ fn crash_at_random_moments_leaves_old_or_new_generation() {
 
     // Generation 1: a first copy (in place, uninterrupted).
     let size = rng.range(MIN_SIZE / 512, 24 * MIB / 512) * 512;
-    write_random_file(&rig.src, size, &mut rng);
-    let r = rig.sync(&[]).ok_report();
-    assert_eq!(r.str("apply_mode"), "in-place", "{r}");
+    write_random_file_with(&rig.src, size, &mut rng);
+    let r = rig.sync(&[]).assert_ok().json();
+    assert_eq!(r.s("apply_mode"), "in-place", "{r}");
     let mut old_hash = sha256_file(&rig.src);
     assert_eq!(sha256_file(&rig.dst), old_hash);
 
@@ -572,8 +569,8 @@ fn crash_at_random_moments_leaves_old_or_new_generation() {
         let change = [Change::Scattered, Change::Contiguous, Change::Mixed][i % 3];
         mutate(&rig.src, &mut rng, change);
         let run = rig.sync(&[]);
-        let r = run.ok_report();
-        assert_eq!(r.str("apply_mode"), "journal", "{r}");
+        let r = run.assert_ok().json();
+        assert_eq!(r.s("apply_mode"), "journal", "{r}");
         times.push(run.elapsed);
     }
     let mut recent: std::collections::VecDeque<Duration> = times.iter().copied().collect();
@@ -696,19 +693,16 @@ fn crash_at_random_moments_leaves_old_or_new_generation() {
         }
         *stats
             .source_exit
-            .entry(format!(
-                "{victim:?} killed={killed}: {}",
-                exit_text(&run.status)
-            ))
+            .entry(format!("{victim:?} killed={killed}: {}", exit_text(&run)))
             .or_default() += 1;
 
         // How the source process ended.
         let status_ok = match (victim, killed) {
-            (Victim::Source, true) => run.status.signal() == Some(9) || run.code() == Some(0),
+            (Victim::Source, true) => run.signal == Some(9) || run.code == Some(0),
             // Serve died: a transport error (5), or 0 if the commit had
             // already been reported.
-            (Victim::Serve, true) => matches!(run.code(), Some(0) | Some(5)),
-            (_, false) => run.code() == Some(0),
+            (Victim::Serve, true) => matches!(run.code, Some(0) | Some(5)),
+            (_, false) => run.code == Some(0),
         };
         if !status_ok {
             violations.push(format!("{ctx}: unexpected end of the sync process\n{run}"));
@@ -716,12 +710,7 @@ fn crash_at_random_moments_leaves_old_or_new_generation() {
 
         // ---- what the crash left, before anything reopens the volume
         let after = Aftermath::inspect(&rig, &old_hash, &new_hash, old_len);
-        violations.extend(
-            after
-                .check(g0, change == Change::Large)
-                .into_iter()
-                .map(|v| format!("{ctx}: {v}")),
-        );
+        violations.extend(in_context(&ctx, after.check(g0, change == Change::Large)));
         if !after.rec_state.consistent {
             stats.inconsistent += 1;
         } else {
@@ -749,17 +738,11 @@ fn crash_at_random_moments_leaves_old_or_new_generation() {
         let verified = rng.chance(1, 2);
         if verified {
             stats.observed_by_verify += 1;
-            violations.extend(
-                after
-                    .check_verify(&rig)
-                    .into_iter()
-                    .map(|v| format!("{ctx}: {v}")),
-            );
         }
-        let rerun = rig.sync(extra);
-        let (ok, problems) = after.check_rerun(&rig, &rerun, change == Change::Large, verified);
-        violations.extend(problems.into_iter().map(|v| format!("{ctx}: {v}")));
-        match rerun.report().map(|r| r.str("apply_mode")).as_deref() {
+        let (ok, rerun, problems) =
+            after.check_next_runs(&rig, extra, change == Change::Large, verified);
+        violations.extend(in_context(&ctx, problems));
+        match rerun.report().map(|r| r.s("apply_mode")).as_deref() {
             Some("journal") => {
                 stats.rerun_journal += 1;
                 recent.push_back(rerun.elapsed);
@@ -814,8 +797,8 @@ fn kill_when_a_growing_replica_changes_size() {
     }
     let seed = seed();
     let mut rng = Rng::new(seed);
-    write_random_file(&rig.src, 8 * MIB, &mut rng);
-    rig.sync(&[]).ok_report();
+    write_random_file_with(&rig.src, 8 * MIB, &mut rng);
+    rig.sync(&[]).assert_ok().json();
     let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
     let mut failures = Vec::new();
     for attempt in 0..4 {
@@ -851,7 +834,7 @@ fn kill_when_a_growing_replica_changes_size() {
         let raw = sha256_file(&rig.dst);
         let raw_len = file_len(&rig.dst);
         let zero_tail = raw_len > old_len
-            && sha256_prefix(&rig.dst, old_len) == old_hash
+            && sha256_prefix(&rig.dst, Some(old_len)) == old_hash
             && is_zero_from(&rig.dst, old_len);
         let (recovered, _, said) = recover_copy(&rig.files, &rig.dst, &rig.scratch());
         let said = said.map(|s| {
@@ -868,12 +851,7 @@ fn kill_when_a_growing_replica_changes_size() {
         };
         let what = format!(
             "journal {}, raw replica {}, after recovery ({}) {}",
-            match journal {
-                JournalFile::Absent => "none",
-                JournalFile::Unsealed => "unsealed",
-                JournalFile::Sealed(_) => "sealed",
-                JournalFile::Corrupt(_) => "corrupt",
-            },
+            journal.kind(),
             name(&raw),
             said.as_deref().unwrap_or("nothing to recover"),
             name(&recovered)
@@ -885,7 +863,7 @@ fn kill_when_a_growing_replica_changes_size() {
                 old_len + MIB
             ));
         }
-        let r = rig.sync(&[]).ok_report();
+        let r = rig.sync(&[]).assert_ok().json();
         assert_eq!(sha256_file(&rig.dst), new_hash, "{r}");
     }
     eprintln!("growing-commit kills (traced={traced}, seed {seed}): {outcomes:#?}");
@@ -916,8 +894,8 @@ fn kill_before_each_commit_syscall() {
     let plain_rsh = fs::read(&rig.rsh).unwrap();
     let seed = seed();
     let mut rng = Rng::new(seed);
-    write_random_file(&rig.src, 8 * MIB, &mut rng);
-    rig.sync(&[]).ok_report();
+    write_random_file_with(&rig.src, 8 * MIB, &mut rng);
+    rig.sync(&[]).assert_ok().json();
     let mut old_hash = sha256_file(&rig.src);
     let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
     let mut violations = Vec::new();
@@ -971,25 +949,20 @@ fn kill_before_each_commit_syscall() {
                     "{} delta, kill before {label} #{n}",
                     if large { "in-place" } else { "journal" }
                 );
-                if run.code() == Some(0) {
+                if run.code == Some(0) {
                     // No such call: the session went through.
                     assert_eq!(sha256_file(&rig.dst), new_hash, "{ctx}: {run}");
                     old_hash = new_hash;
                     break;
                 }
                 points += 1;
-                if run.code() != Some(5) {
+                if run.code != Some(5) {
                     violations.push(format!(
                         "{ctx}: the sync should fail as a transport error\n{run}"
                     ));
                 }
                 let after = Aftermath::inspect(&rig, &old_hash, &new_hash, old_len);
-                violations.extend(
-                    after
-                        .check(g0, large)
-                        .into_iter()
-                        .map(|v| format!("{ctx}: {v}")),
-                );
+                violations.extend(in_context(&ctx, after.check(g0, large)));
                 let rec = match &after.rec_said {
                     Some(s) if s.contains("replayed") => "replayed",
                     Some(s) if s.contains("discarded") => "discarded",
@@ -1005,27 +978,13 @@ fn kill_before_each_commit_syscall() {
                         "{:<8} {label:>17} #{n:02} -> raw {}, journal {}, recovery {rec}, replica {outcome}",
                         if large { "in-place" } else { "journal" },
                         after.name(&after.raw),
-                        match after.journal {
-                            JournalFile::Absent => "none",
-                            JournalFile::Unsealed => "unsealed",
-                            JournalFile::Sealed(_) => "sealed",
-                            JournalFile::Corrupt(_) => "corrupt",
-                        }
+                        after.journal.kind()
                     ))
                     .or_default() += 1;
                 // Every other point, look through `verify` first.
                 let verified = n % 2 == 0;
-                if verified {
-                    violations.extend(
-                        after
-                            .check_verify(&rig)
-                            .into_iter()
-                            .map(|v| format!("{ctx}: {v}")),
-                    );
-                }
-                let rerun = rig.sync(extra);
-                let (ok, problems) = after.check_rerun(&rig, &rerun, large, verified);
-                violations.extend(problems.into_iter().map(|v| format!("{ctx}: {v}")));
+                let (ok, _, problems) = after.check_next_runs(&rig, extra, large, verified);
+                violations.extend(in_context(&ctx, problems));
                 if !ok {
                     break 'plans;
                 }
@@ -1046,6 +1005,11 @@ fn kill_before_each_commit_syscall() {
         violations.len(),
         violations.join("\n\n")
     );
+}
+
+/// The violations `v`, each prefixed with `ctx`.
+fn in_context<'a>(ctx: &'a str, v: Vec<String>) -> impl Iterator<Item = String> + 'a {
+    v.into_iter().map(move |v| format!("{ctx}: {v}"))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -1112,7 +1076,7 @@ struct JournalCase {
     src: PathBuf,
     dst: PathBuf,
     state_dir: PathBuf,
-    files: StateFiles,
+    files: StatePaths,
     base: Vec<u8>,
     state_gen1: Vec<u8>,
     expect: Vec<u8>,
@@ -1130,20 +1094,12 @@ impl JournalCase {
         let dst = dir.path().join("dst.img");
         let state_dir = dir.path().join("state");
         let size = MIB + 3 * 512;
-        write_random_file(&src, size, &mut Rng::new(11));
-        let r = run(
-            snapsync()
-                .arg("sync")
-                .arg(&src)
-                .arg(&dst)
-                .arg("--state-dir")
-                .arg(&state_dir)
-                .arg("--json"),
-            dir.path(),
-        )
-        .ok_report();
+        write_random_file(&src, size, 11);
+        let r = local_session("sync", &src, &dst, &state_dir, dir.path())
+            .assert_ok()
+            .json();
         assert_eq!(r.opt_u("generation"), Some(1), "{r}");
-        let files = StateFiles::new(&state_dir, &dst);
+        let files = state_files(&state_dir, &dst);
         let base = fs::read(&dst).unwrap();
         let state_gen1 = fs::read(&files.state).unwrap();
         let source_id = files.load().source_id.expect("state names its source");
@@ -1183,17 +1139,13 @@ impl JournalCase {
     }
 
     fn command(&self, what: &str) -> Run {
-        run(
-            snapsync()
-                .arg(what)
-                .arg(&self.src)
-                .arg(&self.dst)
-                .arg("--state-dir")
-                .arg(&self.state_dir)
-                .arg("--json"),
-            self.dir.path(),
-        )
+        local_session(what, &self.src, &self.dst, &self.state_dir, self.dir.path())
     }
+}
+
+/// `snapsync WHAT SRC DST --state-dir STATE_DIR --json`, local, to the end.
+fn local_session(what: &str, src: &Path, dst: &Path, state_dir: &Path, dir: &Path) -> Run {
+    run_in(volume_cmd(what, src, s(dst), state_dir).arg("--json"), dir)
 }
 
 #[test]
@@ -1209,11 +1161,7 @@ fn power_cut_drops_journal_tail() {
         let cut = &c.journal[..len - k];
         let scratch = c.dir.path().join("lib");
         fs::create_dir_all(&scratch).unwrap();
-        let paths = StatePaths {
-            state: scratch.join("st"),
-            lock: scratch.join("lock"),
-            journal: scratch.join("j"),
-        };
+        let paths = scratch_paths(&scratch);
         fs::write(&paths.journal, cut).unwrap();
         let v = MemVolume::new("v", c.base.clone(), true);
         let mut st = VolumeState::default();
@@ -1233,11 +1181,7 @@ fn power_cut_drops_journal_tail() {
     // ... and the whole journal replays, idempotently.
     {
         let scratch = c.dir.path().join("lib");
-        let paths = StatePaths {
-            state: scratch.join("st"),
-            lock: scratch.join("lock"),
-            journal: scratch.join("j"),
-        };
+        let paths = scratch_paths(&scratch);
         let v = MemVolume::new("v", c.base.clone(), true);
         for round in 0..2 {
             fs::write(&paths.journal, &c.journal).unwrap();
@@ -1261,8 +1205,8 @@ fn power_cut_drops_journal_tail() {
     for k in 1..=len {
         c.set(&c.base, &c.state_gen1, &c.journal[..len - k]);
         let run = c.sync();
-        let r = run.ok_report();
-        let said = r.opt_str("recovered").unwrap_or_default();
+        let r = run.assert_ok().json();
+        let said = r.opt_s("recovered").unwrap_or_default();
         assert!(
             said.contains("discarded"),
             "cut of the last {k} of {len} bytes: recovered={said:?}\n{run}"
@@ -1300,9 +1244,9 @@ fn power_cut_drops_journal_tail() {
     for (when, replica, state) in cases {
         c.set(replica, state, &c.journal);
         let run = c.sync();
-        let r = run.ok_report();
+        let r = run.assert_ok().json();
         assert_eq!(
-            r.opt_str("recovered").as_deref(),
+            r.opt_s("recovered").as_deref(),
             Some("replayed the committed journal of generation 2"),
             "crash {when}\n{run}"
         );
@@ -1313,7 +1257,7 @@ fn power_cut_drops_journal_tail() {
             "crash {when}: {r}"
         );
         assert_eq!(r.opt_u("generation"), Some(3), "crash {when}: {r}");
-        assert_eq!(r.str("apply_mode"), "journal", "crash {when}: {r}");
+        assert_eq!(r.s("apply_mode"), "journal", "crash {when}: {r}");
         assert_eq!(sha256_file(&c.dst), src_hash, "crash {when}");
         assert!(!c.files.journal.exists());
     }
@@ -1323,10 +1267,10 @@ fn power_cut_drops_journal_tail() {
     // wrote; a cut journal leaves nothing to report.
     c.set(&c.base, &c.state_gen1, &c.journal);
     let run = c.command("verify");
-    assert_eq!(run.code(), Some(7), "{run}");
+    assert_eq!(run.code, Some(7), "{run}");
     let r = run.report().expect("a JSON report");
     assert_eq!(
-        r.opt_str("recovered").as_deref(),
+        r.opt_s("recovered").as_deref(),
         Some("replayed the committed journal of generation 2"),
         "{run}"
     );
@@ -1341,10 +1285,10 @@ fn power_cut_drops_journal_tail() {
     assert!(!c.files.journal.exists());
     c.set(&c.base, &c.state_gen1, &c.journal[..len - 1]);
     let run = c.command("verify");
-    assert_eq!(run.code(), Some(0), "{run}");
+    assert_eq!(run.code, Some(0), "{run}");
     let said = run
         .report()
-        .and_then(|r| r.opt_str("recovered"))
+        .and_then(|r| r.opt_s("recovered"))
         .unwrap_or_default();
     assert!(said.contains("discarded"), "{run}");
     assert_eq!(sha256_file(&c.dst), src_hash);
@@ -1358,11 +1302,7 @@ fn corrupted_sealed_journal_is_never_replayed() {
     let c = JournalCase::new();
     let scratch = c.dir.path().join("lib");
     fs::create_dir_all(&scratch).unwrap();
-    let paths = StatePaths {
-        state: scratch.join("st"),
-        lock: scratch.join("lock"),
-        journal: scratch.join("j"),
-    };
+    let paths = scratch_paths(&scratch);
     let mut replayed_at = Vec::new();
     for i in 0..c.journal.len() {
         let mut bytes = c.journal.clone();
@@ -1412,14 +1352,14 @@ fn corrupted_sealed_journal_is_never_replayed() {
 fn verify_sees_a_replica_longer_than_the_source() {
     let _serial = serial();
     let rig = Rig::new("snapsync-crash-verify-");
-    write_random_file(&rig.src, 8 * MIB, &mut Rng::new(13));
-    rig.sync(&[]).ok_report();
+    write_random_file(&rig.src, 8 * MIB, 13);
+    rig.sync(&[]).assert_ok().json();
     // Generation n shrinks the source; the replica still holds n-1.
     set_len(&rig.src, 8 * MIB - 64 * KIB);
     let run = rig.verify();
     assert_ne!(sha256_file(&rig.src), sha256_file(&rig.dst));
     assert_eq!(
-        run.code(),
+        run.code,
         Some(7),
         "the replica has {} bytes past the source's end, yet verify reports no difference\n{run}",
         file_len(&rig.dst) - file_len(&rig.src)
@@ -1442,8 +1382,8 @@ fn journal_dir_full() {
         }
     };
     let mut rng = Rng::new(3);
-    write_random_file(&rig.src, 16 * MIB, &mut rng);
-    let r = rig.sync(&[]).ok_report();
+    write_random_file_with(&rig.src, 16 * MIB, &mut rng);
+    let r = rig.sync(&[]).assert_ok().json();
     assert_eq!(r.opt_u("generation"), Some(1), "{r}");
     let gen1 = sha256_file(&rig.dst);
 
@@ -1451,7 +1391,7 @@ fn journal_dir_full() {
     write_at(&rig.src, 4 * MIB, &rng.bytes(8 * MIB as usize));
     let run = rig.sync(&["--journal-max", "64MiB"]);
     assert_eq!(
-        run.code(),
+        run.code,
         Some(4),
         "a full journal directory is a target error (exit 4)\n{run}"
     );
@@ -1478,8 +1418,8 @@ fn journal_dir_full() {
 
     // More room: the same delta goes through the journal.
     tmpfs.resize("64M");
-    let r = rig.sync(&["--journal-max", "64MiB"]).ok_report();
-    assert_eq!(r.str("apply_mode"), "journal", "{r}");
+    let r = rig.sync(&["--journal-max", "64MiB"]).assert_ok().json();
+    assert_eq!(r.s("apply_mode"), "journal", "{r}");
     assert_eq!(r.opt_u("generation"), Some(2), "{r}");
     assert_eq!(sha256_file(&rig.dst), sha256_file(&rig.src));
     drop(tmpfs);
@@ -1494,7 +1434,7 @@ fn resume_after_interrupting_a_large_first_copy() {
     let _serial = serial();
     const SIZE: u64 = 512 * MIB;
     let rig = Rig::new("snapsync-crash-resume-");
-    write_random_file(&rig.src, SIZE, &mut Rng::new(5));
+    write_random_file(&rig.src, SIZE, 5);
     let src_hash = sha256_file(&rig.src);
     let blocks = SIZE / BLOCK;
 
@@ -1523,7 +1463,7 @@ fn resume_after_interrupting_a_large_first_copy() {
         "the copy finished before a progress mark past half was seen\n{run}"
     );
     assert_eq!(
-        run.code(),
+        run.code,
         Some(5),
         "killing serve is a transport error\n{run}"
     );
@@ -1536,8 +1476,8 @@ fn resume_after_interrupting_a_large_first_copy() {
     eprintln!("killed serve at mark block {mark} of {blocks}");
 
     let run = rig.sync(&["--compress", "none"]);
-    let r = run.ok_report();
-    assert_eq!(r.str("apply_mode"), "resumed", "{r}");
+    let r = run.assert_ok().json();
+    assert_eq!(r.s("apply_mode"), "resumed", "{r}");
     assert_eq!(r.u("start_block"), mark, "{r}");
     assert!(r.u("start_block") > 0);
     assert!(
@@ -1573,11 +1513,7 @@ fn target_write_error() {
         number: 2,
         snapshot: "crafted".into(),
     };
-    let paths = StatePaths {
-        state: dir.path().join("st"),
-        lock: dir.path().join("lock"),
-        journal: dir.path().join("j"),
-    };
+    let paths = scratch_paths(dir.path());
     build_journal(&paths.journal, &ops, &generation, "src", size);
     let gen1 = VolumeState {
         source_id: Some("src".into()),

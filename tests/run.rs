@@ -39,12 +39,9 @@ impl Mounted {
                 .status()
                 .is_ok_and(|s| s.success());
         if !mounted {
-            let msg =
-                format!("cannot make and mount a {fs} filesystem here (root and mkfs.{fs} needed)");
-            if std::env::var("SNAPSYNC_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-                panic!("{msg}");
-            }
-            eprintln!("skipping: {msg}");
+            skip_root_test(&format!(
+                "cannot make and mount a {fs} filesystem here (root and mkfs.{fs} needed)"
+            ));
             return None;
         }
         Some(Self { dir })
@@ -57,9 +54,11 @@ impl Drop for Mounted {
     }
 }
 
-fn write_config(path: &Path, body: &str) -> PathBuf {
-    std::fs::write(path, body).unwrap();
-    path.to_owned()
+/// Writes `dir/c.toml`; returns its path.
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("c.toml");
+    std::fs::write(&path, body).unwrap();
+    path
 }
 
 fn run_once(config: &Path) -> Run {
@@ -85,7 +84,7 @@ fn reflink_cycles(fs: &str) {
     write_random_file(&src, 24 * MIB, 1);
     let dst = tmp.path().join("replica.img");
     let cfg = write_config(
-        &tmp.path().join("c.toml"),
+        tmp.path(),
         &format!(
             "state_dir = \"{st}\"\n[defaults]\ninterval = \"1s\"\ntarget_state_dir = \"{tst}\"\n\
              [[volume]]\nname = \"vm\"\nsource = \"{src}\"\ntarget = \"{dst}\"\nsnapshot = \"reflink\"\n",
@@ -143,7 +142,7 @@ fn reflink_on_a_filesystem_without_it_fails_with_advice() {
     let src = tmp.path().join("src.img");
     write_random_file(&src, MIB, 2);
     let cfg = write_config(
-        &tmp.path().join("c.toml"),
+        tmp.path(),
         &format!(
             "state_dir = \"{st}\"\n[[volume]]\nname = \"a\"\nsource = \"{src}\"\ntarget = \"{dst}\"\n\
              target_state_dir = \"{st}\"\n",
@@ -179,7 +178,7 @@ fn live_copy_with_snapshot_none_warns() {
     let dst = tmp.path().join("dst.img");
     write_random_file(&src, 3 * MIB + 5, 3);
     let cfg = write_config(
-        &tmp.path().join("c.toml"),
+        tmp.path(),
         &format!(
             "state_dir = \"{st}\"\nparallel = 2\n[defaults]\nsnapshot = \"none\"\ntarget_state_dir = \"{st}\"\n\
              [[volume]]\nname = \"a\"\nsource = \"{src}\"\ntarget = \"{dst}\"\n\
@@ -208,7 +207,7 @@ fn concurrent_run_of_a_volume_is_busy() {
     write_random_file(&src, MIB, 4);
     let st = tmp.path().join("st");
     let cfg = write_config(
-        &tmp.path().join("c.toml"),
+        tmp.path(),
         &format!(
             "state_dir = \"{st}\"\n[[volume]]\nname = \"a\"\nsource = \"{src}\"\ntarget = \"{dst}\"\n\
              snapshot = \"none\"\ntarget_state_dir = \"{st}\"\n",
@@ -239,10 +238,7 @@ fn concurrent_run_of_a_volume_is_busy() {
 #[test]
 fn bad_config_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        &tmp.path().join("c.toml"),
-        "[[volume]]\nname = \"a\"\nsource = \"x\"\n",
-    );
+    let cfg = write_config(tmp.path(), "[[volume]]\nname = \"a\"\nsource = \"x\"\n");
     let r = run_once(&cfg);
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("target"), "{r}");

@@ -71,14 +71,16 @@ fn sshd_binary() -> Option<PathBuf> {
     }
 }
 
-fn keygen(path: &Path) {
+/// Makes a key pair at `path` (and `path`.pub); returns `path`.
+fn keygen(path: PathBuf) -> PathBuf {
     let st = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "snapsync-test", "-f"])
-        .arg(path)
+        .arg(&path)
         .stdin(Stdio::null())
         .status()
         .expect("running ssh-keygen");
     assert!(st.success(), "ssh-keygen failed for {}", path.display());
+    path
 }
 
 fn pubkey(key: &Path) -> String {
@@ -109,7 +111,7 @@ impl Sshd {
             .tempdir()
             .unwrap();
         let d = dir.path();
-        keygen(&d.join("host_key"));
+        keygen(d.join("host_key"));
         std::fs::write(d.join("authorized_keys"), authorized.join("\n") + "\n").unwrap();
         // Privilege separation needs this directory (not created by the
         // package in containers). Harmless when not root.
@@ -142,16 +144,9 @@ impl Sshd {
                 ),
             )
             .unwrap();
-            let check = Command::new(sshd)
-                .arg("-t")
-                .arg("-f")
-                .arg(&config)
-                .output()
-                .expect("running sshd -t");
-            assert!(
-                check.status.success(),
-                "sshd -t rejects the test config: {}",
-                String::from_utf8_lossy(&check.stderr)
+            run_helper(
+                Command::new(sshd).arg("-t").arg("-f").arg(&config),
+                "sshd -t rejects the test config",
             );
             let log = d.join("sshd.log");
             let mut child = Command::new(sshd)
@@ -206,6 +201,17 @@ impl Sshd {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
+
+    /// Asserts the exit status of a session through this sshd, showing
+    /// its log on failure.
+    fn assert_code(&self, r: &Run, code: i32, what: &str) {
+        assert_eq!(
+            r.code,
+            Some(code),
+            "{what}\n{r}\n--- sshd log ---\n{}",
+            self.log()
+        );
+    }
 }
 
 /// Waits until sshd accepts connections on `port`.
@@ -227,38 +233,37 @@ fn wait_listening(child: &mut Child, port: u16) -> Result<(), String> {
     }
 }
 
-fn tmp() -> TempDir {
-    tempfile::Builder::new()
+/// sshd and a test directory; `None` when the test is skipped.
+fn setup() -> Option<(PathBuf, TempDir)> {
+    let sshd = sshd_binary()?;
+    let dir = tempfile::Builder::new()
         .prefix("snapsync-ssh-test-")
         .tempdir()
-        .unwrap()
+        .unwrap();
+    Some((sshd, dir))
+}
+
+/// `snapsync WHAT SRC DST --state-dir STATE` through `rsh`.
+fn over(what: &str, src: &Path, dst: &str, state: &Path, rsh: &str) -> Command {
+    let mut c = volume_cmd(what, src, dst, state);
+    c.arg("--rsh").arg(rsh).arg("--remote-bin").arg(bin());
+    c
 }
 
 /// Runs a sync through `rsh`; any exit.
 fn sync_over(src: &Path, dst: &str, state: &Path, rsh: &str, extra: &[&str]) -> Run {
-    let mut c = snapsync();
-    c.arg("sync")
-        .arg(src)
-        .arg(dst)
-        .arg("--rsh")
-        .arg(rsh)
-        .arg("--remote-bin")
-        .arg(bin())
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--json")
-        .args(extra);
-    run_with_deadline(&mut c, DEFAULT_DEADLINE)
+    run_with_deadline(
+        over("sync", src, dst, state, rsh).arg("--json").args(extra),
+        DEFAULT_DEADLINE,
+    )
 }
 
 #[test]
 fn scattered_changes_over_ssh_with_zstd() {
-    let Some(sshd_bin) = sshd_binary() else {
+    let Some((sshd_bin, dir)) = setup() else {
         return;
     };
-    let dir = tmp();
-    let key = dir.path().join("user_key");
-    keygen(&key);
+    let key = keygen(dir.path().join("user_key"));
     let sshd = Sshd::start(&sshd_bin, &[pubkey(&key)]);
     let rsh = sshd.rsh(&key);
     let (src, dst, state) = (
@@ -266,101 +271,54 @@ fn scattered_changes_over_ssh_with_zstd() {
         dir.path().join("dst.img"),
         dir.path().join("state"),
     );
+    // A zstd sync over ssh that must succeed and leave an exact replica.
+    let sync = |from: &Path, to: &Path, what: &str| {
+        let r = sync_over(
+            from,
+            &sshd.remote(to),
+            &state,
+            &rsh,
+            &["--compress", "zstd"],
+        );
+        sshd.assert_code(&r, 0, what);
+        assert_same_content(from, to);
+        r.json()
+    };
     let size = 16 * MIB;
     write_random_file(&src, size, 100);
 
-    let r = sync_over(
-        &src,
-        &sshd.remote(&dst),
-        &state,
-        &rsh,
-        &["--compress", "zstd"],
-    );
-    assert_eq!(
-        r.code,
-        Some(0),
-        "first copy over ssh failed\n{r}\n--- sshd log ---\n{}",
-        sshd.log()
-    );
-    assert_same_content(&src, &dst);
-    let j = r.json();
+    let j = sync(&src, &dst, "first copy over ssh failed");
     assert_eq!(j.u("data_bytes"), size, "{j}");
     assert_eq!(j.s("apply_mode"), "in-place", "{j}");
     assert_eq!(j.opt_u("generation"), Some(1), "{j}");
     // Random data does not compress: it must not grow much either.
     assert!(j.u("wire_bytes_sent") < size + size / 100 + 16 * KIB, "{j}");
 
-    let mut rng = Rng::new(101);
-    let offsets = distinct_aligned_offsets(&mut rng, size, 4 * KIB, 20);
-    for (i, &o) in offsets.iter().enumerate() {
-        write_at(&src, o, &random_bytes(200 + i as u64, 4096));
-    }
-    let mut blocks: Vec<u64> = offsets.iter().map(|o| o / (64 * KIB)).collect();
-    blocks.sort_unstable();
-    blocks.dedup();
-
-    let r = sync_over(
-        &src,
-        &sshd.remote(&dst),
-        &state,
-        &rsh,
-        &["--compress", "zstd"],
-    );
-    assert_eq!(r.code, Some(0), "{r}\n--- sshd log ---\n{}", sshd.log());
-    assert_same_content(&src, &dst);
-    let j = r.json();
-    let want = 20 * 4 * KIB;
-    assert_eq!(j.u("data_bytes"), want, "{j}");
-    assert_eq!(j.u("zero_bytes"), 0, "{j}");
-    assert_eq!(j.u("blocks_changed"), blocks.len() as u64, "{j}");
-    assert_eq!(j.u("target_bytes_written"), want, "{j}");
+    let changed = scatter_writes(&src, size, 101, 200);
+    let j = sync(&src, &dst, "the delta over ssh failed");
+    assert_scattered_delta(&j, size, &changed);
     assert_eq!(j.u("source_bytes_read"), size, "{j}");
-    assert_eq!(j.s("apply_mode"), "journal", "{j}");
-    assert_eq!(j.opt_u("generation"), Some(2), "{j}");
-    let limit = want * 11 / 10 + size / 1000 + 16 * KIB;
-    assert!(
-        j.u("wire_bytes_sent") < limit,
-        "sent {} bytes, limit {limit}: {j}",
-        j.u("wire_bytes_sent")
-    );
 
     // Compressible data does shrink on the wire.
     let text = dir.path().join("text.img");
     write_text_file(&text, 4 * MIB, 102);
     let dst2 = dir.path().join("dst2.img");
-    let r = sync_over(
-        &text,
-        &sshd.remote(&dst2),
-        &state,
-        &rsh,
-        &["--compress", "zstd"],
-    );
-    assert_eq!(r.code, Some(0), "{r}");
-    assert_same_content(&text, &dst2);
-    let j = r.json();
+    let j = sync(&text, &dst2, "the text over ssh failed");
     assert!(
         j.u("wire_bytes_sent") < j.u("data_bytes") / 3,
         "zstd did not compress text: {j}"
     );
 
     // verify over ssh: identical, then a damaged replica.
-    let verify = |extra: &[&str]| {
-        let mut c = snapsync();
-        c.arg("verify")
-            .arg(&src)
-            .arg(sshd.remote(&dst))
-            .arg("--rsh")
-            .arg(&rsh)
-            .arg("--remote-bin")
-            .arg(bin())
-            .arg("--state-dir")
-            .arg(&state)
-            .args(extra);
-        run_with_deadline(&mut c, DEFAULT_DEADLINE)
+    let verify = || {
+        run_with_deadline(
+            &mut over("verify", &src, &sshd.remote(&dst), &state, &rsh),
+            DEFAULT_DEADLINE,
+        )
     };
-    verify(&[]).assert_ok();
+    verify().assert_ok();
     write_at(&dst, 8 * MIB, &random_bytes(103, 4096));
-    let r = verify(&[]);
+    let r = verify();
     r.assert_code(7);
     assert!(
         r.stdout
@@ -371,15 +329,13 @@ fn scattered_changes_over_ssh_with_zstd() {
 
 #[test]
 fn forced_command_refuses_paths_outside_its_allow_list() {
-    let Some(sshd_bin) = sshd_binary() else {
+    let Some((sshd_bin, dir)) = setup() else {
         return;
     };
-    let dir = tmp();
     let allowed = dir.path().join("allowed");
     std::fs::create_dir(&allowed).unwrap();
     let state = dir.path().join("state");
-    let key = dir.path().join("forced_key");
-    keygen(&key);
+    let key = keygen(dir.path().join("forced_key"));
     let forced = format!(
         "command=\"{} serve --allow {}/* --state-dir {}\",no-pty,no-port-forwarding,no-agent-forwarding,no-X11-forwarding {}",
         s(&bin()),
@@ -395,16 +351,13 @@ fn forced_command_refuses_paths_outside_its_allow_list() {
     // Outside the allowed directory: refused by the server.
     let outside = dir.path().join("outside.img");
     let r = sync_over(&src, &sshd.remote(&outside), &state, &rsh, &[]);
-    assert_eq!(r.code, Some(4), "{r}\n--- sshd log ---\n{}", sshd.log());
-    assert!(
-        r.stderr.contains("allow"),
-        "the message names the --allow list\n{r}"
-    );
+    sshd.assert_code(&r, 4, "");
+    r.assert_says("allow", "the message names the --allow list");
     assert!(!outside.exists(), "a refused target was created");
 
     // Inside it: the forced command serves it.
     let inside = allowed.join("dst.img");
     let r = sync_over(&src, &sshd.remote(&inside), &state, &rsh, &[]);
-    assert_eq!(r.code, Some(0), "{r}\n--- sshd log ---\n{}", sshd.log());
+    sshd.assert_code(&r, 0, "");
     assert_same_content(&src, &inside);
 }

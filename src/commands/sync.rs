@@ -174,8 +174,12 @@ pub fn run_session(
         &source.path().display().to_string(),
         t.quiet || t.json,
     );
+    let watcher = peer.kill_on_cancel(cancel);
     let result = source::run(source.clone(), conn, params, &progress, cancel, changes);
     progress.finish();
+    if let Some(w) = watcher {
+        w.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let peer_failure = peer.finish();
     // A signal may surface as a dropped connection or a remote error first.
     let result = if cancel.is_cancelled() && result.is_err() {

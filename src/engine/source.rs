@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -259,9 +260,11 @@ pub fn run(
 
     // From here three helper threads run.
     let (in_tx, in_rx) = unbounded::<Incoming>();
+    let peer_failed = Arc::new(AtomicBool::new(false));
+    let recv_failed = peer_failed.clone();
     let receiver = thread::Builder::new()
         .name("sync-recv".into())
-        .spawn(move || recv_loop(rd, in_tx))
+        .spawn(move || recv_loop(rd, in_tx, recv_failed))
         .expect("spawn receiver");
     let (out_tx, out_rx) = bounded::<(Msg, Vec<u8>)>(256);
     let writer = thread::Builder::new()
@@ -283,6 +286,7 @@ pub fn run(
         send_ops: !(params.dry_run || opened.mode == Mode::Verify),
         collect_ranges: params.dry_run || opened.mode == Mode::Verify,
         report: &mut report,
+        peer_failed,
         io_timeout: params.io_timeout,
         progress,
         cancel,
@@ -313,10 +317,19 @@ pub fn run(
     }
     // Closing our side makes the target finish; then its side closes ours.
     drop(out);
-    let sent = writer.join().expect("writer panicked");
     drop(incoming);
+    if let Err(e) = result {
+        // A writer stuck on a peer that stopped reading (or a reader on one
+        // that stopped writing) ends when the caller kills the peer; don't
+        // wait for it here.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !(writer.is_finished() && receiver.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        return Err(e);
+    }
+    let sent = writer.join().expect("writer panicked");
     let received = receiver.join().expect("receiver panicked");
-    result?;
     report.wire_bytes_sent = sent.map_err(SyncError::from)?;
     report.wire_bytes_received = received;
     let committed = committed.expect("finish sets committed");
@@ -329,7 +342,11 @@ pub fn run(
     Ok(report)
 }
 
-fn recv_loop<R: Read>(mut rd: FrameReader<R>, tx: Sender<Incoming>) -> u64 {
+fn recv_loop<R: Read>(
+    mut rd: FrameReader<R>,
+    tx: Sender<Incoming>,
+    failed: Arc<AtomicBool>,
+) -> u64 {
     loop {
         let item = match rd.read() {
             Ok((Msg::BlockHashes(h), p)) => {
@@ -354,6 +371,9 @@ fn recv_loop<R: Read>(mut rd: FrameReader<R>, tx: Sender<Incoming>) -> u64 {
             Err(e) => Incoming::Failed(e),
         };
         let stop = matches!(item, Incoming::Failed(_) | Incoming::Committed(_));
+        if matches!(item, Incoming::Failed(_)) {
+            failed.store(true, Ordering::SeqCst);
+        }
         if tx.send(item).is_err() && !stop {
             // Nobody listens any more; keep draining so the target can
             // finish writing and close.
@@ -417,6 +437,8 @@ struct Comparer<'a> {
     send_ops: bool,
     collect_ranges: bool,
     report: &'a mut Report,
+    /// Set by the receiver when the target's stream failed or ended.
+    peer_failed: Arc<AtomicBool>,
     /// Longest wait for the target before giving up on it.
     io_timeout: Duration,
     progress: &'a Progress,
@@ -438,6 +460,10 @@ impl Comparer<'_> {
             }
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
+            }
+            // The target went away while our writer is stuck on it.
+            if self.peer_failed.load(Ordering::SeqCst) {
+                return Err(self.peer_gone());
             }
             if started.elapsed() > self.io_timeout {
                 return Err(self.stalled());

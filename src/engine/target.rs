@@ -340,9 +340,13 @@ impl Session {
             }
             Err(e) => return Err(TargetError::new(ErrorCode::TargetIo, format!("{e:#}"))),
         };
-        if lock.is_some() && !open.dry_run {
-            rollback_pending(&paths, &path)?;
-        }
+        // Like a journal, an interrupted snapshot-protected apply is
+        // settled before anything (a verify too) looks at the volume.
+        let mut recovered = if lock.is_some() {
+            rollback_pending(&paths, &path)?
+        } else {
+            None
+        };
         if open.target_snapshot && !open.dry_run && open.mode != Mode::Verify {
             thin_target(&path)?;
         }
@@ -371,8 +375,7 @@ impl Session {
 
         // A complete journal is replayed (the replica becomes generation
         // n), an incomplete one discarded (it stays n-1).
-        let mut recovered = None;
-        if lock.is_some() {
+        if lock.is_some() && recovered.is_none() {
             recovered = journal::recover(&paths, &mut state, volume.as_ref())
                 .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
         }

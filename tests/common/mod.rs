@@ -6,8 +6,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,16 @@ impl Rng {
         self.next_u64() % n
     }
 
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `num/den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+
     pub fn fill(&mut self, buf: &mut [u8]) {
         let mut chunks = buf.chunks_exact_mut(8);
         for c in &mut chunks {
@@ -70,18 +81,27 @@ impl Rng {
         let last = self.next_u64().to_le_bytes();
         rest.copy_from_slice(&last[..rest.len()]);
     }
+
+    /// The next `len` pseudo-random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.fill(&mut v);
+        v
+    }
 }
 
 /// `len` pseudo-random bytes from `seed`.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
-    v
+    Rng::new(seed).bytes(len)
 }
 
-/// Creates (or replaces) `path` with `len` pseudo-random bytes.
+/// Creates (or replaces) `path` with `len` pseudo-random bytes from `seed`.
 pub fn write_random_file(path: &Path, len: u64, seed: u64) {
-    let mut rng = Rng::new(seed);
+    write_random_file_with(path, len, &mut Rng::new(seed));
+}
+
+/// Creates (or replaces) `path` with the next `len` bytes of `rng`.
+pub fn write_random_file_with(path: &Path, len: u64, rng: &mut Rng) {
     let mut f = File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
     let mut buf = vec![0u8; (4 * MIB).min(len.max(1)) as usize];
     let mut left = len;
@@ -219,6 +239,11 @@ pub fn assert_same_content(a: &Path, b: &Path) {
     }
 }
 
+/// Asserts that `path` still hashes to `before` (a [`sha256_file`]).
+pub fn assert_unchanged(path: &Path, before: &str, why: &str) {
+    assert_eq!(sha256_file(path), before, "{why}");
+}
+
 pub fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p)
         .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
@@ -236,23 +261,44 @@ pub fn allocated_blocks(p: &Path) -> u64 {
 #[derive(Debug)]
 pub struct Run {
     pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
     pub elapsed: Duration,
 }
 
 impl Run {
-    /// The parsed `--json` object on stdout (panics with the output if none).
-    pub fn json(&self) -> Report {
+    /// `status` is `None` for a command killed at its deadline.
+    pub fn new(
+        status: Option<ExitStatus>,
+        stdout: String,
+        stderr: String,
+        elapsed: Duration,
+    ) -> Self {
+        Run {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stdout,
+            stderr,
+            elapsed,
+        }
+    }
+
+    /// The `--json` object on stdout (the last one), if any.
+    pub fn report(&self) -> Option<Report> {
         let line = self
             .stdout
             .lines()
             .rev()
-            .find(|l| l.trim_start().starts_with('{'));
-        let v = line
-            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .unwrap_or_else(|| panic!("no JSON object on stdout\n{self}"));
-        Report(v)
+            .find(|l| l.trim_start().starts_with('{'))?;
+        serde_json::from_str(line).ok().map(Report)
+    }
+
+    /// The parsed `--json` object on stdout (panics with the output if none).
+    pub fn json(&self) -> Report {
+        self.report()
+            .unwrap_or_else(|| panic!("no JSON object on stdout\n{self}"))
     }
 
     pub fn assert_code(&self, want: i32) -> &Self {
@@ -263,14 +309,23 @@ impl Run {
     pub fn assert_ok(&self) -> &Self {
         self.assert_code(0)
     }
+
+    /// Asserts that stderr mentions `text`; `why` says what that shows.
+    pub fn assert_says(&self, text: &str, why: &str) -> &Self {
+        assert!(self.stderr.contains(text), "{why}\n{self}");
+        self
+    }
 }
 
 impl std::fmt::Display for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "exit: {:?} after {:.2}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            "exit: {:?}{} after {:.3}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.code,
+            self.signal
+                .map(|sig| format!(" (signal {sig})"))
+                .unwrap_or_default(),
             self.elapsed.as_secs_f64(),
             self.stdout,
             self.stderr
@@ -302,6 +357,10 @@ impl Report {
         self.0.get(key).and_then(|v| v.as_u64())
     }
 
+    pub fn opt_s(&self, key: &str) -> Option<String> {
+        self.0.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+    }
+
     pub fn is_null(&self, key: &str) -> bool {
         self.0.get(key).is_none_or(|v| v.is_null())
     }
@@ -331,11 +390,7 @@ pub fn run_with_deadline(cmd: &mut Command, deadline: Duration) -> Run {
 
 /// Waits for a started child (stdout and stderr piped), calling `tick`
 /// while it runs; kills it and panics at the deadline.
-pub fn wait_with_deadline(
-    mut child: std::process::Child,
-    deadline: Duration,
-    mut tick: impl FnMut(),
-) -> Run {
+pub fn wait_with_deadline(mut child: Child, deadline: Duration, tick: impl FnMut()) -> Run {
     let started = Instant::now();
     let mut out = child.stdout.take().expect("stdout piped");
     let mut err = child.stderr.take().expect("stderr piped");
@@ -349,32 +404,46 @@ pub fn wait_with_deadline(
         let _ = err.read_to_end(&mut s);
         String::from_utf8_lossy(&s).into_owned()
     });
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tick();
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_kill(
+        &mut child,
+        started,
+        deadline,
+        Duration::from_millis(10),
+        tick,
+    );
     let elapsed = started.elapsed();
     // A grandchild holding the pipes must not hang the test either.
     let stdout = join_or_empty(out_t, Duration::from_secs(15));
     let stderr = join_or_empty(err_t, Duration::from_secs(15));
-    let run = Run {
-        code: status.and_then(|s| s.code()),
-        stdout,
-        stderr,
-        elapsed,
-    };
+    let run = Run::new(status, stdout, stderr, elapsed);
     if status.is_none() {
         panic!("command did not finish within {deadline:?}; killed it\n{run}");
     }
     run
+}
+
+/// Polls `child` every `poll`, calling `tick` while it runs, until it
+/// exits; `None` when it was still running `deadline` after `started`
+/// (it is then killed and reaped).
+pub fn wait_or_kill(
+    child: &mut Child,
+    started: Instant,
+    deadline: Duration,
+    poll: Duration,
+    mut tick: impl FnMut(),
+) -> Option<ExitStatus> {
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tick();
+        thread::sleep(poll);
+    }
 }
 
 fn join_or_empty(h: thread::JoinHandle<String>, wait: Duration) -> String {
@@ -387,6 +456,29 @@ fn join_or_empty(h: thread::JoinHandle<String>, wait: Duration) -> String {
     } else {
         "<output pipe still held open by another process>".into()
     }
+}
+
+/// Says on stderr that a test is skipped because this machine cannot run
+/// it (`why`); with SNAPSYNC_REQUIRE_ROOT_TESTS=1 (CI) that is a failure.
+pub fn skip_root_test(why: &str) {
+    if std::env::var("SNAPSYNC_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("{why}, and SNAPSYNC_REQUIRE_ROOT_TESTS=1");
+    }
+    eprintln!("NOTICE: skipping: {why}");
+}
+
+/// Runs a helper program (not the binary under test) to the end; panics
+/// with `what` and its stderr unless it succeeds.
+pub fn run_helper(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Runs `snapsync ARGS…` with the default deadline.
@@ -404,20 +496,27 @@ pub fn sync_json(src: &Path, dst: &str, state: &Path, extra: &[&str]) -> Report 
 
 /// `snapsync sync SRC DST --state-dir STATE --json EXTRA…`, any exit.
 pub fn sync_run(src: &Path, dst: &str, state: &Path, extra: &[&str]) -> Run {
-    let mut c = snapsync();
-    c.arg("sync")
-        .arg(src)
-        .arg(dst)
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--json")
-        .args(extra);
+    let mut c = volume_cmd("sync", src, dst, state);
+    c.arg("--json").args(extra);
     run_with_deadline(&mut c, DEFAULT_DEADLINE)
+}
+
+/// `snapsync WHAT SRC DST --state-dir STATE` (`sync` or `verify`), for the
+/// caller to add options to.
+pub fn volume_cmd(what: &str, src: &Path, dst: &str, state: &Path) -> Command {
+    let mut c = snapsync();
+    c.arg(what).arg(src).arg(dst).arg("--state-dir").arg(state);
+    c
 }
 
 /// Path as a `&str` (test paths are ASCII).
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
+}
+
+/// Borrows owned arguments as the `&[&str]` the helpers take.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 // ---------------------------------------------------------------- rsh
@@ -463,8 +562,10 @@ pub fn remote_args(rsh: &Path) -> Vec<String> {
     ]
 }
 
-/// Name of the per-volume lock file in a state directory.
-pub fn lock_path(state: &Path, volume: &Path) -> PathBuf {
+/// The documented stem of a volume's files in a state directory: the
+/// volume's absolute path with '%' → "%25" and '/' → "%2F". Computed here
+/// independently of the library, so the tests also pin the naming.
+pub fn state_key(volume: &Path) -> String {
     let mut key = String::new();
     for c in s(volume).chars() {
         match c {
@@ -473,7 +574,61 @@ pub fn lock_path(state: &Path, volume: &Path) -> PathBuf {
             c => key.push(c),
         }
     }
-    state.join(format!("{key}.lock"))
+    key
+}
+
+/// Name of the per-volume lock file in a state directory.
+pub fn lock_path(state: &Path, volume: &Path) -> PathBuf {
+    state.join(format!("{}.lock", state_key(volume)))
+}
+
+/// Writes 20 blocks of 4 KiB at distinct aligned offsets (picked with
+/// `seed`), the `i`th of `random_bytes(data_seed + i)`; returns the ranges.
+pub fn scatter_writes(path: &Path, size: u64, seed: u64, data_seed: u64) -> Vec<(u64, u64)> {
+    let mut rng = Rng::new(seed);
+    let offsets = distinct_aligned_offsets(&mut rng, size, 4 * KIB, 20);
+    for (i, &o) in offsets.iter().enumerate() {
+        write_at(path, o, &random_bytes(data_seed + i as u64, 4096));
+    }
+    offsets.into_iter().map(|o| (o, 4 * KIB)).collect()
+}
+
+/// Number of distinct `block`-sized blocks the byte ranges touch.
+pub fn blocks_touched(ranges: &[(u64, u64)], block: u64) -> u64 {
+    let mut blocks: Vec<u64> = ranges
+        .iter()
+        .flat_map(|&(o, l)| o / block..(o + l).div_ceil(block))
+        .collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    blocks.len() as u64
+}
+
+/// What the journaled second sync of a `size`-byte volume (64 KiB blocks)
+/// reports after [`scatter_writes`] changed the ranges `changed`: only
+/// those travel and are written, with little overhead on the wire.
+pub fn assert_scattered_delta(r: &Report, size: u64, changed: &[(u64, u64)]) {
+    let want: u64 = changed.iter().map(|&(_, l)| l).sum();
+    assert_eq!(
+        r.u("data_bytes"),
+        want,
+        "only the changed sub-blocks travel: {r}"
+    );
+    assert_eq!(r.u("zero_bytes"), 0, "{r}");
+    assert_eq!(
+        r.u("blocks_changed"),
+        blocks_touched(changed, 64 * KIB),
+        "{r}"
+    );
+    assert_eq!(r.u("target_bytes_written"), want, "{r}");
+    assert_eq!(r.s("apply_mode"), "journal", "{r}");
+    assert_eq!(r.opt_u("generation"), Some(2), "{r}");
+    let limit = want * 11 / 10 + size / 1000 + 16 * KIB;
+    assert!(
+        r.u("wire_bytes_sent") < limit,
+        "sent {} bytes, limit {limit}: {r}",
+        r.u("wire_bytes_sent")
+    );
 }
 
 /// Distinct 4 KiB-aligned offsets in `0..size`, in random order.

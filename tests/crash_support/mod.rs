@@ -1,24 +1,24 @@
-//! Helpers for the crash-consistency tests (`tests/crash.rs`): the binary
-//! under test, seeded data, hashing, processes that can be killed for real,
-//! and a view of the target's state directory.
+//! Helpers for the crash-consistency tests (`tests/crash.rs`), on top of
+//! those all the integration tests share (`tests/common`): seeds,
+//! processes that can be killed for real, and a view of the target's state
+//! directory.
 
 #![allow(dead_code)]
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use snapsync::journal::Trailer;
-use snapsync::state::VolumeState;
+use snapsync::state::{StatePaths, VolumeState};
 
-pub const KIB: u64 = 1024;
-pub const MIB: u64 = 1024 * 1024;
+use crate::common::{
+    bin, run_helper, s, sha256_file, state_key, wait_or_kill, write_script, Run, MIB,
+};
 
 /// Longest a command may run before the test calls it a hang.
 pub const DEADLINE: Duration = Duration::from_secs(120);
@@ -31,77 +31,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The binary under test: `$SNAPSYNC_BIN` if set, else cargo's build.
-pub fn bin() -> PathBuf {
-    match std::env::var_os("SNAPSYNC_BIN") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => assert_cmd::cargo::cargo_bin("snapsync"),
-    }
-}
-
-/// A `snapsync` command with logging left at its default.
-pub fn snapsync() -> Command {
-    let mut c = Command::new(bin());
-    c.env_remove("RUST_LOG");
-    c
-}
-
-/// Path as `&str` (test paths are ASCII).
-pub fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
 // ------------------------------------------------------------------ data
-
-/// Deterministic xorshift64* generator: fast, seeded, not cryptographic.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    /// True with probability `num/den`.
-    pub fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.fill(&mut v);
-        v
-    }
-}
 
 /// A seed from `$SNAPSYNC_CRASH_SEED`, else from the clock (printed by the
 /// callers so a failure can be replayed).
@@ -116,74 +46,6 @@ pub fn seed() -> u64 {
             .unwrap()
             .as_nanos() as u64,
     }
-}
-
-/// Creates (or replaces) `path` with `len` pseudo-random bytes.
-pub fn write_random_file(path: &Path, len: u64, rng: &mut Rng) {
-    let mut f = File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-    let mut buf = vec![0u8; (4 * MIB).min(len.max(1)) as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.sync_all().unwrap();
-}
-
-/// Writes `data` at `offset` of an existing file.
-pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    f.write_all_at(data, offset).unwrap();
-}
-
-pub fn set_len(path: &Path, len: u64) {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_len(len)
-        .unwrap();
-}
-
-pub fn file_len(p: &Path) -> u64 {
-    fs::metadata(p)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
-        .len()
-}
-
-pub fn sha256_file(path: &Path) -> String {
-    let mut f = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex(&h.finalize())
-}
-
-/// sha256 of the first `len` bytes of a file.
-pub fn sha256_prefix(path: &Path, len: u64) -> String {
-    let f = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    let mut r = f.take(len);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    loop {
-        let n = r.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex(&h.finalize())
 }
 
 /// Whether every byte of the file from `offset` on is zero.
@@ -202,55 +64,54 @@ pub fn is_zero_from(path: &Path, offset: u64) -> bool {
     }
 }
 
-pub fn sha256_bytes(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Short form of a digest for messages.
-pub fn short(h: &str) -> &str {
-    &h[..12.min(h.len())]
-}
-
 // ------------------------------------------------------------- state dir
 
-/// The files the target keeps for one volume in its state directory, named
-/// as documented: the volume's absolute path with '%' → "%25" and
-/// '/' → "%2F". Computed independently of the library on purpose, so the
-/// tests also pin the naming.
-#[derive(Debug, Clone)]
-pub struct StateFiles {
-    pub state: PathBuf,
-    pub lock: PathBuf,
-    pub journal: PathBuf,
+/// The files the target keeps for one volume in its state directory, as
+/// the library names them, checked against the documented naming
+/// ([`state_key`], computed independently) so the tests also pin it.
+pub fn state_files(state_dir: &Path, volume: &Path) -> StatePaths {
+    let paths = StatePaths::new(state_dir, volume);
+    let key = state_key(volume);
+    for (path, suffix) in [
+        (&paths.state, "state.json"),
+        (&paths.lock, "lock"),
+        (&paths.journal, "journal"),
+    ] {
+        assert_eq!(
+            *path,
+            state_dir.join(format!("{key}.{suffix}")),
+            "the {suffix} file of {} is not named as documented",
+            volume.display()
+        );
+    }
+    paths
 }
 
-impl StateFiles {
-    pub fn new(state_dir: &Path, volume: &Path) -> Self {
-        let mut key = String::new();
-        for c in s(volume).chars() {
-            match c {
-                '%' => key.push_str("%25"),
-                '/' => key.push_str("%2F"),
-                c => key.push(c),
-            }
-        }
-        Self {
-            state: state_dir.join(format!("{key}.state.json")),
-            lock: state_dir.join(format!("{key}.lock")),
-            journal: state_dir.join(format!("{key}.journal")),
-        }
+/// Short fixed names in `dir`, for running the library's recovery outside
+/// a state directory.
+pub fn scratch_paths(dir: &Path) -> StatePaths {
+    StatePaths {
+        state: dir.join("st"),
+        lock: dir.join("lock"),
+        journal: dir.join("j"),
     }
+}
 
-    pub fn load(&self) -> VolumeState {
+/// What the tests read through a volume's files.
+pub trait StateFilesExt {
+    /// The state file (a missing one is the empty state).
+    fn load(&self) -> VolumeState;
+    /// What the journal file holds.
+    fn journal(&self) -> JournalFile;
+}
+
+impl StateFilesExt for StatePaths {
+    fn load(&self) -> VolumeState {
         snapsync::state::load(&self.state)
             .unwrap_or_else(|e| panic!("reading {}: {e:#}", self.state.display()))
     }
 
-    pub fn journal(&self) -> JournalFile {
+    fn journal(&self) -> JournalFile {
         journal_status(&self.journal)
     }
 }
@@ -274,6 +135,15 @@ impl JournalFile {
     pub fn sealed(&self) -> bool {
         matches!(self, JournalFile::Sealed(_))
     }
+    /// One word for messages and statistics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JournalFile::Absent => "none",
+            JournalFile::Unsealed => "unsealed",
+            JournalFile::Sealed(_) => "sealed",
+            JournalFile::Corrupt(_) => "corrupt",
+        }
+    }
 }
 
 pub fn journal_status(path: &Path) -> JournalFile {
@@ -295,7 +165,7 @@ pub fn journal_status(path: &Path) -> JournalFile {
 /// replica is after it: (sha256 of the volume, state, what recovery said).
 /// The originals are left exactly as the crash left them, for the binary.
 pub fn recover_copy(
-    files: &StateFiles,
+    files: &StatePaths,
     volume: &Path,
     scratch: &Path,
 ) -> (String, VolumeState, Option<String>) {
@@ -303,11 +173,7 @@ pub fn recover_copy(
     fs::create_dir_all(scratch).unwrap();
     let vol = scratch.join("volume");
     fs::copy(volume, &vol).unwrap();
-    let paths = snapsync::state::StatePaths {
-        state: scratch.join("state.json"),
-        lock: scratch.join("lock"),
-        journal: scratch.join("journal"),
-    };
+    let paths = scratch_paths(scratch);
     if files.state.exists() {
         fs::copy(&files.state, &paths.state).unwrap();
     }
@@ -325,13 +191,6 @@ pub fn recover_copy(
 }
 
 // ------------------------------------------------------------- processes
-
-/// Writes an executable shell script.
-pub fn write_script(path: &Path, body: &str) -> PathBuf {
-    fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_owned()
-}
 
 /// A "remote shell" that records its PID (which `exec` hands on to
 /// `snapsync serve`) in `pidfile`, drops the host and runs the command.
@@ -408,51 +267,6 @@ pub struct Started {
     err: PathBuf,
 }
 
-/// What a finished command did.
-#[derive(Debug)]
-pub struct Run {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-impl Run {
-    pub fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    /// The `--json` report on stdout, if any.
-    pub fn report(&self) -> Option<Report> {
-        let line = self
-            .stdout
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'))?;
-        serde_json::from_str(line).ok().map(Report)
-    }
-
-    /// The report of a run that must have succeeded.
-    pub fn ok_report(&self) -> Report {
-        assert_eq!(self.code(), Some(0), "expected exit 0\n{self}");
-        self.report()
-            .unwrap_or_else(|| panic!("no JSON report\n{self}"))
-    }
-}
-
-impl std::fmt::Display for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "status: {} after {:.3}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status,
-            self.elapsed.as_secs_f64(),
-            self.stdout.trim_end(),
-            self.stderr.trim_end()
-        )
-    }
-}
-
 /// Starts `cmd` with stdin closed and output captured in `dir`.
 pub fn start(cmd: &mut Command, dir: &Path) -> Started {
     let out = dir.join("cmd.stdout");
@@ -479,31 +293,28 @@ impl Started {
 
     /// Waits, killing it and panicking as a hang after `deadline`.
     pub fn wait(mut self, deadline: Duration) -> Run {
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if self.started.elapsed() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "command hung for {deadline:?}; stderr so far:\n{}",
-                    fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(2));
-        };
-        Run {
-            status,
-            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
-            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
-            elapsed: self.started.elapsed(),
+        let status = wait_or_kill(
+            &mut self.child,
+            self.started,
+            deadline,
+            Duration::from_millis(2),
+            || {},
+        );
+        let stderr = fs::read_to_string(&self.err).unwrap_or_default();
+        if status.is_none() {
+            panic!("command hung for {deadline:?}; stderr so far:\n{stderr}");
         }
+        Run::new(
+            status,
+            fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr,
+            self.started.elapsed(),
+        )
     }
 }
 
-/// Runs `cmd` to the end.
-pub fn run(cmd: &mut Command, dir: &Path) -> Run {
+/// Runs `cmd` to the end, its output captured in `dir`.
+pub fn run_in(cmd: &mut Command, dir: &Path) -> Run {
     start(cmd, dir).wait(DEADLINE)
 }
 
@@ -579,43 +390,6 @@ pub fn wait_marker_gone(marker: &str, deadline: Duration) -> bool {
     }
 }
 
-// ------------------------------------------------------------- reports
-
-/// The `--json` report of a session.
-#[derive(Debug, Clone)]
-pub struct Report(pub serde_json::Value);
-
-impl Report {
-    pub fn u(&self, key: &str) -> u64 {
-        self.0
-            .get(key)
-            .and_then(|v| v.as_u64())
-            .unwrap_or_else(|| panic!("report has no integer {key:?}: {}", self.0))
-    }
-
-    pub fn str(&self, key: &str) -> String {
-        self.0
-            .get(key)
-            .and_then(|v| v.as_str())
-            .unwrap_or_else(|| panic!("report has no string {key:?}: {}", self.0))
-            .to_owned()
-    }
-
-    pub fn opt_str(&self, key: &str) -> Option<String> {
-        self.0.get(key).and_then(|v| v.as_str()).map(str::to_owned)
-    }
-
-    pub fn opt_u(&self, key: &str) -> Option<u64> {
-        self.0.get(key).and_then(|v| v.as_u64())
-    }
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
 // ------------------------------------------------------------- tmpfs
 
 /// A tmpfs mounted for the duration of a test; unmounted on drop.
@@ -653,14 +427,9 @@ impl Tmpfs {
 
     /// Changes the size limit, keeping the contents.
     pub fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}"), s(&self.dir)])
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "remount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_helper(
+            Command::new("mount").args(["-o", &format!("remount,size={size}"), s(&self.dir)]),
+            "remount failed",
         );
     }
 }
