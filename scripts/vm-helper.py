@@ -26,6 +26,7 @@ which print raw; a missing key prints "missing".
 import json
 import os
 import random
+import time
 import sys
 
 
@@ -121,6 +122,17 @@ def main(argv):
         finally:
             os.close(fd)
         print(count)
+    elif cmd == "stall":
+        # Forward stdin to stdout, flushing every chunk, then stop after N
+        # bytes and hold both pipes open: a connection that hangs mid-session.
+        limit, done = int(argv[2]), 0
+        while done < limit:
+            b = os.read(0, min(65536, limit - done))
+            if not b:
+                return 0
+            os.write(1, b)
+            done += len(b)
+        time.sleep(600)
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -508,6 +508,50 @@ s_sigterm() {
 }
 
 # g. `status` after all that.
+# --target-snapshot: a thin-LV replica protected by its own snapshot
+# instead of the journal. A session that stalls and is killed after the
+# snapshot was taken leaves a mix on the device; the next open puts the
+# snapshot back, and verify sees the previous generation.
+s_target_snapshot() {
+    lvcreate -q -V 16M -T "$VG/pool" -n tt || die "lvcreate"
+    local dev=/dev/$VG/tt st=$W/tt-state src=$W/tt-src.img rc
+    head -c 12M /dev/urandom >"$src"
+    "$BIN" sync --json --state-dir "$st" --target-snapshot "$src" "$dev" >"$W/tt1.json" || die "first sync failed"
+    [ "$($H get "$W/tt1.json" apply_mode)" = in-place ] || die "first copy: apply_mode $($H get "$W/tt1.json" apply_mode)"
+    cmp -n $((12 << 20)) "$src" "$dev" || die "first copy differs"
+    $H write "$src" 40 11 "$CHUNK" >/dev/null
+    "$BIN" sync --json --state-dir "$st" --target-snapshot "$src" "$dev" >"$W/tt2.json" || die "second sync failed"
+    [ "$($H get "$W/tt2.json" apply_mode)" = snapshot ] || die "delta: apply_mode $($H get "$W/tt2.json" apply_mode)"
+    cmp -n $((12 << 20)) "$src" "$dev" || die "delta differs"
+    lvs --noheadings -o lv_name "$VG" | grep -q rollback && die "rollback snapshot left after a commit"
+    cp "$src" "$W/tt-gen2.img"
+    # Generation 3 stalls after 1 MiB of the session and serve is killed.
+    head -c 4M /dev/urandom | dd of="$src" bs=1M seek=2 conv=notrunc status=none
+    printf '#!/bin/sh\nshift\n%s stall 1048576 | sh -c "$*"\n' "$H" >"$W/stall-rsh"
+    chmod +x "$W/stall-rsh"
+    "$BIN" sync --json --state-dir "$st" --target-snapshot --timeout 5s --rsh "$W/stall-rsh" --remote-bin "$BIN" \
+        "$src" "localhost:$dev" >"$W/tt3.json" 2>"$W/tt3.err" &
+    local pid=$!
+    wait_for "the rollback snapshot" 60 sh -c "lvs --noheadings -o lv_name $VG | grep -q tt.snapsync-rollback"
+    sleep 1
+    pkill -KILL -f "serve --allow $dev" || die "no serve to kill"
+    rc=0
+    wait "$pid" || rc=$?
+    [ "$rc" = 5 ] || die "stalled sync: exit $rc, expected 5 ($(cat "$W/tt3.err"))"
+    # The next open rolls back: the replica is generation 2 again.
+    "$BIN" verify --json --state-dir "$st" "$W/tt-gen2.img" "$dev" >"$W/tt4.json" ||
+        die "verify after rollback: exit $? $(cat "$W/tt4.json")"
+    $H get "$W/tt4.json" recovered | grep -q "rolled" || die "verify did not roll back: $(cat "$W/tt4.json")"
+    lvs --noheadings -o lv_name "$VG" | grep -q rollback && die "rollback snapshot left after the rollback"
+    "$BIN" sync --json --state-dir "$st" --target-snapshot "$src" "$dev" >"$W/tt5.json" || die "sync after rollback failed"
+    [ "$($H get "$W/tt5.json" apply_mode)" = snapshot ] || die "after rollback: apply_mode $($H get "$W/tt5.json" apply_mode)"
+    cmp -n $((12 << 20)) "$src" "$dev" || die "generation 3 differs"
+    # A file target is refused.
+    "$BIN" sync --state-dir "$st" --target-snapshot "$src" "$W/tt-file.img" 2>"$W/tt6.err" && die "file target accepted"
+    grep -q "thin" "$W/tt6.err" || die "no explanation: $(cat "$W/tt6.err")"
+    lvremove -qf "$VG/tt" >/dev/null
+}
+
 s_status() {
     local cfg=$W/all.toml v
     {
@@ -583,6 +627,7 @@ scenario f-concurrent-runs-busy s_concurrent
 scenario p-parallel-volumes-one-pool s_parallel_pool
 scenario r-resize-and-lost-base s_resize
 scenario t-sigterm s_sigterm
+scenario s-target-snapshot s_target_snapshot
 scenario g-status s_status
 
 vgchange -q -an "$VG" || true
