@@ -176,7 +176,18 @@ impl Peer {
                         }
                     }
                 };
-                let said = stderr.join().unwrap_or_default();
+                // Whatever the remote shell left running (it may hold our
+                // pipes open) goes with it; then its stderr ends.
+                kill_group(&child);
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !stderr.is_finished() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                let said = if stderr.is_finished() {
+                    stderr.join().unwrap_or_default()
+                } else {
+                    String::new()
+                };
                 match status {
                     Some(s) if s.success() => {
                         if !said.is_empty() {
