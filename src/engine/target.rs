@@ -917,7 +917,10 @@ fn thin_target(path: &Path) -> Result<LvName, TargetError> {
     let usage = |why: String| {
         TargetError::new(
             ErrorCode::Usage,
-            format!("--target-snapshot: {}: {why}", path.display()),
+            format!(
+                "--target-snapshot needs a thin LVM volume as target; {}: {why}",
+                path.display()
+            ),
         )
     };
     let info = Lvm::new()
