@@ -138,6 +138,10 @@ pub struct RunArgs {
     pub once: bool,
     #[arg(long)]
     pub json: bool,
+    /// Copy-on-write space of thick LVM snapshots, for every volume: bytes
+    /// or a percentage of the origin (overrides the config's snapshot_size).
+    #[arg(long)]
+    pub snapshot_size: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -164,6 +164,19 @@ pub fn parse(text: &str) -> Result<(Config, Vec<Volume>)> {
     Ok((cfg, volumes))
 }
 
+/// "20%" (of the origin's size) or a size such as "8GiB".
+pub fn parse_snapshot_size(text: &str) -> Result<SnapshotSize> {
+    Ok(match text.strip_suffix('%') {
+        Some(p) => match p.trim().parse::<f64>() {
+            Ok(p) if p > 0.0 && p <= 100.0 => SnapshotSize::Percent(p),
+            _ => anyhow::bail!("snapshot_size {text:?}: a percentage must be in (0, 100]"),
+        },
+        None => SnapshotSize::Bytes(
+            crate::cli::parse_size(text).map_err(|e| anyhow::anyhow!("snapshot_size: {e}"))?,
+        ),
+    })
+}
+
 fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
     let s = &v.settings;
     let pick = |a: &Option<String>, b: &Option<String>, dflt: &str| {
@@ -182,14 +195,7 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         "none" => SnapshotKind::None,
         other => anyhow::bail!("snapshot {other:?}: use auto, lvm, reflink or none"),
     };
-    let snapshot_size = pick(&s.snapshot_size, &d.snapshot_size, "20%");
-    let snapshot_size = match snapshot_size.strip_suffix('%') {
-        Some(p) => match p.trim().parse::<f64>() {
-            Ok(p) if p > 0.0 && p <= 100.0 => SnapshotSize::Percent(p),
-            _ => anyhow::bail!("snapshot_size {snapshot_size:?}: a percentage must be in (0, 100]"),
-        },
-        None => SnapshotSize::Bytes(size("snapshot_size", snapshot_size)?),
-    };
+    let snapshot_size = parse_snapshot_size(&pick(&s.snapshot_size, &d.snapshot_size, "20%"))?;
     let compress = pick(&s.compress, &d.compress, "auto");
     crate::cli::parse_compress(&compress, true)?;
     let block_size = size("block_size", pick(&s.block_size, &d.block_size, "64KiB"))?;
@@ -257,6 +263,21 @@ mod tests {
         let dup = "[[volume]]\nname=\"x\"\nsource=\"a\"\ntarget=\"b\"\n[[volume]]\nname=\"x\"\nsource=\"a\"\ntarget=\"b\"";
         assert!(format!("{:#}", parse(dup).unwrap_err()).contains("twice"));
         assert!(parse("[[volume]]\nname=\"../x\"\nsource=\"a\"\ntarget=\"b\"").is_err());
+    }
+
+    #[test]
+    fn snapshot_sizes() {
+        assert_eq!(
+            parse_snapshot_size("20%").unwrap(),
+            SnapshotSize::Percent(20.0)
+        );
+        assert_eq!(
+            parse_snapshot_size("8MiB").unwrap(),
+            SnapshotSize::Bytes(8 << 20)
+        );
+        assert!(parse_snapshot_size("0%").is_err());
+        assert!(parse_snapshot_size("150%").is_err());
+        assert!(parse_snapshot_size("lots").is_err());
     }
 
     #[test]

@@ -521,8 +521,21 @@ pub fn due(st: &SourceState, interval: Duration, at: u64) -> bool {
 
 /// `snapsync run`: cycles of due volumes, `parallel` at a time; with
 /// `once`, one pass and exit.
-pub fn run(config_path: &Path, once: bool, json: bool, cancel: &Cancel) -> Result<Exit> {
-    let (cfg, volumes) = config::load(config_path)?;
+pub fn run(
+    config_path: &Path,
+    once: bool,
+    json: bool,
+    snapshot_size: Option<&str>,
+    cancel: &Cancel,
+) -> Result<Exit> {
+    let (cfg, mut volumes) = config::load(config_path)?;
+    if let Some(text) = snapshot_size {
+        let size = config::parse_snapshot_size(text)
+            .map_err(|e| crate::exit::UsageError(format!("--snapshot-size: {e:#}")))?;
+        for v in &mut volumes {
+            v.snapshot_size = size;
+        }
+    }
     if volumes.is_empty() {
         return Err(crate::exit::UsageError(format!(
             "{}: no [[volume]] configured",

@@ -244,4 +244,18 @@ fn bad_config_is_a_usage_error() {
     assert!(r.stderr.contains("target"), "{r}");
     let r = run(&["run", "--once", "--config", "/nonexistent.toml"]);
     assert_eq!(r.code, Some(2), "{r}");
+    let good = write_config(
+        tmp.path(),
+        "[[volume]]\nname = \"a\"\nsource = \"x\"\ntarget = \"y\"\n",
+    );
+    let r = run(&[
+        "run",
+        "--once",
+        "--snapshot-size",
+        "150%",
+        "--config",
+        s(&good),
+    ]);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("--snapshot-size"), "{r}");
 }

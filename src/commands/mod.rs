@@ -13,7 +13,13 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Command::Sync(a) => sync::sync(a),
         Command::Verify(a) => sync::verify(a),
         Command::Serve(a) => serve::serve(a),
-        Command::Run(a) => crate::job::run(&a.config, a.once, a.json, &cancel_on_signals()?),
+        Command::Run(a) => crate::job::run(
+            &a.config,
+            a.once,
+            a.json,
+            a.snapshot_size.as_deref(),
+            &cancel_on_signals()?,
+        ),
         Command::Status(a) => crate::job::status(&a.config, a.json),
     }
 }
