@@ -18,17 +18,19 @@ use blockdiff::BlockSize;
 use serde::{Deserialize, Serialize};
 use snapshot::lvm::{LvInfo, LvName, Lvm, SnapshotState};
 use snapshot::reflink::ReflinkSnapshot;
-use snapshot::{Access, FileVolume, Volume};
 use wire::{Generation, Mode};
 
 use crate::cli::{parse_compress, TransferArgs};
-use crate::commands::sync::run_session;
+use crate::commands::sync::{open_source, run_session};
 use crate::config::{self, SnapshotKind};
 use crate::engine::source::{Report, SessionParams};
 use crate::engine::Cancel;
 use crate::exit::{classify, Coded, Exit};
 use crate::state::{self, VolumeLock};
 use crate::transport::Destination;
+
+/// How long a cycle waits for a silent target (`sync --timeout`'s default).
+const IO_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Every snapshot snapsync makes carries this tag, so it can find its own.
 pub const TAG: &str = "snapsync";
@@ -154,7 +156,7 @@ fn transfer_args(vol: &config::Volume) -> TransferArgs {
         json: false,
         quiet: true,
         keep_cache: false,
-        timeout: Duration::from_secs(600),
+        timeout: IO_TIMEOUT,
     }
 }
 
@@ -164,27 +166,18 @@ fn params(
     source_id: String,
     snapshot_id: String,
 ) -> Result<SessionParams> {
-    let target_path = match dest {
-        Destination::Local(p) => crate::transport::absolute(p)?
-            .to_string_lossy()
-            .into_owned(),
-        Destination::Remote { path, .. } => path.clone(),
-    };
-    Ok(SessionParams {
-        target_path,
-        block_size: BlockSize::new(vol.block_size)?,
-        compress: parse_compress(&vol.compress, matches!(dest, Destination::Remote { .. }))?,
-        mode: Mode::FullScan,
-        dry_run: false,
-        force: false,
-        resume: true,
-        journal_max: vol.journal_max,
+    let block_size = BlockSize::new(vol.block_size)?;
+    let mut p = SessionParams::new(
+        dest.target_path()?,
+        block_size,
         source_id,
         snapshot_id,
-        base: None,
-        target_snapshot: vol.target_snapshot,
-        io_timeout: Duration::from_secs(600),
-    })
+        IO_TIMEOUT,
+    );
+    p.compress = parse_compress(&vol.compress, matches!(dest, Destination::Remote { .. }))?;
+    p.journal_max = vol.journal_max;
+    p.target_snapshot = vol.target_snapshot;
+    Ok(p)
 }
 
 /// Whether `source` names an LVM volume (as opposed to a file or device path).
@@ -225,7 +218,7 @@ fn run_cycle(
                 vol.name,
                 src.display()
             );
-            let v = open_source(&src)?;
+            let v = open_source(&src, true)?;
             let p = params(vol, &dest, source_id, format!("live:{}", now()))?;
             run_session(v, &dest, &t, &p, cancel, None)
         }
@@ -241,7 +234,7 @@ fn run_cycle(
                 exit: Exit::Source,
                 message: format!("volume {}: {e}", vol.name),
             })?;
-            let v = open_source(snap.path())?;
+            let v = open_source(snap.path(), true)?;
             let p = params(
                 vol,
                 &dest,
@@ -254,14 +247,6 @@ fn run_cycle(
             r
         }
     }
-}
-
-fn open_source(p: &Path) -> Result<Arc<dyn Volume>> {
-    let mut v = FileVolume::open(p, Access::Read)
-        .map_err(crate::engine::source::SyncError::Source)
-        .context("opening the source")?;
-    v.advise_sequential(true);
-    Ok(Arc::new(v))
 }
 
 fn lvm_err(vol: &config::Volume, what: &str) -> impl Fn(snapshot::lvm::LvmError) -> anyhow::Error {
@@ -374,6 +359,7 @@ fn lvm_cycle(
             snap.path
                 .as_deref()
                 .context("thin snapshot has no device path")?,
+            true,
         )?;
         let result = run_session(v, dest, &t, &p, cancel, changes);
         let _ = std::fs::remove_file(&spill);
@@ -438,6 +424,7 @@ fn lvm_cycle(
         snap.path
             .as_deref()
             .context("snapshot has no device path")?,
+        true,
     )?;
     let result = run_session(v, dest, &t, &p, &session_cancel, None);
     done.store(true, Ordering::SeqCst);

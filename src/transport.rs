@@ -27,6 +27,15 @@ pub enum Destination {
 }
 
 impl Destination {
+    /// The replica's path as the target will see it: absolute for a local
+    /// one, as given for a remote one (resolved on that host).
+    pub fn target_path(&self) -> Result<String> {
+        Ok(match self {
+            Destination::Local(p) => absolute(p)?.to_string_lossy().into_owned(),
+            Destination::Remote { path, .. } => path.clone(),
+        })
+    }
+
     /// `[user@]host:/path` is remote (a ':' before the first '/'), like rsync.
     pub fn parse(s: &str) -> Self {
         match s.split_once(':') {

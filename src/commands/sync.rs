@@ -22,7 +22,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     let dest = Destination::parse(&a.dst);
     let compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
     let cancel = super::cancel_on_signals()?;
-    let source = open_source(&a.src, &a.transfer)?;
+    let source = open_source(&a.src, !a.transfer.keep_cache)?;
     let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
     params.compress = compress;
     params.dry_run = a.dry_run;
@@ -52,7 +52,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
 pub fn verify(a: VerifyArgs) -> Result<Exit> {
     let dest = Destination::parse(&a.dst);
     let cancel = super::cancel_on_signals()?;
-    let source = open_source(&a.src, &a.transfer)?;
+    let source = open_source(&a.src, !a.transfer.keep_cache)?;
     let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
     params.mode = Mode::Verify;
     params.force = true;
@@ -91,11 +91,13 @@ fn differs(r: &Report) -> Coded {
     }
 }
 
-fn open_source(path: &Path, t: &TransferArgs) -> Result<Arc<dyn Volume>> {
+/// Opens a source volume for a sequential scan; `drop_behind` lets the
+/// pages it read leave the page cache.
+pub fn open_source(path: &Path, drop_behind: bool) -> Result<Arc<dyn Volume>> {
     let mut v = FileVolume::open(path, Access::Read)
         .map_err(SyncError::Source)
         .context("opening the source")?;
-    v.advise_sequential(!t.keep_cache);
+    v.advise_sequential(drop_behind);
     Ok(Arc::new(v))
 }
 
@@ -119,25 +121,13 @@ fn session_params(
         v.size(),
         meta.mtime_nsec() + meta.mtime() * 1_000_000_000
     );
-    let target_path = match dest {
-        Destination::Local(p) => transport::absolute(p)?.to_string_lossy().into_owned(),
-        Destination::Remote { path, .. } => path.clone(),
-    };
-    Ok(SessionParams {
-        target_path,
+    Ok(SessionParams::new(
+        dest.target_path()?,
         block_size,
-        compress: None,
-        mode: Mode::FullScan,
-        dry_run: false,
-        force: false,
-        resume: true,
-        journal_max: 1 << 30,
         source_id,
         snapshot_id,
-        base: None,
-        target_snapshot: false,
-        io_timeout: t.timeout,
-    })
+        t.timeout,
+    ))
 }
 
 /// Connects to the destination, runs one session and waits for the peer.

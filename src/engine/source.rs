@@ -72,6 +72,34 @@ pub struct SessionParams {
     pub target_snapshot: bool,
 }
 
+impl SessionParams {
+    /// A full-scan session with the defaults of `snapsync sync`: resume
+    /// on, journal up to 1 GiB, no compression; callers set the rest.
+    pub fn new(
+        target_path: String,
+        block_size: BlockSize,
+        source_id: String,
+        snapshot_id: String,
+        io_timeout: Duration,
+    ) -> Self {
+        Self {
+            target_path,
+            block_size,
+            compress: None,
+            mode: Mode::FullScan,
+            dry_run: false,
+            force: false,
+            resume: true,
+            journal_max: 1 << 30,
+            source_id,
+            snapshot_id,
+            base: None,
+            io_timeout,
+            target_snapshot: false,
+        }
+    }
+}
+
 /// True counts of what a session did; printed by `--json`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
