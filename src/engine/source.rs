@@ -319,6 +319,10 @@ pub fn run(
         progress,
         cancel,
         committed: None,
+        credited: opened.start_block,
+        // Often enough that the target never waits long for it and its
+        // resume marks stay fine-grained.
+        credit_step: (opened.window_blocks / 4).clamp(1, 64),
     };
     // A file replica longer than the source differs in its tail (a sync
     // truncates it at commit; a verify or dry run must say so).
@@ -472,6 +476,9 @@ struct Comparer<'a> {
     progress: &'a Progress,
     cancel: &'a Cancel,
     committed: Option<Committed>,
+    /// The last credit sent, and how far it moves before the next.
+    credited: u64,
+    credit_step: u64,
 }
 
 impl Comparer<'_> {
@@ -543,6 +550,7 @@ impl Comparer<'_> {
         }
     }
 
+    /// The target's digest of `block`; every block before it is compared.
     fn target_digest(&mut self, block: u64) -> Result<Digest, SyncError> {
         loop {
             if let Some((first, d)) = self.hashes.front() {
@@ -562,8 +570,24 @@ impl Comparer<'_> {
                 self.hashes.pop_front();
                 continue;
             }
+            // The target may be waiting for credit that only a pending
+            // refinement holds back: settle what is ready and grant it.
+            while !self.pending.is_empty() && self.resolve_pending(false)? {}
+            self.grant_credit(block, 1)?;
             self.pump()?;
         }
+    }
+
+    /// Lets the target scan on: every op below the first unsent block is
+    /// sent. Sends only when the credit moves at least `step` blocks.
+    fn grant_credit(&mut self, compared: u64, step: u64) -> Result<(), SyncError> {
+        let total = self.block.blocks_in(self.size);
+        let through = self.first_unsent(compared).min(total);
+        if through >= self.credited + step {
+            self.send(Msg::Credit(Credit { through }), Vec::new())?;
+            self.credited = through;
+        }
+        Ok(())
     }
 
     fn run_scan(&mut self, opened: &Opened) -> Result<(), SyncError> {
@@ -577,7 +601,6 @@ impl Comparer<'_> {
             self.cancel.clone(),
         );
         let zero_block = vec![0u8; self.block.bytes() as usize];
-        let mut next_credit = opened.start_block;
         for chunk in reader.chunks.iter() {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
@@ -585,17 +608,9 @@ impl Comparer<'_> {
             let chunk = chunk?;
             self.compare_chunk(&chunk, &zero_block)?;
             self.report.source_bytes_read = reader.bytes_read();
-            let through = self.first_unsent(chunk.first_block + chunk.blocks);
+            let compared = chunk.first_block + chunk.blocks;
             reader.recycle(chunk);
-            if through >= next_credit {
-                self.send(
-                    Msg::Credit(Credit {
-                        through: through.min(total),
-                    }),
-                    Vec::new(),
-                )?;
-                next_credit = through + 64;
-            }
+            self.grant_credit(compared, self.credit_step)?;
         }
         if self.cancel.is_cancelled() {
             return Err(SyncError::Interrupted);
