@@ -572,9 +572,13 @@ impl Comparer<'_> {
             }
             // The target may be waiting for credit that only a pending
             // refinement holds back: settle what is ready and grant it.
+            // Settling may stash the very digests we wait for: look again
+            // before waiting for more.
             while !self.pending.is_empty() && self.resolve_pending(false)? {}
             self.grant_credit(block, 1)?;
-            self.pump()?;
+            if self.hashes.is_empty() {
+                self.pump()?;
+            }
         }
     }
 
@@ -619,6 +623,7 @@ impl Comparer<'_> {
         while !self.pending.is_empty() {
             self.resolve_pending(true)?;
         }
+        tracing::debug!("compared {} blocks", total - opened.start_block);
         self.send(Msg::Credit(Credit { through: total }), Vec::new())?;
         self.send(
             Msg::Finish(Finish {
