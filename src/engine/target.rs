@@ -520,7 +520,7 @@ impl Session {
             let (s, tx, start) = (shared.clone(), out_tx.clone(), self.start_block);
             thread::Builder::new()
                 .name("serve-scan".into())
-                .spawn(move || scan_loop(&s, &tx, start))
+                .spawn(move || report_failure(scan_loop(&s, &tx, start), &tx))
                 .expect("spawn")
         });
         let (refine_tx, refine_rx) = unbounded::<u64>();
@@ -528,7 +528,7 @@ impl Session {
             let (s, tx) = (shared.clone(), out_tx.clone());
             thread::Builder::new()
                 .name("serve-refine".into())
-                .spawn(move || refine_loop(&s, &tx, refine_rx))
+                .spawn(move || report_failure(refine_loop(&s, &tx, refine_rx), &tx))
                 .expect("spawn")
         };
 
@@ -967,6 +967,19 @@ pub fn rollback_pending(paths: &StatePaths, path: &Path) -> Result<Option<String
     state::save(&paths.state, &state).map_err(|e| io(format!("{e:#}")))?;
     tracing::info!("{}: {what}", path.display());
     Ok(Some(what))
+}
+
+/// A helper thread failed: tell the source now. It is waiting for what
+/// the thread would have sent, and our main thread for the source.
+fn report_failure(result: Result<(), TargetError>, tx: &Sender<Out>) -> Result<(), TargetError> {
+    if let Err(e) = &result {
+        let msg = Msg::Error(RemoteError {
+            code: e.code,
+            message: e.message.clone(),
+        });
+        let _ = tx.send(Out::Frame(msg, Vec::new()));
+    }
+    result
 }
 
 fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(), TargetError> {
