@@ -42,7 +42,7 @@ pub fn blocks_per_chunk(block: blockdiff::BlockSize) -> u64 {
 }
 
 /// Chunks a reader may hold ready ahead of its consumer.
-pub const READ_AHEAD: usize = 4;
+pub const READ_AHEAD: usize = 8;
 
 /// A run of whole blocks read from a volume.
 #[derive(Debug)]
