@@ -159,15 +159,16 @@ impl Journal {
         // The digest covers every byte before it, the trailer included: a
         // corrupt generation or size must not be replayed either.
         self.put(&seal)?;
-        let Hashing { mut inner, hasher } = self
+        let Hashing {
+            inner: mut file,
+            hasher,
+        } = self
             .out
             .into_inner()
             .map_err(|e| e.into_error())
             .context("flushing journal")?;
-        inner
-            .write_all(hasher.finalize().as_bytes())
+        file.write_all(hasher.finalize().as_bytes())
             .with_context(|| format!("writing journal {}", self.path.display()))?;
-        let file = inner;
         file.sync_all()
             .with_context(|| format!("flushing journal {}", self.path.display()))?;
         if let Some(dir) = self.path.parent() {
@@ -240,7 +241,7 @@ impl SealedJournal {
 pub enum Record<'a> {
     Data { offset: u64, data: &'a [u8] },
     Zero { offset: u64, len: u64 },
-    Seal { trailer: Trailer, digest_ok: bool },
+    Seal { trailer: Trailer },
 }
 
 /// Parses a journal, calling `f` on each record; bounded (records are at
@@ -310,7 +311,6 @@ fn parse_records(
             }
             f(Record::Seal {
                 trailer: trailer.clone(),
-                digest_ok: true,
             })?;
             return Ok(Some(trailer));
         }
