@@ -43,6 +43,20 @@ pub enum Command {
     Run(RunArgs),
     /// Show each configured volume's replication state.
     Status(StatusArgs),
+    /// Write man pages or shell completions (for packagers).
+    #[command(hide = true, subcommand)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateArgs {
+    /// Write snapsync.1 and one page per command (snapsync-sync.1, ...) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script of SHELL on stdout.
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
 }
 
 /// Options shared by everything that opens a session.
@@ -74,6 +88,10 @@ pub struct TransferArgs {
     /// remote never hangs the run).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+    /// Limit the bytes each side sends per second, in rsync's units: a
+    /// bare number is KiB/s; K, M, G suffixes (e.g. 500, 20M). 0: no limit.
+    #[arg(long, value_name = "RATE", value_parser = crate::bwlimit::parse_rate)]
+    pub bwlimit: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +126,10 @@ pub struct SyncArgs {
     /// point and apply in place, instead of the journal's double write.
     #[arg(long)]
     pub target_snapshot: bool,
+    /// Write the session's outcome as Prometheus metrics to FILE
+    /// (textfile-collector format, replaced atomically).
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -174,22 +196,75 @@ pub fn parse_compress(s: &str, remote: bool) -> Result<Option<i32>, UsageError> 
     }
 }
 
-/// Logs go to stderr; `-v` for info, `-vv` for debug. RUST_LOG overrides.
+/// Logs go to stderr; `-v` for info, `-vv` for debug, `-vvv` for trace.
+/// RUST_LOG overrides. On a terminal lines carry colour and a timestamp;
+/// otherwise (journald, a log file) neither: the journal stamps lines
+/// itself. Either way one event is one line.
 pub fn init_logging(verbose: u8, quiet: bool) {
     let level = match (verbose, quiet) {
         (0, true) => "error",
         (0, false) => "warn",
         (1, _) => "info",
-        _ => "debug",
+        (2, _) => "debug",
+        _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_writer(|| OneLine(std::io::stderr()))
+        .with_ansi(terminal)
+        .with_target(false);
+    let _ = if terminal {
+        builder.try_init()
+    } else {
+        builder.without_time().try_init()
+    };
+}
+
+/// Writes each formatted log event as one line: newlines inside a message
+/// (e.g. a remote's multi-line stderr) become " | ".
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        if !body.contains(&b'\n') {
+            return self.0.write(buf);
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for (i, part) in body.split(|&b| b == b'\n').enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b" | ");
+            }
+            out.extend_from_slice(part);
+        }
+        if body.len() < buf.len() {
+            out.push(b'\n');
+        }
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `text` on one line: line breaks become " | " (for log lines).
+pub fn one_line(text: &str) -> String {
+    text.trim()
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// A size as a person reads it: IEC units, as the progress bar shows them
+/// ("2.00 GiB", "512 B").
+pub fn iec(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
 }
 
 /// Prints a line on stdout. A closed stdout (`| head`) is not an error
@@ -214,5 +289,22 @@ mod tests {
         assert_eq!(parse_compress("zstd:9", false).unwrap(), Some(9));
         assert!(parse_compress("zstd:99", false).is_err());
         assert!(parse_compress("gzip", false).is_err());
+    }
+
+    #[test]
+    fn human_sizes_are_iec() {
+        assert_eq!(iec(512), "512 B");
+        assert_eq!(iec(2 << 30), "2.00 GiB");
+        assert_eq!(iec(1536), "1.50 KiB");
+        assert_eq!(one_line("a\nb\n"), "a | b");
+    }
+
+    #[test]
+    fn log_lines_stay_single() {
+        use std::io::Write;
+        let mut w = OneLine(Vec::new());
+        w.write_all(b"WARN remote said: x\ny\n").unwrap();
+        w.write_all(b"INFO plain\n").unwrap();
+        assert_eq!(w.0, b"WARN remote said: x | y\nINFO plain\n");
     }
 }

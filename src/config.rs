@@ -38,6 +38,9 @@ pub struct Config {
     pub defaults: VolumeDefaults,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// Prometheus textfile-collector file `run` rewrites after each pass.
+    #[serde(default)]
+    pub metrics_file: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -63,6 +66,8 @@ pub struct VolumeDefaults {
     pub snapshot_size: Option<String>,
     pub target_state_dir: Option<PathBuf>,
     pub target_snapshot: Option<bool>,
+    /// Bytes per second each side may send, rsync's units ("20M", "500").
+    pub bwlimit: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +112,8 @@ pub struct Volume {
     pub target_state_dir: Option<PathBuf>,
     /// Thin-LV target: snapshot it as the rollback point instead of journaling.
     pub target_snapshot: bool,
+    /// Bytes per second each side may send (0: no limit).
+    pub bwlimit: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -215,6 +222,8 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         snapshot_size,
         target_state_dir: s.target_state_dir.clone().or(d.target_state_dir.clone()),
         target_snapshot: s.target_snapshot.or(d.target_snapshot).unwrap_or(false),
+        bwlimit: crate::bwlimit::parse_rate(&pick(&s.bwlimit, &d.bwlimit, "0"))
+            .map_err(|e| anyhow::anyhow!("bwlimit: {e}"))?,
     })
 }
 
@@ -241,6 +250,7 @@ mod tests {
             interval = "1h"
             snapshot = "none"
             snapshot_size = "1GiB"
+            bwlimit = "20M"
             "#,
         )
         .unwrap();
@@ -251,6 +261,17 @@ mod tests {
         assert_eq!(vols[1].interval, Duration::from_secs(3600));
         assert_eq!(vols[1].snapshot, SnapshotKind::None);
         assert_eq!(vols[1].snapshot_size.for_origin(5), 1 << 30);
+        assert_eq!(vols[0].bwlimit, 0);
+        assert_eq!(vols[1].bwlimit, 20 << 20);
+        assert!(
+            parse("bwlimit = \"1M\"").is_err(),
+            "a volume key, not a top-level one"
+        );
+        let (cfg, _) = parse("metrics_file = \"/m/snapsync.prom\"").unwrap();
+        assert_eq!(
+            cfg.metrics_file.as_deref(),
+            Some(Path::new("/m/snapsync.prom"))
+        );
     }
 
     #[test]

@@ -35,8 +35,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(600);
 /// Every snapshot snapsync makes carries this tag, so it can find its own.
 pub const TAG: &str = "snapsync";
 
-/// What the source side remembers about a volume between cycles.
+/// What the source side remembers about a volume between cycles. Fields
+/// added later default when an older file lacks them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SourceState {
     /// The thin snapshot the replica equals, kept for the next delta.
     pub base: Option<Base>,
@@ -52,6 +54,22 @@ pub struct SourceState {
     pub last_data_bytes: Option<u64>,
     pub last_error: Option<String>,
     pub last_exit: Option<u8>,
+    /// Wall time of the last cycle, successful or not.
+    pub last_duration_seconds: Option<f64>,
+    /// Counts of the last successful cycle, for metrics.
+    pub last_source_bytes_read: Option<u64>,
+    pub last_target_bytes_read: Option<u64>,
+    pub last_wire_bytes_sent: Option<u64>,
+    pub last_wire_bytes_received: Option<u64>,
+    /// Data plus zeroed bytes.
+    pub last_changed_bytes: Option<u64>,
+    /// Whether the replica may be torn (an in-place copy not finished),
+    /// and whether the next cycle resumes one: false after a success; after
+    /// a failure, true when the cycle may have been writing in place.
+    pub replica_inconsistent: Option<bool>,
+    pub resume_in_progress: Option<bool>,
+    pub failures: u64,
+    pub wire_bytes_total: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,22 +127,12 @@ pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleRe
         st.last_attempt = Some(now());
         st.cycles += 1;
         save_state(state_dir, &vol.name, &st)?;
+        let started = std::time::Instant::now();
         let outcome = run_cycle(state_dir, vol, &mut st, cancel);
+        st.last_duration_seconds = Some(started.elapsed().as_secs_f64());
         match &outcome {
-            Ok(r) => {
-                st.last_success = st.last_attempt;
-                st.last_snapshot_time = st.last_attempt;
-                st.generation = r.generation;
-                st.last_mode = Some(r.mode.clone());
-                st.last_wire_bytes = Some(r.wire_bytes_sent + r.wire_bytes_received);
-                st.last_data_bytes = Some(r.data_bytes);
-                st.last_error = None;
-                st.last_exit = Some(0);
-            }
-            Err(e) => {
-                st.last_error = Some(format!("{e:#}"));
-                st.last_exit = Some(classify(e) as u8);
-            }
+            Ok(r) => record_success(&mut st, r),
+            Err(e) => record_failure(&mut st, e, vol.journal_max == 0),
         }
         save_state(state_dir, &vol.name, &st)?;
         outcome
@@ -147,6 +155,39 @@ pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleRe
     }
 }
 
+/// Records a successful cycle's outcome (its snapshot is from `last_attempt`).
+pub fn record_success(st: &mut SourceState, r: &Report) {
+    let wire = r.wire_bytes_sent + r.wire_bytes_received;
+    st.last_success = st.last_attempt;
+    st.last_snapshot_time = st.last_attempt;
+    st.generation = r.generation;
+    st.last_mode = Some(r.mode.clone());
+    st.last_wire_bytes = Some(wire);
+    st.last_data_bytes = Some(r.data_bytes);
+    st.last_error = None;
+    st.last_exit = Some(0);
+    st.last_source_bytes_read = Some(r.source_bytes_read);
+    st.last_target_bytes_read = Some(r.target_bytes_read);
+    st.last_wire_bytes_sent = Some(r.wire_bytes_sent);
+    st.last_wire_bytes_received = Some(r.wire_bytes_received);
+    st.last_changed_bytes = Some(r.data_bytes + r.zero_bytes);
+    st.replica_inconsistent = Some(false);
+    st.resume_in_progress = Some(false);
+    st.wire_bytes_total = st.wire_bytes_total.saturating_add(wire);
+}
+
+/// Records a failed cycle. The source cannot see the target's state after
+/// a failure; the target writes in place (torn until done, resumed next
+/// time) when there is no complete generation yet or the journal is off.
+pub fn record_failure(st: &mut SourceState, e: &anyhow::Error, no_journal: bool) {
+    st.last_error = Some(format!("{e:#}"));
+    st.last_exit = Some(classify(e) as u8);
+    st.failures += 1;
+    let torn = st.generation.is_none() || no_journal;
+    st.replica_inconsistent = Some(torn);
+    st.resume_in_progress = Some(torn);
+}
+
 fn transfer_args(vol: &config::Volume) -> TransferArgs {
     TransferArgs {
         block_size: vol.block_size,
@@ -157,6 +198,7 @@ fn transfer_args(vol: &config::Volume) -> TransferArgs {
         quiet: true,
         keep_cache: false,
         timeout: IO_TIMEOUT,
+        bwlimit: Some(vol.bwlimit),
     }
 }
 
@@ -177,6 +219,7 @@ fn params(
     p.compress = parse_compress(&vol.compress, matches!(dest, Destination::Remote { .. }))?;
     p.journal_max = vol.journal_max;
     p.target_snapshot = vol.target_snapshot;
+    p.bwlimit = vol.bwlimit;
     Ok(p)
 }
 
@@ -549,6 +592,14 @@ pub fn run(
                 worst = exit_from(r.exit);
             }
         }
+        if let Some(path) = &cfg.metrics_file {
+            if let Err(e) = write_metrics(path, &cfg.state_dir, &volumes) {
+                tracing::error!("metrics: {}", crate::cli::one_line(&format!("{e:#}")));
+                if worst == Exit::Ok {
+                    worst = Exit::Internal;
+                }
+            }
+        }
         if once || cancel.is_cancelled() {
             break;
         }
@@ -575,6 +626,25 @@ pub fn run(
         return Ok(Exit::Interrupted);
     }
     Ok(worst)
+}
+
+/// Writes the metrics of every configured volume, from their state files.
+fn write_metrics(path: &Path, state_dir: &Path, volumes: &[config::Volume]) -> Result<()> {
+    let states = volumes
+        .iter()
+        .map(|v| load_state(state_dir, &v.name))
+        .collect::<Result<Vec<_>>>()?;
+    let series: Vec<_> = volumes
+        .iter()
+        .zip(&states)
+        .map(|(v, st)| crate::metrics::VolumeMetrics {
+            volume: &v.name,
+            target: &v.target,
+            interval: Some(v.interval),
+            state: st,
+        })
+        .collect();
+    crate::metrics::write(path, &crate::metrics::render(&series, now()))
 }
 
 fn exit_from(code: u8) -> Exit {
@@ -634,15 +704,20 @@ fn report_cycle(r: &CycleResult, json: bool) {
                 rep.generation.unwrap_or(0),
                 rep.mode,
                 rep.apply_mode,
-                bytesize::ByteSize(rep.data_bytes + rep.zero_bytes),
-                bytesize::ByteSize(rep.wire_bytes_sent + rep.wire_bytes_received),
+                crate::cli::iec(rep.data_bytes + rep.zero_bytes),
+                crate::cli::iec(rep.wire_bytes_sent + rep.wire_bytes_received),
                 rep.elapsed_seconds
             );
             if let Some(f) = &rep.fallback {
                 eprintln!("{}: note: {f}", r.volume);
             }
         }
-        (None, Some(e)) => eprintln!("{}: failed (exit {}): {e}", r.volume, r.exit),
+        (None, Some(e)) => eprintln!(
+            "{}: failed (exit {}): {}",
+            r.volume,
+            r.exit,
+            crate::cli::one_line(e)
+        ),
         (None, None) => {}
     }
 }
@@ -654,6 +729,8 @@ pub struct StatusLine {
     pub source: String,
     pub target: String,
     pub last_success: Option<u64>,
+    pub last_attempt: Option<u64>,
+    pub last_exit: Option<u8>,
     pub generation: Option<u64>,
     /// Seconds between now and the snapshot the replica holds.
     pub lag_seconds: Option<u64>,
@@ -678,6 +755,8 @@ pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
             source: v.source.clone(),
             target: v.target.clone(),
             last_success: st.last_success,
+            last_attempt: st.last_attempt,
+            last_exit: st.last_exit,
             generation: st.generation,
             lag_seconds: st.last_snapshot_time.map(|s| t.saturating_sub(s)),
             mode: st.last_mode.clone(),
@@ -691,31 +770,83 @@ pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
         crate::cli::print_line(&serde_json::to_string_pretty(&lines).expect("serialises"));
         return Ok(Exit::Ok);
     }
-    crate::cli::print_line(&format!(
-        "{:<16} {:>5} {:>10} {:<10} {:>10}  {:<20} last error",
-        "VOLUME", "GEN", "LAG", "MODE", "SHIPPED", "LAST SUCCESS"
-    ));
-    for l in &lines {
-        let lag = l.lag_seconds.map_or("-".into(), |s| {
-            humantime::format_duration(Duration::from_secs(s)).to_string()
-        });
-        let when = l.last_success.map_or("never".into(), |s| {
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
-        });
-        crate::cli::print_line(&format!(
-            "{:<16} {:>5} {:>10} {:<10} {:>10}  {:<20} {}{}",
-            l.volume,
-            l.generation.map_or("-".into(), |g| g.to_string()),
-            lag,
-            l.mode.as_deref().unwrap_or("-"),
-            l.last_wire_bytes
-                .map_or("-".into(), |b| bytesize::ByteSize(b).to_string()),
-            when,
-            if l.running { "(running) " } else { "" },
-            l.last_error.as_deref().unwrap_or("")
-        ));
+    for line in status_table(&lines) {
+        crate::cli::print_line(&line);
     }
     Ok(Exit::Ok)
+}
+
+/// A duration as a short readable age: "45s", "12m", "3h05m", "2d04h".
+fn short_age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `status`'s table: a header and one aligned row per volume.
+fn status_table(lines: &[StatusLine]) -> Vec<String> {
+    let mut rows = vec![[
+        "VOLUME".to_owned(),
+        "LAST SUCCESS".into(),
+        "LAG".into(),
+        "GEN".into(),
+        "MODE".into(),
+        "WIRE".into(),
+        "LAST ERROR".into(),
+    ]];
+    for l in lines {
+        let when = l.last_success.map_or("never".into(), |s| {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s))
+                .to_string()
+                .replace('T', " ")
+        });
+        let mut error = l
+            .last_error
+            .as_deref()
+            .map(crate::cli::one_line)
+            .unwrap_or_else(|| "-".into());
+        if error.chars().count() > 100 {
+            error = error.chars().take(99).chain(['…']).collect();
+        }
+        if l.running {
+            error = format!("(running) {error}");
+        }
+        rows.push([
+            l.volume.clone(),
+            when,
+            l.lag_seconds.map_or("-".into(), short_age),
+            l.generation.map_or("-".into(), |g| g.to_string()),
+            l.mode.clone().unwrap_or_else(|| "-".into()),
+            l.last_wire_bytes.map_or("-".into(), crate::cli::iec),
+            error,
+        ]);
+    }
+    let mut width = [0usize; 7];
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|r| {
+            // Text left-aligned, numbers right-aligned; the last column free.
+            let cell = |i: usize| {
+                let pad = width[i] - r[i].chars().count();
+                if matches!(i, 2 | 3 | 5) {
+                    format!("{}{}", " ".repeat(pad), r[i])
+                } else {
+                    format!("{}{}", r[i], " ".repeat(pad))
+                }
+            };
+            let mut line = (0..6).map(cell).collect::<Vec<_>>().join("  ");
+            line.push_str("  ");
+            line.push_str(&r[6]);
+            line
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -729,6 +860,60 @@ mod tests {
         st.last_attempt = Some(1000);
         assert!(!due(&st, Duration::from_secs(60), 1030));
         assert!(due(&st, Duration::from_secs(60), 1058), "5% slack");
+    }
+
+    #[test]
+    fn status_table_is_aligned_and_iec() {
+        let line = |volume: &str, gen, wire, err: Option<&str>| StatusLine {
+            volume: volume.into(),
+            source: "s".into(),
+            target: "t".into(),
+            last_success: gen.map(|_| 1_700_000_000),
+            last_attempt: Some(1_700_000_000),
+            last_exit: Some(0),
+            generation: gen,
+            lag_seconds: gen.map(|_| 3725),
+            mode: gen.map(|_| "delta".into()),
+            last_wire_bytes: wire,
+            base_snapshot: None,
+            last_error: err.map(Into::into),
+            running: false,
+        };
+        let t = status_table(&[
+            line("data", Some(12), Some(3 << 29), None),
+            line(
+                "a-much-longer-name",
+                None,
+                None,
+                Some("connection refused\nby peer"),
+            ),
+        ]);
+        assert_eq!(t.len(), 3);
+        assert!(
+            t[0].starts_with("VOLUME              LAST SUCCESS"),
+            "{t:?}"
+        );
+        assert!(t[1].contains("2023-11-14 22:13:20Z"), "{t:?}");
+        assert!(t[1].contains("1h02m"), "{t:?}");
+        assert!(t[1].contains("1.50 GiB"), "{t:?}");
+        assert!(t[2].contains("never"), "{t:?}");
+        assert!(t[2].ends_with("connection refused | by peer"), "{t:?}");
+        // Columns line up: LAST SUCCESS starts at the same place in each row.
+        let col = t[0].find("LAST SUCCESS").unwrap();
+        assert_eq!(t[1].find("2023").unwrap(), col);
+        assert_eq!(t[2].find("never").unwrap(), col);
+    }
+
+    #[test]
+    fn old_state_files_load() {
+        let old = r#"{"base":null,"cycles":4,"last_attempt":10,"last_success":10,
+            "last_snapshot_time":10,"generation":3,"last_mode":"delta",
+            "last_wire_bytes":5,"last_data_bytes":4,"last_error":null,"last_exit":0}"#;
+        let st: SourceState = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (st.cycles, st.failures, st.last_changed_bytes),
+            (4, 0, None)
+        );
     }
 
     #[test]

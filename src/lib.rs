@@ -4,6 +4,7 @@
 //! protocol to `snapshot` volumes and `blockdiff` decisions, target state
 //! and the write-ahead journal.
 
+pub mod bwlimit;
 pub mod cbt;
 pub mod cli;
 pub mod commands;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod exit;
 pub mod job;
 pub mod journal;
+pub mod metrics;
 pub mod progress;
 pub mod state;
 pub mod transport;

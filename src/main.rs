@@ -35,7 +35,9 @@ fn main() -> ExitCode {
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
             });
             if !broken_pipe || exit != Exit::Internal {
-                let _ = writeln!(std::io::stderr(), "snapsync: error: {}", describe(&err));
+                // One line, whatever a remote said (journald: one event, one line).
+                let msg = snapsync::cli::one_line(&describe(&err));
+                let _ = writeln!(std::io::stderr(), "snapsync: error: {msg}");
             }
             exit.into()
         }

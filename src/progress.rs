@@ -36,7 +36,7 @@ impl Progress {
     pub fn update(&self, scanned: u64, sent: u64) {
         if let Some(b) = &self.bar {
             b.set_position(scanned);
-            b.set_message(bytesize::ByteSize(sent).to_string());
+            b.set_message(crate::cli::iec(sent));
         }
     }
 

@@ -1,5 +1,6 @@
 //! One module per command: parse and validate, then call the engine.
 
+pub mod generate;
 pub mod serve;
 pub mod sync;
 
@@ -21,6 +22,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
             &cancel_on_signals()?,
         ),
         Command::Status(a) => crate::job::status(&a.config, a.json),
+        Command::Generate(a) => generate::generate(a),
     }
 }
 

@@ -30,7 +30,12 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     params.resume = !a.no_resume;
     params.journal_max = a.journal_max;
     params.target_snapshot = a.target_snapshot;
-    let report = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None)?;
+    let started = std::time::Instant::now();
+    let result = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None);
+    if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
+        write_metrics(path, &a, &result, started)?;
+    }
+    let report = result?;
     print_report(
         &report,
         &a.transfer,
@@ -69,7 +74,10 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
     }
     if report.differing.is_empty() {
         if !a.transfer.quiet && !a.transfer.json {
-            eprintln!("identical: {} bytes compared", report.volume_bytes);
+            eprintln!(
+                "identical: {} compared",
+                crate::cli::iec(report.volume_bytes)
+            );
         }
         Ok(Exit::Ok)
     } else {
@@ -78,6 +86,38 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
         }
         Ok(Exit::Differs)
     }
+}
+
+/// `sync --metrics-file`: this one session's outcome as the metrics `run`
+/// writes for a volume (labels: volume = SRC, target = DST).
+fn write_metrics(
+    path: &Path,
+    a: &SyncArgs,
+    result: &Result<Report>,
+    started: std::time::Instant,
+) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut st = crate::job::SourceState {
+        cycles: 1,
+        last_attempt: Some(now.saturating_sub(started.elapsed().as_secs())),
+        last_duration_seconds: Some(started.elapsed().as_secs_f64()),
+        ..Default::default()
+    };
+    match result {
+        Ok(r) => crate::job::record_success(&mut st, r),
+        Err(e) => crate::job::record_failure(&mut st, e, a.journal_max == 0),
+    }
+    let volume = a.src.display().to_string();
+    let series = [crate::metrics::VolumeMetrics {
+        volume: &volume,
+        target: &a.dst,
+        interval: None,
+        state: &st,
+    }];
+    crate::metrics::write(path, &crate::metrics::render(&series, now))
+        .context("writing --metrics-file")
 }
 
 fn differs(r: &Report) -> Coded {
@@ -121,13 +161,15 @@ fn session_params(
         v.size(),
         meta.mtime_nsec() + meta.mtime() * 1_000_000_000
     );
-    Ok(SessionParams::new(
+    let mut p = SessionParams::new(
         dest.target_path()?,
         block_size,
         source_id,
         snapshot_id,
         t.timeout,
-    ))
+    );
+    p.bwlimit = t.bwlimit.unwrap_or(0);
+    Ok(p)
 }
 
 /// Connects to the destination, runs one session and waits for the peer.
@@ -158,6 +200,15 @@ pub fn run_session(
                 message: format!("{e:#}"),
             })?
         }
+    };
+    // Pace what we send; the target paces itself (the limit travels in
+    // the handshake).
+    let conn = source::Connection {
+        writer: Box::new(crate::bwlimit::Limited::new(
+            conn.writer,
+            crate::bwlimit::Rate::new(params.bwlimit),
+        )),
+        ..conn
     };
     let progress = Progress::new(
         source.size(),
@@ -200,7 +251,7 @@ fn print_report(r: &Report, t: &TransferArgs, verb: &str) {
     if t.json {
         crate::cli::print_line(&serde_json::to_string(r).expect("report serialises"));
     } else if !t.quiet {
-        let b = |n: u64| bytesize::ByteSize(n).to_string();
+        let b = crate::cli::iec;
         eprintln!(
             "{verb} {}: {} of {} blocks changed, {} data + {} zeroed, {} on the wire, {:.1}s ({}, {})",
             b(r.volume_bytes),

@@ -70,6 +70,8 @@ pub struct SessionParams {
     pub io_timeout: Duration,
     /// Ask a thin-LV target to snapshot itself instead of journaling.
     pub target_snapshot: bool,
+    /// Bytes per second each side may send (0: no limit).
+    pub bwlimit: u64,
 }
 
 impl SessionParams {
@@ -96,6 +98,7 @@ impl SessionParams {
             base: None,
             io_timeout,
             target_snapshot: false,
+            bwlimit: 0,
         }
     }
 }
@@ -205,6 +208,7 @@ pub fn run(
             features: want_features,
             key,
             software: crate::VERSION.into(),
+            bwlimit: (params.bwlimit > 0).then_some(params.bwlimit),
         }),
         &[],
     )?;

@@ -98,7 +98,8 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     cfg: &ServeConfig,
 ) -> Result<ServeSummary, TargetError> {
     let mut rd = FrameReader::new(reader);
-    let mut wr = FrameWriter::new(writer);
+    let rate = crate::bwlimit::Rate::default();
+    let mut wr = FrameWriter::new(crate::bwlimit::Limited::new(writer, rate.clone()));
     // Our preamble goes first so a wrong peer learns at once what we are.
     wr.write_preamble()?;
     rd.read_preamble()?;
@@ -106,6 +107,7 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
         Msg::Hello(h) => h,
         m => return Err(protocol(format!("expected Hello, got {:?}", m.kind()))),
     };
+    rate.set(hello.bwlimit.unwrap_or(0));
     let feats = hello.features & features::ALL;
     wr.send(
         &Msg::HelloAck(HelloAck {

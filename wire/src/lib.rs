@@ -43,7 +43,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// First bytes each side sends.
 pub const MAGIC: [u8; 8] = *b"SNAPSYNC";
 /// Bumped on any incompatible change of frames or their meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest header accepted (a batch of digests travels as payload).
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest payload: a whole maximal block plus compression slack.
@@ -184,6 +184,8 @@ pub struct Hello {
     pub key: HashKey,
     /// The source's program version, for messages.
     pub software: String,
+    /// Bytes per second the target may send (`--bwlimit`); `None`: no limit.
+    pub bwlimit: Option<u64>,
 }
 
 /// target → source: handshake answer with the features both understand.
@@ -740,6 +742,7 @@ mod tests {
                     features: 1,
                     key: HashKey([9; 32]),
                     software: "0.1".into(),
+                    bwlimit: Some(1 << 20),
                 }),
                 vec![],
             ),
