@@ -864,21 +864,22 @@ mod tests {
 
     #[test]
     fn status_table_is_aligned_and_iec() {
-        let line = |volume: &str, gen, wire, err: Option<&str>| StatusLine {
-            volume: volume.into(),
-            source: "s".into(),
-            target: "t".into(),
-            last_success: gen.map(|_| 1_700_000_000),
-            last_attempt: Some(1_700_000_000),
-            last_exit: Some(0),
-            generation: gen,
-            lag_seconds: gen.map(|_| 3725),
-            mode: gen.map(|_| "delta".into()),
-            last_wire_bytes: wire,
-            base_snapshot: None,
-            last_error: err.map(Into::into),
-            running: false,
-        };
+        let line =
+            |volume: &str, gen: Option<u64>, wire: Option<u64>, err: Option<&str>| StatusLine {
+                volume: volume.into(),
+                source: "s".into(),
+                target: "t".into(),
+                last_success: gen.map(|_| 1_700_000_000),
+                last_attempt: Some(1_700_000_000),
+                last_exit: Some(0),
+                generation: gen,
+                lag_seconds: gen.map(|_| 3725),
+                mode: gen.map(|_| "delta".into()),
+                last_wire_bytes: wire,
+                base_snapshot: None,
+                last_error: err.map(Into::into),
+                running: false,
+            };
         let t = status_table(&[
             line("data", Some(12), Some(3 << 29), None),
             line(

@@ -22,20 +22,23 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     let dest = Destination::parse(&a.dst);
     let compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
     let cancel = super::cancel_on_signals()?;
-    let source = open_source(&a.src, !a.transfer.keep_cache)?;
-    let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
-    params.compress = compress;
-    params.dry_run = a.dry_run;
-    params.force = a.force;
-    params.resume = !a.no_resume;
-    params.journal_max = a.journal_max;
-    params.target_snapshot = a.target_snapshot;
     let started = std::time::Instant::now();
-    let result = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None);
+    let first = (|| {
+        let source = open_source(&a.src, !a.transfer.keep_cache)?;
+        let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
+        params.compress = compress;
+        params.dry_run = a.dry_run;
+        params.force = a.force;
+        params.resume = !a.no_resume;
+        params.journal_max = a.journal_max;
+        params.target_snapshot = a.target_snapshot;
+        let report = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None)?;
+        Ok((report, source, params))
+    })();
     if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
-        write_metrics(path, &a, &result, started)?;
+        write_metrics(path, &a, first.as_ref().map(|(r, ..)| r), started)?;
     }
-    let report = result?;
+    let (report, source, mut params) = first?;
     print_report(
         &report,
         &a.transfer,
@@ -93,7 +96,7 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
 fn write_metrics(
     path: &Path,
     a: &SyncArgs,
-    result: &Result<Report>,
+    result: Result<&Report, &anyhow::Error>,
     started: std::time::Instant,
 ) -> Result<()> {
     let now = std::time::SystemTime::now()
