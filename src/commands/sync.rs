@@ -36,7 +36,13 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
         Ok((report, source, params))
     })();
     if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
-        write_metrics(path, &a, first.as_ref().map(|(r, ..)| r), started)?;
+        let written = write_metrics(path, &a, first.as_ref().map(|(r, ..)| r), started);
+        match (written, &first) {
+            (Err(e), Ok(_)) => return Err(e),
+            // The session's own failure is the one to report.
+            (Err(e), Err(_)) => tracing::error!("{}", crate::cli::one_line(&format!("{e:#}"))),
+            (Ok(()), _) => {}
+        }
     }
     let (report, source, mut params) = first?;
     print_report(
