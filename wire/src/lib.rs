@@ -19,7 +19,8 @@
 //!
 //! # Order of a session
 //!
-//! 1. source → `Hello` (features, per-session hash key); target → `HelloAck`.
+//! 1. source → `Hello` (features, per-session hash key, the target's send
+//!    rate limit); target → `HelloAck`.
 //! 2. source → `Open` (path, sizes, block size, source identity, mode);
 //!    target → `Opened` (its size and replica state) or `Error`.
 //! 3. In [`Mode::FullScan`] and [`Mode::Verify`] the target streams
