@@ -77,7 +77,8 @@ struct Fns {
     rbd_metadata_remove: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
     rbd_watchers_list: unsafe extern "C" fn(ImageT, *mut ImageWatcher, *mut usize) -> c_int,
     rbd_watchers_list_cleanup: unsafe extern "C" fn(*mut ImageWatcher, usize),
-    rbd_lock_get_owners: unsafe extern "C" fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
+    rbd_lock_get_owners:
+        unsafe extern "C" fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
     rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
 }
 
@@ -229,9 +230,8 @@ impl RawCluster {
             .map_err(|_| ("rados_create2", 22))?;
         // SAFETY: `handle` is a valid out pointer; the strings are NUL
         // terminated and outlive the call; "ceph" is the cluster name.
-        let ret = unsafe {
-            (lib.fns.rados_create2)(&mut handle, c"ceph".as_ptr(), name.as_ptr(), 0)
-        };
+        let ret =
+            unsafe { (lib.fns.rados_create2)(&mut handle, c"ceph".as_ptr(), name.as_ptr(), 0) };
         check(ret).map_err(|e| ("rados_create2", e))?;
         let cluster = RawCluster { lib, handle };
         // With no path librados reads $CEPH_CONF, then the default places.
@@ -242,7 +242,8 @@ impl RawCluster {
         check(ret).map_err(|e| ("rados_conf_read_file", e))?;
         for (k, v) in options {
             // SAFETY: live handle, NUL-terminated strings outliving the call.
-            let ret = unsafe { (cluster.lib.fns.rados_conf_set)(cluster.handle, k.as_ptr(), v.as_ptr()) };
+            let ret =
+                unsafe { (cluster.lib.fns.rados_conf_set)(cluster.handle, k.as_ptr(), v.as_ptr()) };
             check(ret).map_err(|e| ("rados_conf_set", e))?;
         }
         // SAFETY: live, configured, not yet connected handle.
@@ -313,8 +314,10 @@ impl RawIoctx {
         let mut order: c_int = 0;
         // SAFETY: live ioctx; NUL-terminated name; `order` a valid in/out
         // pointer.
-        check(unsafe { (self.fns().rbd_create2)(self.handle, name.as_ptr(), size, features, &mut order) })
-            .map(drop)
+        check(unsafe {
+            (self.fns().rbd_create2)(self.handle, name.as_ptr(), size, features, &mut order)
+        })
+        .map(drop)
     }
 
     pub(crate) fn remove(&self, name: &CStr) -> Result<(), i32> {
@@ -411,14 +414,26 @@ impl RawImage {
         // SAFETY: open image; `buf` is valid for writes of `buf.len()` bytes
         // and exclusively borrowed for the call.
         check_size(unsafe {
-            (self.fns().rbd_read2)(self.handle, offset, buf.len(), buf.as_mut_ptr().cast(), NO_OP_FLAGS)
+            (self.fns().rbd_read2)(
+                self.handle,
+                offset,
+                buf.len(),
+                buf.as_mut_ptr().cast(),
+                NO_OP_FLAGS,
+            )
         })
     }
 
     pub(crate) fn write(&self, buf: &[u8], offset: u64) -> Result<usize, i32> {
         // SAFETY: open image; `buf` valid for reads of `buf.len()` bytes.
         check_size(unsafe {
-            (self.fns().rbd_write2)(self.handle, offset, buf.len(), buf.as_ptr().cast(), NO_OP_FLAGS)
+            (self.fns().rbd_write2)(
+                self.handle,
+                offset,
+                buf.len(),
+                buf.as_ptr().cast(),
+                NO_OP_FLAGS,
+            )
         })
     }
 
@@ -429,7 +444,9 @@ impl RawImage {
 
     pub(crate) fn write_zeroes(&self, offset: u64, len: usize) -> Result<usize, i32> {
         // SAFETY: open image; no buffer involved.
-        check_size(unsafe { (self.fns().rbd_write_zeroes)(self.handle, offset, len, 0, NO_OP_FLAGS) })
+        check_size(unsafe {
+            (self.fns().rbd_write_zeroes)(self.handle, offset, len, 0, NO_OP_FLAGS)
+        })
     }
 
     pub(crate) fn flush(&self) -> Result<(), i32> {
@@ -480,7 +497,8 @@ impl RawImage {
             // SAFETY: open image; `infos` has room for `max` entries, which
             // is what `max` tells librbd; on -ERANGE librbd writes the
             // needed count to `max` and fills nothing.
-            let ret = unsafe { (self.fns().rbd_snap_list)(self.handle, infos.as_mut_ptr(), &mut max) };
+            let ret =
+                unsafe { (self.fns().rbd_snap_list)(self.handle, infos.as_mut_ptr(), &mut max) };
             match check(ret) {
                 Ok(n) => {
                     let n = n as usize;
@@ -490,7 +508,9 @@ impl RawImage {
                             // SAFETY: librbd set `name` of the first `n`
                             // entries to NUL-terminated strings it owns
                             // until rbd_snap_list_end.
-                            let name = unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned();
+                            let name = unsafe { CStr::from_ptr(s.name) }
+                                .to_string_lossy()
+                                .into_owned();
                             (s.id, s.size, name)
                         })
                         .collect();
@@ -545,7 +565,12 @@ impl RawImage {
             // SAFETY: open image; NUL-terminated key; `buf` valid for
             // `have` bytes, and `have` a valid in/out pointer.
             let ret = unsafe {
-                (self.fns().rbd_metadata_get)(self.handle, key.as_ptr(), buf.as_mut_ptr().cast(), &mut have)
+                (self.fns().rbd_metadata_get)(
+                    self.handle,
+                    key.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    &mut have,
+                )
             };
             match check(ret) {
                 Ok(_) => return Ok(Some(c_string(&buf))),
@@ -558,7 +583,8 @@ impl RawImage {
 
     pub(crate) fn metadata_set(&self, key: &CStr, value: &CStr) -> Result<(), i32> {
         // SAFETY: open image; NUL-terminated strings.
-        check(unsafe { (self.fns().rbd_metadata_set)(self.handle, key.as_ptr(), value.as_ptr()) }).map(drop)
+        check(unsafe { (self.fns().rbd_metadata_set)(self.handle, key.as_ptr(), value.as_ptr()) })
+            .map(drop)
     }
 
     pub(crate) fn metadata_remove(&self, key: &CStr) -> Result<(), i32> {
@@ -580,7 +606,8 @@ impl RawImage {
             let mut n = max;
             // SAFETY: open image; `ws` has room for `n` entries; on -ERANGE
             // librbd stores the needed count in `n` and fills nothing.
-            let ret = unsafe { (self.fns().rbd_watchers_list)(self.handle, ws.as_mut_ptr(), &mut n) };
+            let ret =
+                unsafe { (self.fns().rbd_watchers_list)(self.handle, ws.as_mut_ptr(), &mut n) };
             match check(ret) {
                 Ok(_) => {
                     let out = ws[..n]
@@ -588,7 +615,9 @@ impl RawImage {
                         .map(|w| {
                             // SAFETY: librbd filled `addr` of the first `n`
                             // entries with strings it owns until cleanup.
-                            unsafe { CStr::from_ptr(w.addr) }.to_string_lossy().into_owned()
+                            unsafe { CStr::from_ptr(w.addr) }
+                                .to_string_lossy()
+                                .into_owned()
                         })
                         .collect();
                     // SAFETY: frees exactly the `n` entries librbd filled.
@@ -611,7 +640,12 @@ impl RawImage {
             // SAFETY: open image; `owners` has room for `n` pointers; `mode`
             // and `n` valid out pointers.
             let ret = unsafe {
-                (self.fns().rbd_lock_get_owners)(self.handle, &mut mode, owners.as_mut_ptr(), &mut n)
+                (self.fns().rbd_lock_get_owners)(
+                    self.handle,
+                    &mut mode,
+                    owners.as_mut_ptr(),
+                    &mut n,
+                )
             };
             match check(ret) {
                 Ok(_) => {

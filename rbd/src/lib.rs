@@ -125,7 +125,9 @@ impl RbdSpec {
             if p.is_empty() {
                 return Err(bad("pool, namespace and image must not be empty"));
             }
-            if p.chars().any(|c| c == '@' || c.is_control() || c.is_whitespace()) {
+            if p.chars()
+                .any(|c| c == '@' || c.is_control() || c.is_whitespace())
+            {
                 return Err(bad(
                     "names must not contain '@', white space or control characters",
                 ));
@@ -297,7 +299,12 @@ impl Pool {
         self.open_inner(image, Some(snap), true)
     }
 
-    fn open_inner(&self, image: &str, snap: Option<&str>, read_only: bool) -> Result<Option<Image>> {
+    fn open_inner(
+        &self,
+        image: &str,
+        snap: Option<&str>,
+        read_only: bool,
+    ) -> Result<Option<Image>> {
         let name = cstr(image)?;
         let snap_c = match snap {
             Some(s) => Some(cstr(s)?),
@@ -400,14 +407,18 @@ impl Image {
     /// can (`rbd_discard` zeroes partial objects too since Octopus; the
     /// round-trip test checks that the bytes read back as zeros).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.raw.discard(offset, len).map_err(self.err("discarding"))
+        self.raw
+            .discard(offset, len)
+            .map_err(self.err("discarding"))
     }
 
     /// `rbd_write_zeroes`: zeros, deallocated where possible.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let mut done = 0u64;
         while done < len {
-            let chunk = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
+            let chunk = usize::try_from(len - done)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
             self.raw
                 .write_zeroes(offset + done, chunk)
                 .map_err(self.err("zeroing"))?;
