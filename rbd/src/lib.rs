@@ -698,6 +698,18 @@ mod tests {
         assert!(!RbdSpec::is_rbd("rbd.:/dev/x"));
     }
 
+    /// Nothing Ceph may be needed to run a binary that links this crate:
+    /// the libraries are opened at run time, never linked.
+    #[test]
+    fn binary_does_not_link_ceph_libraries() {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("ldd").arg(&exe).output().unwrap();
+        assert!(out.status.success(), "ldd {}", exe.display());
+        let deps = String::from_utf8_lossy(&out.stdout);
+        assert!(deps.contains("libc.so"), "unexpected ldd output: {deps}");
+        assert!(!deps.contains("librbd") && !deps.contains("librados"), "{deps}");
+    }
+
     #[test]
     fn missing_library_names_the_package() {
         let opts = ConnectOptions {
