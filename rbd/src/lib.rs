@@ -703,11 +703,17 @@ mod tests {
     #[test]
     fn binary_does_not_link_ceph_libraries() {
         let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new("ldd").arg(&exe).output().unwrap();
+        let out = std::process::Command::new("ldd")
+            .arg(&exe)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "ldd {}", exe.display());
         let deps = String::from_utf8_lossy(&out.stdout);
         assert!(deps.contains("libc.so"), "unexpected ldd output: {deps}");
-        assert!(!deps.contains("librbd") && !deps.contains("librados"), "{deps}");
+        assert!(
+            !deps.contains("librbd") && !deps.contains("librados"),
+            "{deps}"
+        );
     }
 
     #[test]

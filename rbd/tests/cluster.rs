@@ -373,9 +373,16 @@ fn watchers_and_lock_owner_of_another_client_are_seen() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    bench.kill().unwrap();
+    // SIGTERM: rbd closes the image and unwatches (a SIGKILLed client's
+    // watch lingers until the OSD times it out, 30 s).
+    let term = Command::new("kill")
+        .args(["-TERM", &bench.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
     bench.wait().unwrap();
     assert_eq!(seen, (2, 1), "(watchers, lock owners) while rbd bench runs");
+    assert_eq!(ours.watchers().unwrap().len(), 1);
     remove_all(&pool, &name, ours);
 }
 
