@@ -189,15 +189,15 @@ fn check(ret: c_int) -> Result<c_int, i32> {
 
 fn check_size(ret: isize) -> Result<usize, i32> {
     if ret < 0 {
-        Err(i32::try_from(-ret).unwrap_or(libc_eio()))
+        Err(i32::try_from(-ret).unwrap_or(EIO))
     } else {
         Ok(ret as usize)
     }
 }
 
-const fn libc_eio() -> i32 {
-    5
-}
+// errno values of Linux (asm-generic/errno-base.h); librbd returns them
+// negated.
+const EIO: i32 = 5;
 const ERANGE: i32 = 34;
 const ENOENT: i32 = 2;
 

@@ -316,7 +316,7 @@ impl Pool {
         };
         match self.raw.open(&name, snap_c.as_deref(), read_only) {
             Ok(raw) => Ok(Some(Image { raw, name: label })),
-            Err(e) if e == libc_enoent() => Ok(None),
+            Err(ENOENT) => Ok(None),
             Err(e) => Err(Error::Op {
                 op: "opening",
                 target: label,
@@ -326,9 +326,8 @@ impl Pool {
     }
 }
 
-const fn libc_enoent() -> i32 {
-    2
-}
+/// Linux errno values (asm-generic/errno-base.h) this module tells apart.
+const ENOENT: i32 = 2;
 
 /// A snapshot of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,7 +501,7 @@ impl Image {
     /// Removes `key`; removing an unset key is not an error.
     pub fn meta_remove(&self, key: &str) -> Result<()> {
         match self.raw.metadata_remove(&cstr(key)?) {
-            Err(e) if e == libc_enoent() => Ok(()),
+            Err(ENOENT) => Ok(()),
             r => r.map_err(self.err("removing image-meta of")),
         }
     }
