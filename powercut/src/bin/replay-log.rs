@@ -34,8 +34,9 @@ fn run(args: &[String]) -> Result<Option<()>, Box<dyn std::error::Error>> {
     let (Some(cmd), Some(log_path)) = (args.first(), args.get(1)) else {
         return Ok(None);
     };
-    let file = File::open(log_path).map_err(|e| format!("{log_path}: {e}"))?;
-    let len = file.metadata()?.len();
+    let mut file = File::open(log_path).map_err(|e| format!("{log_path}: {e}"))?;
+    // A log device's metadata says 0 bytes: ask by seeking.
+    let len = dev_size(&mut file)?;
     let mut log = BufReader::with_capacity(1 << 20, file);
     let (sup, entries) = powercut::read_index(&mut log, len)?;
     match cmd.as_str() {
