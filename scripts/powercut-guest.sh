@@ -27,16 +27,18 @@ P=/dev/shm/snapsync-powercut
 exec 3>&1
 exec >>"$OUT/guest.log" 2>&1
 export LC_ALL=C
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
 fail() { echo "FAILED: $*"; echo "FAIL record: $*" >&3; exit 1; }
 T0=$(date +%s)
 # Timestamps on every traced command: the VM is slow, know where it goes.
-PS4='+ $(date +%s.%N) '
+PS4='+ $EPOCHREALTIME '
 set -x
 
 modprobe -a loop dm-mod dm-log-writes || fail "modprobe dm-log-writes"
 rm -rf "$P"
 mkdir -p "$P/mnt"
-version=$(python3 -S "$HERE/powercut-gen.py" "$P") || fail "generating sources"
+version=$($PY -S "$HERE/powercut-gen.py" "$P") || fail "generating sources"
 truncate -s 48M "$P/dev.img"
 truncate -s 256M "$P/log.img"
 DEV=$(losetup -f --show "$P/dev.img") || fail "losetup"

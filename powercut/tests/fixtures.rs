@@ -1,8 +1,9 @@
-//! Every recorded power-cut log in tests/fixtures/powercut/ (`*.log.zst`,
-//! kept for the ordering bugs the harness found and as a sample of the
-//! scenarios) is replayed on the host, without the VM, to every flush
-//! point and a few random cuts, and the replica's guarantees are checked
-//! there (scripts/powercut-check).
+//! Every recorded power-cut log in tests/fixtures/powercut/ (`*.log.zst`)
+//! is replayed on the host, without the VM, to flush points and a few
+//! random cuts, and the replica's guarantees are checked there
+//! (scripts/powercut-check). A `*.fail.log.zst` was recorded with an
+//! ordering bug put in on purpose: the check must catch it (see the
+//! fixtures' README).
 //!
 //! Needs root (loop mounts, a private mount namespace) and the snapsync
 //! binary: `$SNAPSYNC_BIN`, else target/{release,debug}/snapsync. Without
@@ -56,20 +57,29 @@ fn recorded_power_cuts_replay_clean() {
         return skip("no snapsync binary (set SNAPSYNC_BIN)");
     };
     for log in &logs {
+        let must_fail = log.to_string_lossy().ends_with(".fail.log.zst");
+        // A third of the flush points and 10 cuts (every point: see
+        // scripts/powercut); a bad log, half the flush points, which
+        // include several its bug tears.
+        let (cuts, stride) = if must_fail { ("0", "2") } else { ("10", "3") };
         let out = Command::new(root.join("scripts/powercut-check"))
-            .arg(log)
-            .arg("20")
+            .args([log.as_os_str(), cuts.as_ref(), stride.as_ref()])
             .env("SNAPSYNC_BIN", &bin)
             .env("REPLAY_LOG", env!("CARGO_BIN_EXE_replay-log"))
             .env("POWERCUT_SEED", "1")
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains(", 0 failed"),
+        let why = format!(
             "{}:\n{text}\n{}",
             log.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        if must_fail {
+            assert!(!out.status.success(), "the check missed the bug: {why}");
+            assert!(text.contains("FAIL entry"), "{why}");
+        } else {
+            assert!(out.status.success() && text.contains(", 0 failed"), "{why}");
+        }
     }
 }
