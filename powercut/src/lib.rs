@@ -22,7 +22,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 pub const VERSION: u64 = 1;
 pub const FLUSH: u64 = 1;
 pub const FUA: u64 = 2;
@@ -113,7 +113,9 @@ pub fn read_index<R: Read + Seek>(log: &mut R, log_len: u64) -> Result<(Super, V
     }
     let version = le64(&head[8..]);
     if version != VERSION {
-        return Err(Error::Format(format!("version {version}, expected {VERSION}")));
+        return Err(Error::Format(format!(
+            "version {version}, expected {VERSION}"
+        )));
     }
     let nr_entries = le64(&head[16..]);
     let sectorsize = u32::from_le_bytes(head[24..28].try_into().expect("4 bytes"));
@@ -159,7 +161,9 @@ pub fn read_index<R: Read + Seek>(log: &mut R, log_len: u64) -> Result<(Super, V
                 let len = nr_sectors
                     .checked_mul(ss)
                     .filter(|l| pos.checked_add(*l).is_some_and(|end| end <= log_len))
-                    .ok_or_else(|| bad(format!("{nr_sectors} sectors of data past the log's end")))?;
+                    .ok_or_else(|| {
+                        bad(format!("{nr_sectors} sectors of data past the log's end"))
+                    })?;
                 pos += len;
             }
             sector
@@ -264,7 +268,7 @@ impl Rng {
 /// order. With one: everything up to the range's last FLUSH in order, then
 /// a random subset of the later plain writes in random order, then the
 /// later FUA writes (durable as soon as logged) in order.
-pub fn plan<'a>(range: &'a [Entry], seed: Option<u64>) -> Vec<&'a Entry> {
+pub fn plan(range: &[Entry], seed: Option<u64>) -> Vec<&Entry> {
     let Some(seed) = seed else {
         return range.iter().collect();
     };

@@ -44,7 +44,14 @@ fn run(args: &[String]) -> Result<Option<()>, Box<dyn std::error::Error>> {
             use std::io::Write;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for e in &entries {
-                write!(out, "{} {} {} {}", e.index, e.flag_letters(), e.sector, e.nr_sectors)?;
+                write!(
+                    out,
+                    "{} {} {} {}",
+                    e.index,
+                    e.flag_letters(),
+                    e.sector,
+                    e.nr_sectors
+                )?;
                 if let Some(m) = &e.mark {
                     write!(out, " {}", m.replace(char::is_whitespace, "_"))?;
                 }
