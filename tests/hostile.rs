@@ -187,7 +187,7 @@ fn serve_refine_queue_is_bounded() {
     let dst = dir.path().join("replica.img");
     let state = dir.path().join("state");
     let size = 2u64 << 30;
-    set_len(&dst, size);
+    std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
     let block = 4 * MIB;
     let mut p = ServePeer::start(s(&dst), &state, &[]);
     p.open(open_msg(&dst, size, block)).unwrap();

@@ -305,13 +305,31 @@ impl ServePeer {
 
     /// Closes our side and waits for serve to end, measuring it.
     pub fn finish(mut self, deadline: Duration) -> Measured {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         drop(self.wr);
-        let elapsed_before = self.started.elapsed();
-        let mut m = measure(child, deadline);
-        m.run.elapsed += elapsed_before;
-        m.hwm_kib = m.hwm_kib.max(self.hwm.load(Ordering::Relaxed));
-        m
+        // Its stdout is ours (or the drain thread's): nothing more is read.
+        drop(self.rd.take());
+        let mut err = child.stderr.take().unwrap();
+        let err_t = thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        let status = wait_or_kill(
+            &mut child,
+            self.started,
+            self.started.elapsed() + deadline,
+            Duration::from_millis(10),
+            || {},
+        );
+        let elapsed = self.started.elapsed();
+        let stderr = err_t.join().unwrap_or_default();
+        let run = Run::new(status, String::new(), stderr, elapsed);
+        assert!(status.is_some(), "serve did not finish in time\n{run}");
+        Measured {
+            run,
+            hwm_kib: self.hwm.load(Ordering::Relaxed),
+        }
     }
 }
 
