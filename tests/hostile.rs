@@ -38,7 +38,10 @@ fn state_json(state: &Path, volume: &Path) -> serde_json::Value {
 }
 
 /// A replica at generation 1 of `src`, made by a real local sync.
-fn replica_gen1(dir: &Path, size: u64) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn replica_gen1(
+    dir: &Path,
+    size: u64,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let src = dir.join("src.img");
     let dst = dir.join("replica.img");
     let state = dir.join("state");
@@ -66,14 +69,19 @@ fn source_memory_stays_bounded_while_a_target_floods_answers() {
         // (at most 4 GiB): they used to pile up in the source's queue.
         let payload = vec![0u8; wire::MAX_DIGESTS * blockdiff::DIGEST_LEN];
         let mut sent = 0u64;
-        while sent < 4 << 30 && p.send(Msg::SubHashes(SubHashes { block: 0 }), &payload).is_ok() {
+        while sent < 4 << 30
+            && p.send(Msg::SubHashes(SubHashes { block: 0 }), &payload)
+                .is_ok()
+        {
             sent += payload.len() as u64;
         }
     });
     let m = measure(child, Duration::from_secs(90));
     m.run.assert_code(5);
-    m.run
-        .assert_says("nobody asked for", "unasked answers are a protocol violation");
+    m.run.assert_says(
+        "nobody asked for",
+        "unasked answers are a protocol violation",
+    );
     m.assert_rss_below(PEER_RSS_KIB)
         .assert_faster_than(Duration::from_secs(30));
     target.join().unwrap();
@@ -130,7 +138,10 @@ fn source_drain_after_commit_is_bounded_in_bytes_and_time() {
     m.assert_rss_below(PEER_RSS_KIB)
         .assert_faster_than(Duration::from_secs(30));
     let flooded = target.join().unwrap();
-    assert!(flooded < 1 << 30, "the source kept reading: {flooded} bytes");
+    assert!(
+        flooded < 1 << 30,
+        "the source kept reading: {flooded} bytes"
+    );
     assert!(m.run.json().u("wire_bytes_received") <= 2 << 20);
 }
 
@@ -173,7 +184,8 @@ fn a_target_trickling_frames_without_progress_is_cut_off() {
             .assert_rss_below(PEER_RSS_KIB);
         if !empty_hashes {
             assert!(m.run.elapsed >= Duration::from_secs(3), "{}", m.run);
-            m.run.assert_says("no progress", "the progress timeout fired");
+            m.run
+                .assert_says("no progress", "the progress timeout fired");
         }
         target.join().unwrap();
     }
@@ -240,7 +252,8 @@ fn serve_refuses_rewrites_and_owns_the_journal_budget() {
     }
     let m = p.finish(Duration::from_secs(60));
     m.run.assert_code(5);
-    m.run.assert_says("increasing offset", "overlap is a protocol error");
+    m.run
+        .assert_says("increasing offset", "overlap is a protocol error");
     m.assert_rss_below(PEER_RSS_KIB);
     assert!(matches!(last.join().unwrap(), Some(Err(_))));
     assert_unchanged(&dst, &before, "a refused session writes nothing");
@@ -372,7 +385,8 @@ fn the_source_checks_the_targets_answers_and_escapes_its_text() {
     });
     let m = measure(child, Duration::from_secs(60));
     m.run.assert_code(5);
-    m.run.assert_says("starts at block", "the bad field is named");
+    m.run
+        .assert_says("starts at block", "the bad field is named");
     m.assert_faster_than(Duration::from_secs(15));
     target.join().unwrap();
 
@@ -390,7 +404,8 @@ fn the_source_checks_the_targets_answers_and_escapes_its_text() {
     let m = measure(child, Duration::from_secs(60));
     m.run.assert_code(4);
     assert!(!m.run.stderr.contains('\x1b'), "{}", m.run);
-    m.run.assert_says("\\u{1b}[2J", "the escape is shown, not obeyed");
+    m.run
+        .assert_says("\\u{1b}[2J", "the escape is shown, not obeyed");
     target.join().unwrap();
 }
 

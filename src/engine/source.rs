@@ -205,9 +205,11 @@ impl Expect {
         match m {
             Incoming::Hashes(first, d) => {
                 let n = d.len() as u64;
-                let limit = self
-                    .total
-                    .min(self.credited.load(Ordering::SeqCst).saturating_add(self.window));
+                let limit = self.total.min(
+                    self.credited
+                        .load(Ordering::SeqCst)
+                        .saturating_add(self.window),
+                );
                 if *first != self.next_hash || n == 0 || first.saturating_add(n) > limit {
                     return Err(WireError::Protocol(format!(
                         "digests of blocks {first}..{} arrived; expected them from block {} and below block {limit}",
@@ -226,7 +228,9 @@ impl Expect {
                     )));
                 }
                 let want = if *b < self.total {
-                    self.block.len_of(*b, self.size).div_ceil(blockdiff::SUB_BLOCK) as usize
+                    self.block
+                        .len_of(*b, self.size)
+                        .div_ceil(blockdiff::SUB_BLOCK) as usize
                 } else {
                     0
                 };
@@ -653,6 +657,7 @@ fn write_loop<W: Write>(
     clock: Clock,
 ) -> Result<u64, WireError> {
     let mut zbuf = Vec::new();
+    let mut finished = false;
     loop {
         let (msg, payload) = match rx.try_recv() {
             Ok(i) => i,
@@ -665,6 +670,12 @@ fn write_loop<W: Write>(
             }
         };
         let is_beat = matches!(msg, Msg::Heartbeat(_));
+        // After Finish the target reads nothing more and may close at
+        // once: a late heartbeat must not fail a committed session.
+        if is_beat && finished {
+            continue;
+        }
+        finished |= matches!(msg, Msg::Finish(_));
         match (msg, compress) {
             (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
                 wr.send(

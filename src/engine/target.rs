@@ -337,7 +337,10 @@ fn check_create(
     match why {
         Some(why) => Err(TargetError::new(
             ErrorCode::NotAllowed,
-            format!("target {} does not exist and is not created: {why}", path.display()),
+            format!(
+                "target {} does not exist and is not created: {why}",
+                path.display()
+            ),
         )),
         None => Ok(()),
     }
@@ -936,7 +939,9 @@ impl Session {
                     Op::Zero(o, l) => j.append_zero(o, l),
                 }
                 .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
-                self.shared.journal_bytes.store(j.bytes(), Ordering::Relaxed);
+                self.shared
+                    .journal_bytes
+                    .store(j.bytes(), Ordering::Relaxed);
                 if !spilled {
                     return Ok(());
                 }
@@ -1078,7 +1083,8 @@ impl Session {
                 // Durably: from here the volume may hold part of generation n.
                 self.state.applying = Some(self.next_generation.clone());
                 self.save_state()?;
-                let applied = sealed.apply_counting(self.shared.volume.as_ref(), &self.shared.applied);
+                let applied =
+                    sealed.apply_counting(self.shared.volume.as_ref(), &self.shared.applied);
                 match applied {
                     Ok(n) => self.bytes_written += n,
                     Err(e) => {
@@ -1086,7 +1092,9 @@ impl Session {
                         // is marked inconsistent, the next session scans.
                         let gen = self.next_generation.clone();
                         let msg = journal::quarantine(&self.paths, &mut self.state, &gen, &e)
-                            .unwrap_or_else(|q| format!("{e:#}; moving the journal aside failed too: {q:#}"));
+                            .unwrap_or_else(|q| {
+                                format!("{e:#}; moving the journal aside failed too: {q:#}")
+                            });
                         return Err(TargetError::new(ErrorCode::TargetIo, msg));
                     }
                 }

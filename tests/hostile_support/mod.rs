@@ -122,11 +122,8 @@ impl FakeTarget {
             ),
         )
         .unwrap();
-        std::fs::set_permissions(
-            &path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         Self {
             listener,
             rsh: path,
@@ -136,7 +133,15 @@ impl FakeTarget {
     /// Starts `snapsync sync SRC fake:/dst` (plus `extra`) against us.
     pub fn spawn_source(&self, src: &Path, extra: &[&str]) -> Child {
         snapsync()
-            .args(["sync", s(src), "fake:/dst", "--rsh", s(&self.rsh), "--block-size", "64KiB"])
+            .args([
+                "sync",
+                s(src),
+                "fake:/dst",
+                "--rsh",
+                s(&self.rsh),
+                "--block-size",
+                "64KiB",
+            ])
             .args(["--compress", "none", "--quiet"])
             .args(extra)
             .stdin(Stdio::null())
