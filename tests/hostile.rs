@@ -460,3 +460,29 @@ fn a_local_sync_runs_both_ends_within_its_memory_bound() {
     m.assert_rss_below(LOCAL_RSS_KIB);
     assert_same_content(&src, &dst);
 }
+
+#[test]
+fn serve_does_not_take_impossible_heartbeats_as_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, dst, state) = replica_gen1(dir.path(), MIB);
+    let mut p = ServePeer::start(s(&dst), &state, &["--timeout", "30s"]);
+    let mut open = open_msg(&dst, MIB, BLOCK);
+    open.force = true;
+    p.open(open).unwrap();
+    let _ = p.drain_in_background();
+    // Counters that race ahead of anything serve sent: a lie, cut off at
+    // once rather than keeping the volume locked for as long as it lasts.
+    let _ = p.send(
+        Msg::Heartbeat(Heartbeat {
+            received: 1 << 40,
+            blocks: 1 << 40,
+            ..Default::default()
+        }),
+        &[],
+    );
+    let m = p.finish(Duration::from_secs(30));
+    m.run.assert_code(5);
+    m.run.assert_says("heartbeat claims", "the lie is named");
+    m.assert_faster_than(Duration::from_secs(15));
+    assert!(lock_is_free(&state, &dst));
+}

@@ -196,6 +196,8 @@ struct Expect {
     heartbeat: Heartbeat,
     /// Bytes received, kept up to date for the report.
     received: Arc<AtomicU64>,
+    /// Bytes sent (an upper bound, stored before they go out).
+    sent: Arc<AtomicU64>,
 }
 
 impl Expect {
@@ -248,11 +250,23 @@ impl Expect {
         Ok(())
     }
 
-    fn heartbeat(&mut self, h: Heartbeat) {
-        if h.advances(&self.heartbeat) {
+    /// Counts a heartbeat as progress only when what it claims advanced
+    /// and is possible: no more received than we sent, hashed than the
+    /// volume has, applied than its size.
+    fn heartbeat(&mut self, h: Heartbeat) -> Result<(), WireError> {
+        let sent = self.sent.load(Ordering::SeqCst);
+        if h.received > sent || h.blocks > self.total || h.applied > self.size {
+            return Err(WireError::Protocol(format!(
+                "heartbeat claims {} bytes received of {sent} sent, {} blocks of {}, {} bytes applied of {}",
+                h.received, h.blocks, self.total, h.applied, self.size
+            )));
+        }
+        let prev = self.heartbeat;
+        if h.blocks > prev.blocks || h.received > prev.received || h.applied > prev.applied {
             self.clock.touch();
         }
-        self.heartbeat = self.heartbeat.max(&h);
+        self.heartbeat = prev.max(&h);
+        Ok(())
     }
 }
 
@@ -398,6 +412,7 @@ pub fn run(
     // From here four helper threads run.
     let clock = Clock::new();
     let total = params.block_size.blocks_in(size);
+    let sent = Arc::new(AtomicU64::new(wr.bytes()));
     let credited = Arc::new(AtomicU64::new(opened.start_block));
     let refines_sent = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(rd.bytes()));
@@ -418,6 +433,7 @@ pub fn run(
         clock: clock.clone(),
         heartbeat: Heartbeat::default(),
         received: received.clone(),
+        sent: sent.clone(),
     };
     let (in_tx, in_rx) = bounded::<Incoming>(INCOMING_QUEUE);
     let peer_failed = Arc::new(AtomicBool::new(false));
@@ -430,7 +446,7 @@ pub fn run(
     let write_clock = clock.clone();
     let writer = thread::Builder::new()
         .name("sync-writer".into())
-        .spawn(move || write_loop(wr, out_rx, compress, write_clock))
+        .spawn(move || write_loop(wr, out_rx, compress, write_clock, sent))
         .expect("spawn writer");
     let counters = Arc::new(Counters::default());
     let beat_stop = Arc::new(AtomicBool::new(false));
@@ -591,8 +607,10 @@ fn recv_loop<R: Read>(
         let item = match rd.read() {
             Ok((Msg::Heartbeat(h), _)) => {
                 expect.received.store(rd.bytes(), Ordering::Relaxed);
-                expect.heartbeat(h);
-                continue;
+                match expect.heartbeat(h) {
+                    Ok(()) => continue,
+                    Err(e) => Incoming::Failed(e),
+                }
             }
             Ok((Msg::BlockHashes(h), p)) => {
                 let mut d = Vec::new();
@@ -655,6 +673,7 @@ fn write_loop<W: Write>(
     rx: Receiver<(Msg, Vec<u8>)>,
     compress: Option<i32>,
     clock: Clock,
+    sent: Arc<AtomicU64>,
 ) -> Result<u64, WireError> {
     let mut zbuf = Vec::new();
     let mut finished = false;
@@ -676,6 +695,9 @@ fn write_loop<W: Write>(
             continue;
         }
         finished |= matches!(msg, Msg::Finish(_));
+        // Counted before the bytes can reach the target.
+        let bound = wr.bytes() + (9 + wire::MAX_HEADER + payload.len()) as u64;
+        sent.fetch_max(bound, Ordering::SeqCst);
         match (msg, compress) {
             (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
                 wr.send(
@@ -1146,7 +1168,8 @@ impl Comparer<'_> {
                     .as_ref()
                     .is_some_and(|g| g.snapshot == params.snapshot_id && next(g.number))
         } else {
-            c.state.generation == opened.state.generation
+            // A dry run or a verify commits nothing.
+            true
         };
         if !ok {
             return Err(violation(format!(

@@ -122,6 +122,12 @@ struct Inbox {
     timeout: Option<Duration>,
     cancel: Cancel,
     heartbeat: Heartbeat,
+    /// Bytes we sent (an upper bound, stored before they go out) and, once
+    /// the session runs, the blocks we hashed: the source cannot have
+    /// received or compared more, so its heartbeats cannot claim progress
+    /// we did not make possible.
+    sent: Arc<AtomicU64>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl Inbox {
@@ -154,7 +160,30 @@ impl Inbox {
             timeout: cfg.timeout,
             cancel: cfg.cancel.clone(),
             heartbeat: Heartbeat::default(),
+            sent: Arc::new(AtomicU64::new(0)),
+            shared: None,
         }
+    }
+
+    /// Counts a heartbeat as progress only when what it claims advanced
+    /// and is possible.
+    fn heartbeat(&mut self, h: Heartbeat) -> Result<(), TargetError> {
+        let sent = self.sent.load(Ordering::SeqCst);
+        let hashed = self
+            .shared
+            .as_ref()
+            .map_or(0, |s| s.hashed.load(Ordering::SeqCst));
+        if h.received > sent || h.blocks > hashed {
+            return Err(protocol(format!(
+                "heartbeat claims {} bytes received of {sent} sent and {} blocks compared of {hashed} hashed",
+                h.received, h.blocks
+            )));
+        }
+        if h.blocks > self.heartbeat.blocks || h.received > self.heartbeat.received {
+            self.clock.touch();
+        }
+        self.heartbeat = self.heartbeat.max(&h);
+        Ok(())
     }
 
     /// The next frame other than a heartbeat. Fails when the source made
@@ -169,12 +198,7 @@ impl Inbox {
                 ));
             }
             match self.rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(Ok((Msg::Heartbeat(h), _))) => {
-                    if h.advances(&self.heartbeat) {
-                        self.clock.touch();
-                    }
-                    self.heartbeat = self.heartbeat.max(&h);
-                }
+                Ok(Ok((Msg::Heartbeat(h), _))) => self.heartbeat(h)?,
                 Ok(Ok(frame)) => return Ok(frame),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(RecvTimeoutError::Timeout) => {
@@ -220,6 +244,7 @@ pub fn serve<R: Read + Send + 'static, W: Write + Send + 'static>(
         &[],
     )?;
     wr.flush()?;
+    rd.sent.store(wr.bytes(), Ordering::SeqCst);
     rd.clock.touch();
     let open = match rd.read()?.0 {
         Msg::Open(o) => o,
@@ -668,14 +693,18 @@ impl Session {
             self.abort();
             return Err(e);
         }
+        rd.sent
+            .store(wr.bytes() + FRAME_SLACK as u64, Ordering::SeqCst);
         wr.send(&Msg::Opened(opened), &[])?;
         wr.flush()?;
         let (out_tx, out_rx) = bounded::<Out>(64);
+        let sent = rd.sent.clone();
         let writer = thread::Builder::new()
             .name("serve-writer".into())
-            .spawn(move || write_loop(wr, out_rx))
+            .spawn(move || write_loop(wr, out_rx, &sent))
             .expect("spawn writer");
         let shared = self.shared.clone();
+        rd.shared = Some(shared.clone());
 
         let scanner = (self.mode != Mode::Delta).then(|| {
             let (s, tx, start) = (shared.clone(), out_tx.clone(), self.start_block);
@@ -1300,7 +1329,14 @@ fn send_out(s: &Shared, tx: &Sender<Out>, mut item: Out) -> bool {
     }
 }
 
-fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(), TargetError> {
+/// More than any frame's bytes beyond its payload.
+pub(crate) const FRAME_SLACK: usize = 9 + wire::MAX_HEADER;
+
+fn write_loop<W: Write>(
+    mut wr: FrameWriter<W>,
+    rx: Receiver<Out>,
+    sent: &AtomicU64,
+) -> Result<(), TargetError> {
     loop {
         let item = match rx.try_recv() {
             Ok(i) => i,
@@ -1313,6 +1349,9 @@ fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(),
             }
         };
         let Out::Frame(msg, payload) = item;
+        // Counted before the bytes can reach the source.
+        let bound = wr.bytes() + (FRAME_SLACK + payload.len()) as u64;
+        sent.fetch_max(bound, Ordering::SeqCst);
         wr.send(&msg, &payload)?;
     }
 }

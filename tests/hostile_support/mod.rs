@@ -58,6 +58,12 @@ pub struct Measured {
 
 impl Measured {
     pub fn assert_rss_below(&self, kib: u64) -> &Self {
+        eprintln!(
+            "measured: peak RSS {} KiB (bound {kib}), {:.2} s, exit {:?}",
+            self.hwm_kib,
+            self.run.elapsed.as_secs_f64(),
+            self.run.code
+        );
         assert!(
             self.hwm_kib > 0 && self.hwm_kib <= kib,
             "peak RSS {} KiB, bound {kib} KiB\n{}",
