@@ -262,13 +262,14 @@ fn serve_refuses_rewrites_and_owns_the_journal_budget() {
     assert_eq!(state_json(&state, &dst)["consistent"], true);
 
     // Zero records count against serve's --journal-max, whatever the
-    // source asks: 20,000 of them (340 kB of records) overflow 64 KiB and
+    // source asks: 2,000 of them (34 kB of records) overflow 8 KiB and
     // the session goes on in place instead of growing the journal.
-    let mut p = ServePeer::start(s(&dst), &state, &["--journal-max", "64KiB"]);
+    let mut p = ServePeer::start(s(&dst), &state, &["--journal-max", "8KiB"]);
     p.open(open).unwrap();
     let last = p.drain_in_background();
-    for i in 0..20_000u64 {
-        p.send(Msg::Zero(Zero { offset: i, len: 1 }), &[]).unwrap();
+    for i in 0..2_000u64 {
+        p.wr.send(&Msg::Zero(Zero { offset: i, len: 1 }), &[])
+            .unwrap();
     }
     let total = MIB / BLOCK;
     p.send(Msg::Credit(Credit { through: total }), &[]).unwrap();
@@ -280,7 +281,7 @@ fn serve_refuses_rewrites_and_owns_the_journal_budget() {
         panic!("no Committed\n{}", m.run)
     };
     assert_eq!(c.apply_mode, "in-place", "{c:?}");
-    assert_eq!(read_at(&dst, 0, 20_000), vec![0u8; 20_000]);
+    assert_eq!(read_at(&dst, 0, 2_000), vec![0u8; 2_000]);
     assert_eq!(state_json(&state, &dst)["generation"]["number"], 2);
 
     // A name that does not exist is not created under /dev (RAM).
