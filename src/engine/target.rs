@@ -809,15 +809,18 @@ impl Session {
     }
 
     /// Before anything is written: a file target must be able to reach the
-    /// source's size on its file system (probed by growing it and back).
+    /// source's size on its file system. Probed without touching the file
+    /// (a crash must never leave it resized): seeking past the file
+    /// system's largest file size fails (EINVAL).
     fn check_fits(&self) -> Result<(), TargetError> {
+        use std::io::{Seek, SeekFrom};
         let v = &self.shared.volume;
-        let (old, new) = (v.size(), self.shared.new_size);
-        if matches!(self.applier, Applier::DryRun) || !v.resizable() || new <= old {
+        let new = self.shared.new_size;
+        if matches!(self.applier, Applier::DryRun) || !v.resizable() || new <= v.size() {
             return Ok(());
         }
-        let probe = v.set_size(new);
-        v.set_size(old).map_err(volume_err)?;
+        let probe = std::fs::File::open(&self.open.path)
+            .and_then(|mut f| f.seek(SeekFrom::Start(new)).map(|_| ()));
         probe.map_err(|e| {
             TargetError::new(
                 ErrorCode::TargetIo,
