@@ -449,24 +449,14 @@ pub fn run(
         .spawn(move || write_loop(wr, out_rx, compress, write_clock, sent))
         .expect("spawn writer");
     let counters = Arc::new(Counters::default());
-    let beat_stop = Arc::new(AtomicBool::new(false));
+    // Dropping `beat_stop` ends the heartbeat thread at once.
+    let (beat_stop, stop) = bounded::<()>(0);
     let beat = {
-        let (tx, counters, stop, received) = (
-            out_tx.clone(),
-            counters.clone(),
-            beat_stop.clone(),
-            received.clone(),
-        );
+        let (tx, counters, received) = (out_tx.clone(), counters.clone(), received.clone());
         thread::Builder::new()
             .name("sync-heartbeat".into())
             .spawn(move || {
-                let mut last = Instant::now();
-                while !stop.load(Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(100));
-                    if last.elapsed() < HEARTBEAT_EVERY {
-                        continue;
-                    }
-                    last = Instant::now();
+                while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(HEARTBEAT_EVERY) {
                     let h = Heartbeat {
                         blocks: counters.blocks.load(Ordering::Relaxed),
                         received: received.load(Ordering::Relaxed),
@@ -524,7 +514,7 @@ pub fn run(
     let result = result.and_then(|()| cmp.finish());
     let result = result.and_then(|()| cmp.check_committed(params, &opened));
     let committed = cmp.committed.take();
-    beat_stop.store(true, Ordering::SeqCst);
+    drop(beat_stop);
     let _ = beat.join();
     let Comparer { out, incoming, .. } = cmp;
     if let Err(e) = &result {

@@ -722,14 +722,10 @@ impl Session {
                 .spawn(move || report_failure(refine_loop(&s, &tx, refine_rx), &tx))
                 .expect("spawn")
         };
-        let beat_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Dropping `beat_stop` ends the heartbeat thread at once.
+        let (beat_stop, stop) = bounded::<()>(0);
         let beat = {
-            let (s, tx, stop, received) = (
-                shared.clone(),
-                out_tx.clone(),
-                beat_stop.clone(),
-                rd.bytes.clone(),
-            );
+            let (s, tx, received) = (shared.clone(), out_tx.clone(), rd.bytes.clone());
             thread::Builder::new()
                 .name("serve-heartbeat".into())
                 .spawn(move || heartbeat_loop(&s, &tx, &stop, &received))
@@ -754,7 +750,7 @@ impl Session {
             Ok(()) => self.commit(),
             Err(e) => Err(e),
         };
-        beat_stop.store(true, Ordering::SeqCst);
+        drop(beat_stop);
         let _ = beat.join();
         match outcome {
             Ok(committed) => {
@@ -1292,19 +1288,8 @@ fn report_failure(result: Result<(), TargetError>, tx: &Sender<Out>) -> Result<(
 
 /// Sends our counters every [`super::source::HEARTBEAT_EVERY`] until
 /// `stop`, never waiting on a full queue (frames are going out then).
-fn heartbeat_loop(
-    s: &Shared,
-    tx: &Sender<Out>,
-    stop: &std::sync::atomic::AtomicBool,
-    received: &AtomicU64,
-) {
-    let mut last = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        thread::sleep(Duration::from_millis(100));
-        if last.elapsed() < super::source::HEARTBEAT_EVERY {
-            continue;
-        }
-        last = Instant::now();
+fn heartbeat_loop(s: &Shared, tx: &Sender<Out>, stop: &Receiver<()>, received: &AtomicU64) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(super::source::HEARTBEAT_EVERY) {
         let h = Heartbeat {
             blocks: s.hashed.load(Ordering::Relaxed),
             received: received.load(Ordering::Relaxed),
