@@ -149,6 +149,14 @@ pub struct ServeArgs {
     /// Where per-volume state, locks and journals live.
     #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Give up (and release the volume's lock) when the source makes no
+    /// progress for this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Largest write-ahead journal this server keeps, whatever the source
+    /// asks (it may only ask less); a larger delta is applied in place.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub journal_max: u64,
 }
 
 #[derive(Debug, Args)]

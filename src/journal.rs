@@ -4,10 +4,18 @@
 //! Ops are appended to a journal file in the state directory while the
 //! session runs; the volume is untouched. On commit the journal is *sealed*
 //! (a trailer with the generation and a digest of every record, then
-//! fsync), applied in place, the volume fsynced, the state advanced, and the
+//! fsync), the state marked "applying generation n" (fsynced), the journal
+//! applied in place, the volume fsynced, the state advanced, and the
 //! journal removed. Opening a volume first [`recover`]s: a sealed journal
-//! whose digest checks is replayed (applying it twice writes the same bytes),
-//! anything else is discarded.
+//! whose digest checks is replayed (applying it twice writes the same
+//! bytes). Anything else is discarded if the state says no apply began (the
+//! volume was never touched); if one began, the journal is moved aside
+//! ([`quarantine`]) and the replica marked inconsistent, so the next
+//! session copies it in full. A journal that fails to apply (EIO, EFBIG)
+//! is moved aside the same way: it never blocks later sessions.
+//!
+//! Every record counts against the journal's budget by its size in the
+//! journal (a zeroing by its 17-byte record, not the range it zeroes).
 //!
 //! ```text
 //! header:  "SNAPJRN1"
@@ -18,6 +26,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -33,6 +42,11 @@ const KIND_SEAL: u8 = 0xFF;
 /// Largest data record: a maximal block.
 const MAX_RECORD: u64 = blockdiff::MAX_BLOCK as u64;
 const MAX_TRAILER: u32 = 64 * 1024;
+/// Bytes of a record before its payload.
+pub const RECORD_HEAD: u64 = 17;
+/// Journals moved aside are kept for inspection, this many at most per
+/// volume (the oldest go first).
+pub const KEEP_FAILED: usize = 3;
 
 /// What a sealed journal produces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +65,7 @@ pub struct Journal {
     bytes: u64,
     records: u64,
     max: u64,
+    data: u64,
 }
 
 /// Hashes every byte written through it. Under a `BufWriter` it sees the
@@ -75,7 +90,7 @@ impl<W: Write> Write for Hashing<W> {
 
 impl Journal {
     /// Starts an empty journal at `path` that refuses to grow past `max`
-    /// payload bytes.
+    /// bytes of records.
     pub fn create(path: &Path, max: u64) -> Result<Self> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -94,14 +109,25 @@ impl Journal {
             bytes: 0,
             records: 0,
             max,
+            data: 0,
         };
         j.put(MAGIC)?;
         Ok(j)
     }
 
-    /// Payload bytes so far.
+    /// Bytes of records so far (headers and payloads).
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Lowers the budget (never raises it).
+    pub fn limit(&mut self, max: u64) {
+        self.max = self.max.min(max);
+    }
+
+    /// Data bytes so far (what applying will write, zeroings aside).
+    pub fn data_bytes(&self) -> u64 {
+        self.data
     }
 
     fn put(&mut self, b: &[u8]) -> Result<()> {
@@ -124,17 +150,23 @@ impl Journal {
     /// Appends a write. `Ok(false)`: journaled; `Ok(true)`: it would pass
     /// the budget, nothing was written and the caller must go in place.
     pub fn append_data(&mut self, offset: u64, data: &[u8]) -> Result<bool> {
-        if self.bytes + data.len() as u64 > self.max {
+        let size = RECORD_HEAD + data.len() as u64;
+        if self.bytes.saturating_add(size) > self.max {
             return Ok(true);
         }
         self.record(KIND_DATA, offset, data.len() as u64, data)?;
-        self.bytes += data.len() as u64;
+        self.bytes += size;
+        self.data += data.len() as u64;
         Ok(false)
     }
 
-    /// Appends a zeroing (costs no payload).
+    /// Appends a zeroing; it costs its record, whatever the range.
     pub fn append_zero(&mut self, offset: u64, len: u64) -> Result<bool> {
+        if self.bytes.saturating_add(RECORD_HEAD) > self.max {
+            return Ok(true);
+        }
         self.record(KIND_ZERO, offset, len, &[])?;
+        self.bytes += RECORD_HEAD;
         Ok(false)
     }
 
@@ -189,7 +221,7 @@ impl Journal {
             .into_inner()
             .map_err(|e| e.into_error())
             .context("flushing journal")?;
-        let written = replay(&path, volume, None)?;
+        let written = replay(&path, volume, None, None)?;
         fs::remove_file(&path).with_context(|| format!("removing journal {}", path.display()))?;
         Ok(written)
     }
@@ -212,11 +244,17 @@ pub struct SealedJournal {
 impl SealedJournal {
     /// Applies every record to `volume` and flushes it. Returns bytes written.
     pub fn apply(&self, volume: &dyn Volume) -> Result<u64> {
+        self.apply_counting(volume, &AtomicU64::new(0))
+    }
+
+    /// [`SealedJournal::apply`], adding bytes written to `applied` as it
+    /// goes (for heartbeats during a long apply).
+    pub fn apply_counting(&self, volume: &dyn Volume, applied: &AtomicU64) -> Result<u64> {
         if volume.size() < self.trailer.volume_size {
             volume.set_size(self.trailer.volume_size)?;
         }
         let started = std::time::Instant::now();
-        let n = replay(&self.path, volume, None)?;
+        let n = replay(&self.path, volume, None, Some(applied))?;
         let replayed = started.elapsed();
         volume.sync()?;
         tracing::debug!(
@@ -224,6 +262,10 @@ impl SealedJournal {
             started.elapsed()
         );
         Ok(n)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn remove(self) -> Result<()> {
@@ -379,7 +421,12 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
 /// decide whether it may be applied (sealed, or ours to spill) and have
 /// checked its digest, or sealed it themselves. `limit` caps the volume
 /// size for checks.
-fn replay(path: &Path, volume: &dyn Volume, limit: Option<u64>) -> Result<u64> {
+fn replay(
+    path: &Path,
+    volume: &dyn Volume,
+    limit: Option<u64>,
+    applied: Option<&AtomicU64>,
+) -> Result<u64> {
     let file = File::open(path).with_context(|| format!("opening journal {}", path.display()))?;
     let size = limit.unwrap_or_else(|| volume.size());
     let mut written = 0;
@@ -391,6 +438,9 @@ fn replay(path: &Path, volume: &dyn Volume, limit: Option<u64>) -> Result<u64> {
                 }
                 volume.write_at(data, offset)?;
                 written += data.len() as u64;
+                if let Some(a) = applied {
+                    a.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
             }
             Record::Zero { offset, len } => {
                 if offset + len > size {
@@ -398,6 +448,9 @@ fn replay(path: &Path, volume: &dyn Volume, limit: Option<u64>) -> Result<u64> {
                 }
                 volume.zero(offset, len)?;
                 written += len;
+                if let Some(a) = applied {
+                    a.fetch_add(len, Ordering::Relaxed);
+                }
             }
             Record::Seal { .. } => {}
         }
@@ -407,52 +460,64 @@ fn replay(path: &Path, volume: &dyn Volume, limit: Option<u64>) -> Result<u64> {
 }
 
 /// Brings a volume to a complete generation after a crash: replays a
-/// sealed journal or discards an incomplete one. Returns what it did.
+/// sealed journal, discards one that cannot have touched the volume, and
+/// moves aside one that did and cannot be replayed. Returns what it did.
 pub fn recover(
     paths: &StatePaths,
     state: &mut VolumeState,
     volume: &dyn Volume,
 ) -> Result<Option<String>> {
-    let file = match File::open(&paths.journal) {
-        Ok(f) => f,
+    let sealed = match File::open(&paths.journal) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(e).with_context(|| format!("opening journal {}", paths.journal.display()))
-        }
+        Err(e) => Err(anyhow::Error::new(e).context("opening the journal")),
+        Ok(file) => parse(BufReader::new(file), |_| Ok(())),
     };
-    let sealed = match parse(BufReader::new(file), |_| Ok(())) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(
-                "journal {} is corrupt ({e:#}); discarding it",
-                paths.journal.display()
-            );
-            None
-        }
-    };
-    let what = match sealed {
-        Some(trailer) => {
+    let applying = state.applying.clone();
+    let what = match (sealed, applying) {
+        (Ok(Some(trailer)), _) => {
             let sj = SealedJournal {
                 path: paths.journal.clone(),
                 trailer: trailer.clone(),
             };
-            sj.apply(volume)?;
-            if volume.resizable() && volume.size() > trailer.volume_size {
-                volume.set_size(trailer.volume_size)?;
-                volume.sync()?;
+            let replayed = sj.apply(volume).and_then(|_| {
+                if volume.resizable() && volume.size() > trailer.volume_size {
+                    volume.set_size(trailer.volume_size)?;
+                    volume.sync()?;
+                }
+                Ok(())
+            });
+            if let Err(e) = replayed {
+                quarantine(paths, state, &trailer.generation, &e)?
+            } else {
+                state.source_id = Some(trailer.source_id.clone());
+                state.generation = Some(trailer.generation.clone());
+                state.consistent = true;
+                state.in_progress = None;
+                state.applying = None;
+                state::save(&paths.state, state)?;
+                sj.remove()?;
+                format!(
+                    "replayed the committed journal of generation {}",
+                    trailer.generation.number
+                )
             }
-            state.source_id = Some(trailer.source_id.clone());
-            state.generation = Some(trailer.generation.clone());
-            state.consistent = true;
-            state.in_progress = None;
-            state::save(&paths.state, state)?;
-            sj.remove()?;
-            format!(
-                "replayed the committed journal of generation {}",
-                trailer.generation.number
-            )
         }
-        None => {
+        // The apply began: the volume may hold part of it.
+        (Ok(None), Some(g)) => quarantine(
+            paths,
+            state,
+            &g,
+            &anyhow::anyhow!("the journal is incomplete"),
+        )?,
+        (Err(e), Some(g)) => quarantine(paths, state, &g, &e)?,
+        // No apply began: the volume is untouched, the journal worthless.
+        (sealed, None) => {
+            if let Err(e) = sealed {
+                tracing::warn!(
+                    "journal {} is corrupt ({e:#}); discarding it",
+                    paths.journal.display()
+                );
+            }
             fs::remove_file(&paths.journal)
                 .with_context(|| format!("removing journal {}", paths.journal.display()))?;
             "discarded an incomplete journal; the replica is the previous generation".to_owned()
@@ -460,6 +525,67 @@ pub fn recover(
     };
     tracing::info!("{}: {what}", paths.journal.display());
     Ok(Some(what))
+}
+
+/// A journal whose apply began and cannot be completed: the replica is
+/// marked inconsistent (the next session copies it in full) and the
+/// journal moved aside for inspection, at most [`KEEP_FAILED`] of them.
+/// Returns the message naming it.
+pub fn quarantine(
+    paths: &StatePaths,
+    state: &mut VolumeState,
+    generation: &Generation,
+    why: &anyhow::Error,
+) -> Result<String> {
+    state.consistent = false;
+    state.in_progress = None;
+    state.applying = None;
+    state::save(&paths.state, state)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let aside = PathBuf::from(format!("{}.failed-{stamp:024}", paths.journal.display()));
+    fs::rename(&paths.journal, &aside).with_context(|| {
+        format!(
+            "moving journal {} aside to {}",
+            paths.journal.display(),
+            aside.display()
+        )
+    })?;
+    if let Some(dir) = paths.journal.parent() {
+        prune_failed(&paths.journal, KEEP_FAILED);
+        state::sync_dir(dir)?;
+    }
+    Ok(format!(
+        "the journal of generation {} could not be applied ({why:#}); it was moved to {} and the \
+         replica marked inconsistent: the next session copies it in full",
+        generation.number,
+        aside.display()
+    ))
+}
+
+/// Removes the oldest moved-aside journals of `journal` beyond `keep`.
+fn prune_failed(journal: &Path, keep: usize) {
+    let (Some(dir), Some(name)) = (journal.parent(), journal.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.failed-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut failed: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    // The stamp is fixed-width: names sort by age.
+    failed.sort();
+    let excess = failed.len().saturating_sub(keep);
+    for old in &failed[..excess] {
+        if let Err(e) = fs::remove_file(old) {
+            tracing::warn!("removing old journal {}: {e}", old.display());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -541,9 +667,80 @@ mod tests {
     #[test]
     fn budget_spills() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(&dir.path().join("j"), 8).unwrap();
+        let mut j = Journal::create(&dir.path().join("j"), RECORD_HEAD + 8).unwrap();
         assert!(!j.append_data(0, &[1; 8]).unwrap());
         assert!(j.append_data(8, &[1]).unwrap());
+    }
+
+    #[test]
+    fn zero_records_count_against_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(&dir.path().join("j"), 3 * RECORD_HEAD).unwrap();
+        for i in 0..3 {
+            assert!(!j.append_zero(i << 40, 1 << 40).unwrap());
+        }
+        assert!(j.append_zero(3 << 40, 1).unwrap());
+        assert_eq!(j.bytes(), 3 * RECORD_HEAD);
+    }
+
+    #[test]
+    fn corrupt_journal_after_the_apply_began_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StatePaths {
+            state: dir.path().join("st"),
+            lock: dir.path().join("l"),
+            journal: dir.path().join("j"),
+        };
+        for round in 0..KEEP_FAILED + 2 {
+            let p = build(dir.path());
+            let mut bytes = fs::read(&p).unwrap();
+            bytes[30] ^= 0x40;
+            fs::write(&p, &bytes).unwrap();
+            let v = MemVolume::new("v", vec![1; 16], false);
+            let mut st = VolumeState {
+                generation: Some(gen()),
+                consistent: true,
+                applying: Some(gen()),
+                ..Default::default()
+            };
+            let said = recover(&paths, &mut st, &v).unwrap().unwrap();
+            assert!(said.contains("moved to"), "{said}");
+            assert!(!st.consistent && st.applying.is_none());
+            assert_eq!(state::load(&paths.state).unwrap(), st);
+            assert!(!p.exists());
+            let kept = fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("j.failed-")
+                })
+                .count();
+            assert_eq!(kept, (round + 1).min(KEEP_FAILED));
+        }
+    }
+
+    #[test]
+    fn sealed_journal_that_cannot_be_applied_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = build(dir.path());
+        let paths = StatePaths {
+            state: dir.path().join("st"),
+            lock: dir.path().join("l"),
+            journal: p.clone(),
+        };
+        // 16 bytes needed, a fixed 4-byte volume: the replay fails.
+        let v = MemVolume::new("v", vec![1; 4], false);
+        let mut st = VolumeState {
+            applying: Some(gen()),
+            ..Default::default()
+        };
+        let said = recover(&paths, &mut st, &v).unwrap().unwrap();
+        assert!(said.contains("could not be applied"), "{said}");
+        assert!(!st.consistent);
+        assert!(!p.exists());
     }
 
     #[test]

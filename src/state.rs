@@ -37,6 +37,10 @@ pub struct VolumeState {
     /// apply under `--target-snapshot`: the way back to `generation`.
     #[serde(default)]
     pub rollback: Option<String>,
+    /// A sealed journal of this generation is being applied: the volume
+    /// may hold part of it until the generation is recorded.
+    #[serde(default)]
+    pub applying: Option<Generation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -68,6 +68,8 @@ pub fn local(path: PathBuf, state_dir: PathBuf, cancel: Cancel) -> Result<(Conne
         allow: vec![pattern],
         state_dir,
         cancel,
+        timeout: None,
+        journal_max: u64::MAX,
     };
     let handle = thread::Builder::new()
         .name("local-target".into())
@@ -254,7 +256,8 @@ fn describe(said: &str) -> String {
     if said.is_empty() {
         String::new()
     } else {
-        format!(": {said}")
+        let lines: Vec<String> = said.lines().map(wire::escape).collect();
+        format!(": {}", lines.join("\n"))
     }
 }
 

@@ -128,7 +128,16 @@ fn late_refine_target(stream: UnixStream, data: Vec<u8>) -> u64 {
             target_bytes_written: 0,
             journal_bytes: 0,
             apply_mode: "scripted".into(),
-            state: ReplicaState::default(),
+            // The generation asked for: the source checks it.
+            state: ReplicaState {
+                source_id: Some(open.source_id.clone()),
+                generation: Some(wire::Generation {
+                    number: 1,
+                    snapshot: open.target_generation.snapshot.clone(),
+                }),
+                consistent: true,
+                ..Default::default()
+            },
         }),
         &[],
     )

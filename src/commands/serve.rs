@@ -18,8 +18,10 @@ pub fn serve(args: ServeArgs) -> Result<Exit> {
         allow,
         state_dir: args.state_dir,
         cancel: crate::engine::Cancel::new(),
+        timeout: Some(args.timeout),
+        journal_max: args.journal_max,
     };
-    let stdin = std::io::stdin().lock();
+    let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     match target::serve(stdin, stdout, &cfg) {
         Ok(summary) => {

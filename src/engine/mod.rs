@@ -153,3 +153,39 @@ impl Drop for ChunkReader {
         }
     }
 }
+
+/// When a session last made progress, shared by its threads. Only real
+/// progress touches it (new data, counters that advanced), never a frame
+/// that merely arrived, so a trickling peer cannot keep a session alive.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    start: std::time::Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    /// Progress now.
+    pub fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last progress.
+    pub fn idle(&self) -> std::time::Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}

@@ -2,31 +2,38 @@
 //! the target's digests and sends what differs.
 //!
 //! Threads: a reader fills 1 MiB chunks of the source ahead of the
-//! comparer; a receiver drains everything the target sends into an
-//! unbounded queue (its size is bounded by the credit window and the
-//! pending-refine limit, and a receiver that never blocks is what keeps the
-//! two ends from deadlocking); a writer owns the outgoing stream, compresses
-//! data frames and flushes whenever it runs out of work. The calling thread
-//! compares and decides.
+//! comparer; a receiver checks everything the target sends and queues it
+//! in a bounded queue. The receiver may block on that queue, yet the two
+//! ends cannot deadlock: an honest target sends at most a credit window of
+//! digests and one answer per pending refinement (both bounded), so the
+//! comparer always finds what it waits for; a target that sends more is
+//! cut off as a protocol violation before it is queued. A writer owns the
+//! outgoing stream, compresses data frames and flushes whenever it runs out
+//! of work; a heartbeat thread tells the target how far we got. The calling
+//! thread compares and decides.
+//!
+//! `io_timeout` measures time without *progress*: new digests or answers,
+//! a frame written, or a heartbeat whose counters advanced. A target that
+//! trickles empty or repeated frames is cut off all the same.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use blockdiff::{changed_runs, decide, BlockSize, Decision, Digest, HashKey, Signer};
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use serde::Serialize;
 use snapshot::{Volume, VolumeError};
 use wire::{
-    features, Codec, Committed, Credit, Data, Finish, FrameReader, FrameWriter, Generation, Hello,
-    Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
+    features, Codec, Committed, Credit, Data, Finish, FrameReader, FrameWriter, Generation,
+    Heartbeat, Hello, Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
-use super::{Cancel, Chunk, ChunkReader, MAX_PENDING_REFINES};
+use super::{Cancel, Chunk, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::progress::Progress;
 
 /// Why a session failed, classified for exit codes.
@@ -34,7 +41,7 @@ use crate::progress::Progress;
 pub enum SyncError {
     #[error("source: {0}")]
     Source(#[from] VolumeError),
-    #[error("target: {}", .0.message)]
+    #[error("target: {}", wire::escape(&.0.message))]
     Remote(RemoteError),
     #[error("transport: {0}")]
     Transport(WireError),
@@ -160,6 +167,119 @@ enum Incoming {
     Failed(WireError),
 }
 
+/// Frames from the target waiting for the comparer, at most. Each holds at
+/// most one frame's digests, and the receiver checks every frame against
+/// the credit window and the refinements asked for before queueing it.
+const INCOMING_QUEUE: usize = 64;
+/// What the source reads after `Committed`, at most, and for how long.
+const DRAIN_BYTES: u64 = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// How often each side tells the other its counters.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+fn violation(msg: impl Into<String>) -> SyncError {
+    SyncError::Transport(WireError::Protocol(msg.into()))
+}
+
+/// What the receiver knows of the session, to check the target's frames.
+struct Expect {
+    block: BlockSize,
+    size: u64,
+    total: u64,
+    window: u64,
+    /// Next block whose digest may arrive (digests come in order).
+    next_hash: u64,
+    /// Highest credit sent (stored before the `Credit` frame goes out).
+    credited: Arc<AtomicU64>,
+    /// Refinements asked for, and answered so far.
+    refines_sent: Arc<AtomicU64>,
+    subs_received: u64,
+    clock: Clock,
+    /// The target's counters as far as they got.
+    heartbeat: Heartbeat,
+    /// Bytes received, kept up to date for the report.
+    received: Arc<AtomicU64>,
+    /// Bytes sent (an upper bound, stored before they go out).
+    sent: Arc<AtomicU64>,
+}
+
+impl Expect {
+    /// Checks a frame of digests: in order, inside the volume and the
+    /// window, and the answer to a refinement actually asked for.
+    fn check(&mut self, m: &Incoming) -> Result<(), WireError> {
+        match m {
+            Incoming::Hashes(first, d) => {
+                let n = d.len() as u64;
+                let limit = self.total.min(
+                    self.credited
+                        .load(Ordering::SeqCst)
+                        .saturating_add(self.window),
+                );
+                if *first != self.next_hash || n == 0 || first.saturating_add(n) > limit {
+                    return Err(WireError::Protocol(format!(
+                        "digests of blocks {first}..{} arrived; expected them from block {} and below block {limit}",
+                        first.saturating_add(n),
+                        self.next_hash
+                    )));
+                }
+                self.next_hash += n;
+                self.clock.touch();
+            }
+            Incoming::Subs(b, d) => {
+                self.subs_received += 1;
+                if self.subs_received > self.refines_sent.load(Ordering::SeqCst) {
+                    return Err(WireError::Protocol(format!(
+                        "sub-digests of block {b} that nobody asked for"
+                    )));
+                }
+                let want = if *b < self.total {
+                    self.block
+                        .len_of(*b, self.size)
+                        .div_ceil(blockdiff::SUB_BLOCK) as usize
+                } else {
+                    0
+                };
+                if d.len() != want {
+                    return Err(WireError::Protocol(format!(
+                        "{} sub-digests for block {b}, expected {want}",
+                        d.len()
+                    )));
+                }
+                self.clock.touch();
+            }
+            Incoming::Committed(_) => self.clock.touch(),
+            Incoming::Failed(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Counts a heartbeat as progress only when what it claims advanced
+    /// and is possible: no more received than we sent, hashed than the
+    /// volume has, applied than its size.
+    fn heartbeat(&mut self, h: Heartbeat) -> Result<(), WireError> {
+        let sent = self.sent.load(Ordering::SeqCst);
+        if h.received > sent || h.blocks > self.total || h.applied > self.size {
+            return Err(WireError::Protocol(format!(
+                "heartbeat claims {} bytes received of {sent} sent, {} blocks of {}, {} bytes applied of {}",
+                h.received, h.blocks, self.total, h.applied, self.size
+            )));
+        }
+        let prev = self.heartbeat;
+        if h.blocks > prev.blocks || h.received > prev.received || h.applied > prev.applied {
+            self.clock.touch();
+        }
+        self.heartbeat = prev.max(&h);
+        Ok(())
+    }
+}
+
+/// The source's counters, shared with the heartbeat thread.
+#[derive(Debug, Default)]
+struct Counters {
+    blocks: AtomicU64,
+    read: AtomicU64,
+}
+
 enum Pending {
     Zero {
         offset: u64,
@@ -267,6 +387,8 @@ pub fn run(
         }
     };
 
+    check_opened(&opened, params.block_size.blocks_in(size), mode)?;
+
     let mut report = Report {
         volume_bytes: size,
         blocks_total: params.block_size.blocks_in(size),
@@ -277,32 +399,84 @@ pub fn run(
         }
         .into(),
         start_block: opened.start_block,
-        recovered: opened.state.recovered.clone(),
+        recovered: opened.state.recovered.as_deref().map(wire::escape),
         ..Default::default()
     };
     if mode == Mode::Delta && opened.mode != Mode::Delta {
         report.fallback = Some(match &opened.state.generation {
             Some(g) => format!(
                 "target holds generation {} ({}), not the base; full scan instead",
-                g.number, g.snapshot
+                g.number,
+                wire::escape(&g.snapshot)
             ),
             None => "target holds no complete generation; full scan instead".into(),
         });
     }
 
-    // From here three helper threads run.
-    let (in_tx, in_rx) = unbounded::<Incoming>();
+    // From here four helper threads run.
+    let clock = Clock::new();
+    let total = params.block_size.blocks_in(size);
+    let sent = Arc::new(AtomicU64::new(wr.bytes()));
+    let credited = Arc::new(AtomicU64::new(opened.start_block));
+    let refines_sent = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(rd.bytes()));
+    let expect = Expect {
+        block: params.block_size,
+        size,
+        total,
+        window: opened.window_blocks,
+        // Delta: the target reads nothing, so no digest may come.
+        next_hash: if opened.mode == Mode::Delta {
+            total
+        } else {
+            opened.start_block
+        },
+        credited: credited.clone(),
+        refines_sent: refines_sent.clone(),
+        subs_received: 0,
+        clock: clock.clone(),
+        heartbeat: Heartbeat::default(),
+        received: received.clone(),
+        sent: sent.clone(),
+    };
+    let (in_tx, in_rx) = bounded::<Incoming>(INCOMING_QUEUE);
     let peer_failed = Arc::new(AtomicBool::new(false));
     let recv_failed = peer_failed.clone();
     let receiver = thread::Builder::new()
         .name("sync-recv".into())
-        .spawn(move || recv_loop(rd, in_tx, recv_failed))
+        .spawn(move || recv_loop(rd, in_tx, recv_failed, expect))
         .expect("spawn receiver");
     let (out_tx, out_rx) = bounded::<(Msg, Vec<u8>)>(256);
+    let write_clock = clock.clone();
     let writer = thread::Builder::new()
         .name("sync-writer".into())
-        .spawn(move || write_loop(wr, out_rx, compress))
+        .spawn(move || write_loop(wr, out_rx, compress, write_clock, sent))
         .expect("spawn writer");
+    let counters = Arc::new(Counters::default());
+    // Dropping `beat_stop` ends the heartbeat thread at once.
+    let (beat_stop, stop) = bounded::<()>(0);
+    let beat = {
+        let (tx, counters, received) = (out_tx.clone(), counters.clone(), received.clone());
+        thread::Builder::new()
+            .name("sync-heartbeat".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(HEARTBEAT_EVERY) {
+                    let h = Heartbeat {
+                        blocks: counters.blocks.load(Ordering::Relaxed),
+                        received: received.load(Ordering::Relaxed),
+                        journal: 0,
+                        applied: counters.read.load(Ordering::Relaxed),
+                    };
+                    // Never wait: a full queue means frames are going out.
+                    if let Err(crossbeam_channel::TrySendError::Disconnected(_)) =
+                        tx.try_send((Msg::Heartbeat(h), Vec::new()))
+                    {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn heartbeat")
+    };
 
     let mut cmp = Comparer {
         source: source.clone(),
@@ -319,6 +493,10 @@ pub fn run(
         collect_ranges: params.dry_run || opened.mode == Mode::Verify,
         report: &mut report,
         peer_failed,
+        clock,
+        credited_shared: credited,
+        refines_sent,
+        counters,
         io_timeout: params.io_timeout,
         progress,
         cancel,
@@ -338,7 +516,10 @@ pub fn run(
         _ => cmp.run_scan(&opened),
     };
     let result = result.and_then(|()| cmp.finish());
+    let result = result.and_then(|()| cmp.check_committed(params, &opened));
     let committed = cmp.committed.take();
+    drop(beat_stop);
+    let _ = beat.join();
     let Comparer { out, incoming, .. } = cmp;
     if let Err(e) = &result {
         if !matches!(e, SyncError::Transport(_) | SyncError::Remote(_)) {
@@ -365,9 +546,14 @@ pub fn run(
         return Err(e);
     }
     let sent = writer.join().expect("writer panicked");
-    let received = receiver.join().expect("receiver panicked");
     report.wire_bytes_sent = sent.map_err(SyncError::from)?;
-    report.wire_bytes_received = received;
+    // What follows `Committed` is drained, but never for long: a target
+    // that keeps the stream open is left to the caller to end.
+    let deadline = Instant::now() + DRAIN_TIME + Duration::from_millis(500);
+    while !receiver.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    report.wire_bytes_received = received.load(Ordering::SeqCst);
     let committed = committed.expect("finish sets committed");
     report.target_bytes_read = committed.target_bytes_read;
     report.target_bytes_written = committed.target_bytes_written;
@@ -378,13 +564,48 @@ pub fn run(
     Ok(report)
 }
 
+/// Checks the target's answer to `Open` against what we asked.
+fn check_opened(o: &Opened, total: u64, asked: Mode) -> Result<(), SyncError> {
+    if o.start_block > total {
+        return Err(violation(format!(
+            "the target starts at block {} of a volume of {total} blocks",
+            o.start_block
+        )));
+    }
+    if o.window_blocks == 0 || o.window_blocks > WINDOW_BLOCKS {
+        return Err(violation(format!(
+            "credit window of {} blocks (allowed: 1..={WINDOW_BLOCKS})",
+            o.window_blocks
+        )));
+    }
+    let mode_ok = o.mode == asked || (asked == Mode::Delta && o.mode == Mode::FullScan);
+    if !mode_ok {
+        return Err(violation(format!(
+            "asked for {asked:?}, the target runs {:?}",
+            o.mode
+        )));
+    }
+    if o.start_block > 0 && o.mode != Mode::FullScan {
+        return Err(violation("a resume mark outside a full scan"));
+    }
+    Ok(())
+}
+
 fn recv_loop<R: Read>(
     mut rd: FrameReader<R>,
     tx: Sender<Incoming>,
     failed: Arc<AtomicBool>,
-) -> u64 {
+    mut expect: Expect,
+) {
     loop {
         let item = match rd.read() {
+            Ok((Msg::Heartbeat(h), _)) => {
+                expect.received.store(rd.bytes(), Ordering::Relaxed);
+                match expect.heartbeat(h) {
+                    Ok(()) => continue,
+                    Err(e) => Incoming::Failed(e),
+                }
+            }
             Ok((Msg::BlockHashes(h), p)) => {
                 let mut d = Vec::new();
                 match wire::payload_to_digests(p, &mut d) {
@@ -406,23 +627,38 @@ fn recv_loop<R: Read>(
             }),
             Err(e) => Incoming::Failed(e),
         };
+        expect.received.store(rd.bytes(), Ordering::Relaxed);
+        let item = match expect.check(&item) {
+            Ok(()) => item,
+            Err(e) => Incoming::Failed(e),
+        };
         let stop = matches!(item, Incoming::Failed(_) | Incoming::Committed(_));
         if matches!(item, Incoming::Failed(_)) {
             failed.store(true, Ordering::SeqCst);
         }
-        if tx.send(item).is_err() && !stop {
-            // Nobody listens any more; keep draining so the target can
-            // finish writing and close.
+        // Blocks while the comparer is behind (the queue is bounded); fails
+        // once it is gone, and then nothing more is read.
+        if tx.send(item).is_err() || !stop {
+            if stop {
+                return;
+            }
+            continue;
         }
-        if stop {
-            // After Committed the target closes; read to the end so the
-            // byte count is complete.
-            let mut rest = Vec::new();
-            let bytes = rd.bytes();
-            let mut inner = rd.into_inner();
-            let extra = inner.read_to_end(&mut rest).unwrap_or(0) as u64;
-            return bytes + extra;
+        // After Committed the target closes: count what still comes, but
+        // never more than DRAIN_BYTES (the caller stops waiting after
+        // DRAIN_TIME), and keep none of it.
+        let mut inner = rd.into_inner().take(DRAIN_BYTES);
+        let mut buf = [0u8; 8192];
+        let started = Instant::now();
+        while started.elapsed() < DRAIN_TIME {
+            match inner.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    expect.received.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
         }
+        return;
     }
 }
 
@@ -430,8 +666,11 @@ fn write_loop<W: Write>(
     mut wr: FrameWriter<W>,
     rx: Receiver<(Msg, Vec<u8>)>,
     compress: Option<i32>,
+    clock: Clock,
+    sent: Arc<AtomicU64>,
 ) -> Result<u64, WireError> {
     let mut zbuf = Vec::new();
+    let mut finished = false;
     loop {
         let (msg, payload) = match rx.try_recv() {
             Ok(i) => i,
@@ -443,6 +682,16 @@ fn write_loop<W: Write>(
                 }
             }
         };
+        let is_beat = matches!(msg, Msg::Heartbeat(_));
+        // After Finish the target reads nothing more and may close at
+        // once: a late heartbeat must not fail a committed session.
+        if is_beat && finished {
+            continue;
+        }
+        finished |= matches!(msg, Msg::Finish(_));
+        // Counted before the bytes can reach the target.
+        let bound = wr.bytes() + (9 + wire::MAX_HEADER + payload.len()) as u64;
+        sent.fetch_max(bound, Ordering::SeqCst);
         match (msg, compress) {
             (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
                 wr.send(
@@ -454,6 +703,11 @@ fn write_loop<W: Write>(
                 )?;
             }
             (msg, _) => wr.send(&msg, &payload)?,
+        }
+        // The target takes what we send: that is progress too (heartbeats
+        // aside, which go out whatever the target does).
+        if !is_beat {
+            clock.touch();
         }
     }
 }
@@ -475,6 +729,12 @@ struct Comparer<'a> {
     report: &'a mut Report,
     /// Set by the receiver when the target's stream failed or ended.
     peer_failed: Arc<AtomicBool>,
+    /// When the session last made progress.
+    clock: Clock,
+    /// The credit as the receiver checks it.
+    credited_shared: Arc<AtomicU64>,
+    refines_sent: Arc<AtomicU64>,
+    counters: Arc<Counters>,
     /// Longest wait for the target before giving up on it.
     io_timeout: Duration,
     progress: &'a Progress,
@@ -490,7 +750,6 @@ impl Comparer<'_> {
     /// for `io_timeout` means the target stopped reading.
     fn send(&self, msg: Msg, payload: Vec<u8>) -> Result<(), SyncError> {
         let mut item = (msg, payload);
-        let started = Instant::now();
         loop {
             match self.out.send_timeout(item, Duration::from_millis(200)) {
                 Ok(()) => return Ok(()),
@@ -504,7 +763,7 @@ impl Comparer<'_> {
             if self.peer_failed.load(Ordering::SeqCst) {
                 return Err(self.peer_gone());
             }
-            if started.elapsed() > self.io_timeout {
+            if self.clock.idle() > self.io_timeout {
                 return Err(self.stalled());
             }
         }
@@ -536,14 +795,13 @@ impl Comparer<'_> {
 
     /// Waits for the next message from the target, stashing digests.
     fn pump(&mut self) -> Result<(), SyncError> {
-        let started = Instant::now();
         loop {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
             }
             match self.incoming.recv_timeout(Duration::from_millis(200)) {
                 Ok(m) => return self.stash(m),
-                Err(RecvTimeoutError::Timeout) if started.elapsed() > self.io_timeout => {
+                Err(RecvTimeoutError::Timeout) if self.clock.idle() > self.io_timeout => {
                     return Err(self.stalled())
                 }
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -592,6 +850,7 @@ impl Comparer<'_> {
         let total = self.block.blocks_in(self.size);
         let through = self.first_unsent(compared).min(total);
         if through >= self.credited + step {
+            self.credited_shared.fetch_max(through, Ordering::SeqCst);
             self.send(Msg::Credit(Credit { through }), Vec::new())?;
             self.credited = through;
         }
@@ -616,6 +875,12 @@ impl Comparer<'_> {
             let chunk = chunk?;
             self.compare_chunk(&chunk, &zero_block)?;
             self.report.source_bytes_read = reader.bytes_read();
+            self.counters
+                .blocks
+                .store(self.report.blocks_compared, Ordering::Relaxed);
+            self.counters
+                .read
+                .store(self.report.source_bytes_read, Ordering::Relaxed);
             let compared = chunk.first_block + chunk.blocks;
             reader.recycle(chunk);
             self.grant_credit(compared, self.credit_step)?;
@@ -628,6 +893,7 @@ impl Comparer<'_> {
             self.resolve_pending(true)?;
         }
         tracing::debug!("compared {} blocks", total - opened.start_block);
+        self.credited_shared.fetch_max(total, Ordering::SeqCst);
         self.send(Msg::Credit(Credit { through: total }), Vec::new())?;
         self.send(
             Msg::Finish(Finish {
@@ -683,6 +949,7 @@ impl Comparer<'_> {
                 }
                 Decision::Refine | Decision::SendWhole => {
                     self.report.blocks_changed += 1;
+                    self.refines_sent.fetch_add(1, Ordering::SeqCst);
                     self.send(Msg::Refine(Refine { block: b }), Vec::new())?;
                     self.pending.push_back(Pending::Refine {
                         block: b,
@@ -796,7 +1063,20 @@ impl Comparer<'_> {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
             }
-            match change? {
+            let change = change?;
+            let (Change::Zero(r) | Change::Data(r)) = &change;
+            // The target takes ops only in increasing offset order.
+            if r.start < done && r.start < self.size {
+                return Err(SyncError::Source(VolumeError::Other {
+                    op: "reading the changed ranges of",
+                    path: self.source.path().to_owned(),
+                    source: std::io::Error::other(format!(
+                        "changed ranges out of order: {}..{} after {done}",
+                        r.start, r.end
+                    )),
+                }));
+            }
+            match change {
                 Change::Zero(r) => {
                     let r = r.start.min(self.size)..r.end.min(self.size);
                     if r.is_empty() {
@@ -821,6 +1101,9 @@ impl Comparer<'_> {
                         let n = (bs - off % bs).min(end - off) as usize;
                         self.source.read_at(&mut buf[..n], off)?;
                         self.report.source_bytes_read += n as u64;
+                        self.counters
+                            .read
+                            .store(self.report.source_bytes_read, Ordering::Relaxed);
                         self.report.blocks_changed += 1;
                         if blockdiff::is_zero(&buf[..n]) {
                             self.report.zero_bytes += n as u64;
@@ -859,6 +1142,39 @@ impl Comparer<'_> {
     fn finish(&mut self) -> Result<(), SyncError> {
         while self.committed.is_none() {
             self.pump()?;
+        }
+        Ok(())
+    }
+
+    /// The verdict must be about the generation we asked for.
+    fn check_committed(&self, params: &SessionParams, opened: &Opened) -> Result<(), SyncError> {
+        let c = self.committed.as_ref().expect("finish sets committed");
+        // After a consistent generation n comes n + 1; after a torn
+        // replica the target alone knows the number.
+        let next = |n: u64| match &opened.state.generation {
+            Some(g) if opened.state.consistent => n == g.number.saturating_add(1),
+            _ => n >= 1,
+        };
+        let ok = if self.send_ops {
+            c.state.consistent
+                && c.state
+                    .generation
+                    .as_ref()
+                    .is_some_and(|g| g.snapshot == params.snapshot_id && next(g.number))
+        } else {
+            // A dry run or a verify commits nothing.
+            true
+        };
+        if !ok {
+            return Err(violation(format!(
+                "the target committed {:?} (consistent: {}), not the generation of {}",
+                c.state
+                    .generation
+                    .as_ref()
+                    .map(|g| (g.number, wire::escape(&g.snapshot))),
+                c.state.consistent,
+                wire::escape(&params.snapshot_id)
+            )));
         }
         Ok(())
     }

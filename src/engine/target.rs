@@ -1,9 +1,18 @@
 //! The target side of a session: what `snapsync serve` runs.
 //!
-//! Threads: the caller's thread reads frames and applies ops; a scanner
-//! hashes the volume front to back (at most a credit window ahead of the
-//! source); a refiner answers sub-block digest requests; a writer owns the
-//! outgoing stream and flushes whenever it runs out of work.
+//! Threads: a reader decodes frames into a small bounded queue; the
+//! caller's thread takes them and applies ops; a scanner hashes the volume
+//! front to back (at most a credit window ahead of the source); a refiner
+//! answers sub-block digest requests (at most [`MAX_PENDING_REFINES`]
+//! queued: a source that asks more without reading the answers is a
+//! protocol violation); a writer owns the outgoing stream and flushes
+//! whenever it runs out of work; a heartbeat thread sends our counters, so
+//! a long apply and fsync still shows progress.
+//!
+//! The target owns its limits: the journal budget is `serve --journal-max`
+//! (the source may only lower it), ops arrive in strictly increasing
+//! offset order, and `--timeout` cuts off a source that makes no progress
+//! (then the lock is released).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -14,15 +23,15 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockdiff::{BlockSize, Digest, HashKey, Signer};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use snapshot::lvm::{LvName, Lvm};
 use snapshot::{Access, FileVolume, Volume, VolumeError};
 use wire::{
     features, BlockHashes, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation,
-    HelloAck, Mode, Msg, Open, Opened, RemoteError, ReplicaState, SubHashes, WireError,
+    Heartbeat, HelloAck, Mode, Msg, Open, Opened, RemoteError, ReplicaState, SubHashes, WireError,
 };
 
-use super::{Cancel, ChunkReader, WINDOW_BLOCKS};
+use super::{Cancel, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::journal::{self, Journal};
 use crate::state::{self, InProgress, StatePaths, VolumeLock, VolumeState};
 
@@ -33,7 +42,20 @@ pub struct ServeConfig {
     pub allow: Vec<glob::Pattern>,
     pub state_dir: PathBuf,
     pub cancel: Cancel,
+    /// Longest time without progress from the source; `None`: no limit
+    /// (an in-process target, whose source has its own).
+    pub timeout: Option<Duration>,
+    /// Largest journal, in bytes of records; the source may only lower it.
+    pub journal_max: u64,
 }
+
+/// Default of `serve --timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Frames decoded ahead of the session, at most.
+const INBOX_FRAMES: usize = 4;
+/// Free space kept on a file target's file system beyond what a journal
+/// apply writes.
+pub const FREE_MARGIN: u64 = 16 << 20;
 
 /// A failure to report to the peer and to our own operator.
 #[derive(Debug, thiserror::Error)]
@@ -90,19 +112,126 @@ enum Out {
     Frame(Msg, Vec<u8>),
 }
 
+/// Frames from the source, decoded by a thread of their own into a bounded
+/// queue, so the session can give up on a source that makes no progress
+/// even while a read blocks.
+struct Inbox {
+    rx: Receiver<Result<(Msg, Vec<u8>), WireError>>,
+    bytes: Arc<AtomicU64>,
+    clock: Clock,
+    timeout: Option<Duration>,
+    cancel: Cancel,
+    heartbeat: Heartbeat,
+    /// Bytes we sent (an upper bound, stored before they go out) and, once
+    /// the session runs, the blocks we hashed: the source cannot have
+    /// received or compared more, so its heartbeats cannot claim progress
+    /// we did not make possible.
+    sent: Arc<AtomicU64>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl Inbox {
+    fn spawn<R: Read + Send + 'static>(reader: R, cfg: &ServeConfig) -> Self {
+        let (tx, rx) = bounded(INBOX_FRAMES);
+        let bytes = Arc::new(AtomicU64::new(0));
+        let counter = bytes.clone();
+        thread::Builder::new()
+            .name("serve-read".into())
+            .spawn(move || {
+                let mut rd = FrameReader::new(reader);
+                if let Err(e) = rd.read_preamble() {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                loop {
+                    let item = rd.read().map(|(m, p)| (m, p.to_vec()));
+                    counter.store(rd.bytes(), Ordering::Relaxed);
+                    let failed = item.is_err();
+                    if tx.send(item).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn reader");
+        Self {
+            rx,
+            bytes,
+            clock: Clock::new(),
+            timeout: cfg.timeout,
+            cancel: cfg.cancel.clone(),
+            heartbeat: Heartbeat::default(),
+            sent: Arc::new(AtomicU64::new(0)),
+            shared: None,
+        }
+    }
+
+    /// Counts a heartbeat as progress only when what it claims advanced
+    /// and is possible.
+    fn heartbeat(&mut self, h: Heartbeat) -> Result<(), TargetError> {
+        let sent = self.sent.load(Ordering::SeqCst);
+        let hashed = self
+            .shared
+            .as_ref()
+            .map_or(0, |s| s.hashed.load(Ordering::SeqCst));
+        if h.received > sent || h.blocks > hashed {
+            return Err(protocol(format!(
+                "heartbeat claims {} bytes received of {sent} sent and {} blocks compared of {hashed} hashed",
+                h.received, h.blocks
+            )));
+        }
+        if h.blocks > self.heartbeat.blocks || h.received > self.heartbeat.received {
+            self.clock.touch();
+        }
+        self.heartbeat = self.heartbeat.max(&h);
+        Ok(())
+    }
+
+    /// The next frame other than a heartbeat. Fails when the source made
+    /// no progress for the timeout (only real progress touches the clock:
+    /// see [`Session::receive`]) or we are interrupted.
+    fn read(&mut self) -> Result<(Msg, Vec<u8>), TargetError> {
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(TargetError::new(
+                    ErrorCode::Interrupted,
+                    "the target was interrupted by a signal",
+                ));
+            }
+            match self.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Ok((Msg::Heartbeat(h), _))) => self.heartbeat(h)?,
+                Ok(Ok(frame)) => return Ok(frame),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(t) = self.timeout {
+                        if self.clock.idle() > t {
+                            return Err(TargetError::new(
+                                ErrorCode::Protocol,
+                                format!(
+                                    "the source made no progress for {} s (serve --timeout); giving up",
+                                    t.as_secs()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(WireError::Closed.into()),
+            }
+        }
+    }
+}
+
 /// Serves one session on `reader`/`writer`. On failure an `Error` frame is
 /// sent to the peer (best effort) before returning the error.
-pub fn serve<R: Read, W: Write + Send + 'static>(
+pub fn serve<R: Read + Send + 'static, W: Write + Send + 'static>(
     reader: R,
     writer: W,
     cfg: &ServeConfig,
 ) -> Result<ServeSummary, TargetError> {
-    let mut rd = FrameReader::new(reader);
     let rate = crate::bwlimit::Rate::default();
     let mut wr = FrameWriter::new(crate::bwlimit::Limited::new(writer, rate.clone()));
     // Our preamble goes first so a wrong peer learns at once what we are.
     wr.write_preamble()?;
-    rd.read_preamble()?;
+    let mut rd = Inbox::spawn(reader, cfg);
     let hello = match rd.read()?.0 {
         Msg::Hello(h) => h,
         m => return Err(protocol(format!("expected Hello, got {:?}", m.kind()))),
@@ -117,10 +246,13 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
         &[],
     )?;
     wr.flush()?;
+    rd.sent.store(wr.bytes(), Ordering::SeqCst);
+    rd.clock.touch();
     let open = match rd.read()?.0 {
         Msg::Open(o) => o,
         m => return Err(protocol(format!("expected Open, got {:?}", m.kind()))),
     };
+    rd.clock.touch();
     match Session::open(open, hello.key, feats, cfg) {
         Ok((session, opened)) => {
             let rollback = matches!(session.applier, Applier::Snapshot { .. })
@@ -204,6 +336,43 @@ fn allowed(cfg: &ServeConfig, path: &Path) -> bool {
     }
 }
 
+/// A target that does not exist is created only as a file whose own path
+/// an allow pattern matches, in a directory that exists, not under /dev
+/// (devtmpfs is RAM; a device target must exist already).
+fn check_create(
+    path: &Path,
+    exists: bool,
+    open: &Open,
+    cfg: &ServeConfig,
+) -> Result<(), TargetError> {
+    if exists || open.dry_run || open.mode == Mode::Verify {
+        return Ok(());
+    }
+    let opts = glob::MatchOptions {
+        require_literal_separator: true,
+        ..Default::default()
+    };
+    let why = if path.starts_with("/dev") {
+        Some("a block device target must exist; nothing is created under /dev")
+    } else if !path.parent().is_some_and(Path::is_dir) {
+        Some("its directory does not exist")
+    } else if !cfg.allow.iter().any(|p| p.matches_path_with(path, opts)) {
+        Some("no --allow pattern matches its path")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(TargetError::new(
+            ErrorCode::NotAllowed,
+            format!(
+                "target {} does not exist and is not created: {why}",
+                path.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn trusted_device_link(link: &std::fs::Metadata, real: &Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let owner_ok = link.uid() == 0 || link.uid() == rustix::process::geteuid().as_raw();
@@ -240,6 +409,11 @@ struct Shared {
     bytes_read: AtomicU64,
     /// Bytes the scan read.
     scan_bytes: AtomicU64,
+    /// Blocks the scan hashed, bytes journaled and bytes applied: the
+    /// counters our heartbeats carry.
+    hashed: AtomicU64,
+    journal_bytes: AtomicU64,
+    applied: AtomicU64,
     cancel: Cancel,
 }
 
@@ -353,6 +527,7 @@ impl Session {
             thin_target(&path)?;
         }
         let exists = path.exists();
+        check_create(&path, exists, &open, cfg)?;
         // A journal left by a crash must be settled before anything looks
         // at the volume, even a dry run or a verify: they too must see a
         // complete generation.
@@ -483,6 +658,9 @@ impl Session {
             credit_cv: Condvar::new(),
             bytes_read: AtomicU64::new(0),
             scan_bytes: AtomicU64::new(0),
+            hashed: AtomicU64::new(0),
+            journal_bytes: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
             cancel: Cancel::new(),
         });
         let session = Session {
@@ -502,21 +680,33 @@ impl Session {
         Ok((session, opened))
     }
 
-    fn run<R: Read, W: Write + Send + 'static>(
+    fn run<W: Write + Send + 'static>(
         mut self,
-        mut rd: FrameReader<R>,
+        mut rd: Inbox,
         mut wr: FrameWriter<W>,
         opened: Opened,
         cfg: &ServeConfig,
     ) -> Result<ServeSummary, TargetError> {
+        if let Applier::Journal(j) = &mut self.applier {
+            j.limit(cfg.journal_max);
+        }
+        if let Err(e) = self.check_fits() {
+            let _ = send_error(&mut wr, &e);
+            self.abort();
+            return Err(e);
+        }
+        rd.sent
+            .store(wr.bytes() + FRAME_SLACK as u64, Ordering::SeqCst);
         wr.send(&Msg::Opened(opened), &[])?;
         wr.flush()?;
         let (out_tx, out_rx) = bounded::<Out>(64);
+        let sent = rd.sent.clone();
         let writer = thread::Builder::new()
             .name("serve-writer".into())
-            .spawn(move || write_loop(wr, out_rx))
+            .spawn(move || write_loop(wr, out_rx, &sent))
             .expect("spawn writer");
         let shared = self.shared.clone();
+        rd.shared = Some(shared.clone());
 
         let scanner = (self.mode != Mode::Delta).then(|| {
             let (s, tx, start) = (shared.clone(), out_tx.clone(), self.start_block);
@@ -525,7 +715,8 @@ impl Session {
                 .spawn(move || report_failure(scan_loop(&s, &tx, start), &tx))
                 .expect("spawn")
         });
-        let (refine_tx, refine_rx) = unbounded::<u64>();
+        // An honest source has at most MAX_PENDING_REFINES unanswered.
+        let (refine_tx, refine_rx) = bounded::<u64>(MAX_PENDING_REFINES);
         let refiner = {
             let (s, tx) = (shared.clone(), out_tx.clone());
             thread::Builder::new()
@@ -533,8 +724,17 @@ impl Session {
                 .spawn(move || report_failure(refine_loop(&s, &tx, refine_rx), &tx))
                 .expect("spawn")
         };
+        // Dropping `beat_stop` ends the heartbeat thread at once.
+        let (beat_stop, stop) = bounded::<()>(0);
+        let beat = {
+            let (s, tx, received) = (shared.clone(), out_tx.clone(), rd.bytes.clone());
+            thread::Builder::new()
+                .name("serve-heartbeat".into())
+                .spawn(move || heartbeat_loop(&s, &tx, &stop, &received))
+                .expect("spawn")
+        };
 
-        let result = self.receive(&mut rd, &refine_tx, cfg);
+        let result = self.receive(&mut rd, &refine_tx);
         drop(refine_tx);
         shared.cancel.cancel();
         shared.credit_cv.notify_all();
@@ -547,10 +747,13 @@ impl Session {
             refine_result?;
             Ok(f)
         });
+        // Heartbeats go on through a long apply and fsync.
         let outcome = match result {
             Ok(()) => self.commit(),
             Err(e) => Err(e),
         };
+        drop(beat_stop);
+        let _ = beat.join();
         match outcome {
             Ok(committed) => {
                 let _ = out_tx.send(Out::Frame(Msg::Committed(committed.clone()), Vec::new()));
@@ -567,31 +770,96 @@ impl Session {
                     code: e.code,
                     message: e.message.clone(),
                 });
-                let _ = out_tx.send(Out::Frame(msg, Vec::new()));
+                // Best effort, never blocking: the source may not read.
+                let _ = out_tx.try_send(Out::Frame(msg, Vec::new()));
                 drop(out_tx);
-                let _ = writer.join();
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !writer.is_finished() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(10));
+                }
                 Err(e)
             }
         }
     }
 
-    /// Reads frames until `Finish`, applying ops as they come.
-    fn receive<R: Read>(
-        &mut self,
-        rd: &mut FrameReader<R>,
-        refine_tx: &Sender<u64>,
-        cfg: &ServeConfig,
-    ) -> Result<(), TargetError> {
+    /// Before sealing: a file target's file system must have room for the
+    /// journal's data plus a margin (a full one would fail the apply).
+    fn check_free_space(&self, data_bytes: u64) -> Result<(), TargetError> {
+        if !self.shared.volume.resizable() {
+            return Ok(());
+        }
+        let path = Path::new(&self.open.path);
+        let Ok(st) = rustix::fs::statvfs(path) else {
+            return Ok(());
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let need = data_bytes.saturating_add(FREE_MARGIN);
+        if free < need {
+            return Err(TargetError::new(
+                ErrorCode::TargetIo,
+                format!(
+                    "the file system of target {} has {free} bytes free, the delta needs {need} (with a margin); the replica stays at its previous generation",
+                    self.open.path
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Before anything is written: a file target must be able to reach the
+    /// source's size on its file system. Probed without touching the file
+    /// (a crash must never leave it resized): seeking past the file
+    /// system's largest file size fails (EINVAL).
+    fn check_fits(&self) -> Result<(), TargetError> {
+        use std::io::{Seek, SeekFrom};
+        let v = &self.shared.volume;
+        let new = self.shared.new_size;
+        if matches!(self.applier, Applier::DryRun) || !v.resizable() || new <= v.size() {
+            return Ok(());
+        }
+        let probe = std::fs::File::open(&self.open.path)
+            .and_then(|mut f| f.seek(SeekFrom::Start(new)).map(|_| ()));
+        probe.map_err(|e| {
+            TargetError::new(
+                ErrorCode::TargetIo,
+                format!(
+                    "the file system of target {} cannot hold a file of {new} bytes (the source's size): {e}",
+                    self.open.path
+                ),
+            )
+        })
+    }
+
+    /// Reads frames until `Finish`, applying ops as they come. Ops must come
+    /// in strictly increasing offset order, refinements in increasing block
+    /// order: a session writes each byte at most once and its frames are
+    /// bounded by the volume's size.
+    fn receive(&mut self, rd: &mut Inbox, refine_tx: &Sender<u64>) -> Result<(), TargetError> {
         let total_blocks = self.shared.block.blocks_in(self.shared.new_size);
         let mut scratch = Vec::new();
+        let mut next_offset = 0u64;
+        let mut next_refine = 0u64;
+        let mut credit = self.start_block;
         loop {
-            if cfg.cancel.is_cancelled() {
-                return Err(TargetError::new(
-                    ErrorCode::Interrupted,
-                    "the target was interrupted by a signal",
-                ));
-            }
             let (msg, payload) = rd.read()?;
+            let payload = &payload[..];
+            // Only what moves the session on counts as progress.
+            let mut progress = true;
+            if let Some((offset, len)) = match &msg {
+                Msg::Data(d) => Some((d.offset, d.len as u64)),
+                Msg::Zero(z) => Some((z.offset, z.len)),
+                Msg::Copy(c) => Some((c.to, c.len)),
+                _ => None,
+            } {
+                if len == 0 || offset < next_offset {
+                    return Err(protocol(format!(
+                        "{:?} op at offset {offset} ({len} bytes): ops must be non-empty and in increasing offset order (next allowed: {next_offset})",
+                        msg.kind()
+                    )));
+                }
+                self.check_extent(offset, len)?;
+                next_offset = offset + len;
+            }
             match msg {
                 Msg::Credit(c) => {
                     if c.through > total_blocks {
@@ -600,6 +868,8 @@ impl Session {
                             c.through
                         )));
                     }
+                    progress = c.through > credit;
+                    credit = credit.max(c.through);
                     {
                         let mut cur = self.shared.credit.lock().expect("credit lock");
                         *cur = (*cur).max(c.through);
@@ -608,16 +878,21 @@ impl Session {
                     self.checkpoint(c.through)?;
                 }
                 Msg::Refine(r) => {
-                    if self.mode == Mode::Delta || r.block >= total_blocks {
+                    if self.mode == Mode::Delta || r.block >= total_blocks || r.block < next_refine
+                    {
                         return Err(protocol(format!(
-                            "refine of block {} is out of range",
+                            "refine of block {} is out of range or order",
                             r.block
                         )));
                     }
-                    let _ = refine_tx.send(r.block);
+                    next_refine = r.block + 1;
+                    if refine_tx.try_send(r.block).is_err() {
+                        return Err(protocol(format!(
+                            "more than {MAX_PENDING_REFINES} refinements asked for and not read"
+                        )));
+                    }
                 }
                 Msg::Data(d) => {
-                    self.check_extent(d.offset, d.len as u64)?;
                     if d.len > self.shared.block.bytes() {
                         return Err(protocol(format!(
                             "data op of {} bytes exceeds the block size",
@@ -640,12 +915,10 @@ impl Session {
                     self.apply(Op::Data(d.offset, data))?;
                 }
                 Msg::Zero(z) => {
-                    self.check_extent(z.offset, z.len)?;
                     self.apply(Op::Zero(z.offset, z.len))?;
                 }
                 Msg::Copy(c) => {
                     self.check_extent(c.from, c.len)?;
-                    self.check_extent(c.to, c.len)?;
                     if c.len > self.shared.block.bytes() as u64 {
                         return Err(protocol("copy op larger than a block"));
                     }
@@ -666,6 +939,9 @@ impl Session {
                     return Ok(());
                 }
                 m => return Err(protocol(format!("unexpected {:?} frame", m.kind()))),
+            }
+            if progress {
+                rd.clock.touch();
             }
         }
     }
@@ -693,6 +969,9 @@ impl Session {
                     Op::Zero(o, l) => j.append_zero(o, l),
                 }
                 .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                self.shared
+                    .journal_bytes
+                    .store(j.bytes(), Ordering::Relaxed);
                 if !spilled {
                     return Ok(());
                 }
@@ -736,6 +1015,7 @@ impl Session {
             Op::Zero(o, l) => v.zero(o, l).map_err(volume_err)?,
         }
         self.bytes_written += len;
+        self.shared.applied.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -813,6 +1093,14 @@ impl Session {
             Applier::DryRun => "dry-run",
             Applier::Journal(j) => {
                 journal_bytes = j.bytes();
+                // A journal the volume cannot take is never sealed: the
+                // replica stays generation n-1.
+                if let Err(e) = self.check_free_space(j.data_bytes()) {
+                    if let Err(d) = j.discard() {
+                        tracing::warn!("discarding the journal: {d:#}");
+                    }
+                    return Err(e);
+                }
                 // Sealing makes the journal complete and durable: from here
                 // a crash replays it, so the volume ends at generation n.
                 let sealed = j
@@ -822,9 +1110,24 @@ impl Session {
                         self.shared.new_size,
                     )
                     .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
-                self.bytes_written += sealed
-                    .apply(self.shared.volume.as_ref())
-                    .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+                // Durably: from here the volume may hold part of generation n.
+                self.state.applying = Some(self.next_generation.clone());
+                self.save_state()?;
+                let applied =
+                    sealed.apply_counting(self.shared.volume.as_ref(), &self.shared.applied);
+                match applied {
+                    Ok(n) => self.bytes_written += n,
+                    Err(e) => {
+                        // Never a wedge: the journal goes aside, the replica
+                        // is marked inconsistent, the next session scans.
+                        let gen = self.next_generation.clone();
+                        let msg = journal::quarantine(&self.paths, &mut self.state, &gen, &e)
+                            .unwrap_or_else(|q| {
+                                format!("{e:#}; moving the journal aside failed too: {q:#}")
+                            });
+                        return Err(TargetError::new(ErrorCode::TargetIo, msg));
+                    }
+                }
                 self.finish_generation()?;
                 sealed
                     .remove()
@@ -890,6 +1193,7 @@ impl Session {
         self.state.generation = Some(self.next_generation.clone());
         self.state.consistent = true;
         self.state.in_progress = None;
+        self.state.applying = None;
         self.state.block_size = Some(self.shared.block.bytes());
         self.state.committed_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -984,7 +1288,45 @@ fn report_failure(result: Result<(), TargetError>, tx: &Sender<Out>) -> Result<(
     result
 }
 
-fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(), TargetError> {
+/// Sends our counters every [`super::source::HEARTBEAT_EVERY`] until
+/// `stop`, never waiting on a full queue (frames are going out then).
+fn heartbeat_loop(s: &Shared, tx: &Sender<Out>, stop: &Receiver<()>, received: &AtomicU64) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(super::source::HEARTBEAT_EVERY) {
+        let h = Heartbeat {
+            blocks: s.hashed.load(Ordering::Relaxed),
+            received: received.load(Ordering::Relaxed),
+            journal: s.journal_bytes.load(Ordering::Relaxed),
+            applied: s.applied.load(Ordering::Relaxed),
+        };
+        if let Err(crossbeam_channel::TrySendError::Disconnected(_)) =
+            tx.try_send(Out::Frame(Msg::Heartbeat(h), Vec::new()))
+        {
+            return;
+        }
+    }
+}
+
+/// Queues a frame for the writer, giving up when the session is cancelled
+/// (a source that stopped reading must not hold our threads forever).
+fn send_out(s: &Shared, tx: &Sender<Out>, mut item: Out) -> bool {
+    loop {
+        match tx.send_timeout(item, Duration::from_millis(200)) {
+            Ok(()) => return true,
+            Err(SendTimeoutError::Disconnected(_)) => return false,
+            Err(SendTimeoutError::Timeout(back)) if !s.cancel.is_cancelled() => item = back,
+            Err(SendTimeoutError::Timeout(_)) => return false,
+        }
+    }
+}
+
+/// More than any frame's bytes beyond its payload.
+pub(crate) const FRAME_SLACK: usize = 9 + wire::MAX_HEADER;
+
+fn write_loop<W: Write>(
+    mut wr: FrameWriter<W>,
+    rx: Receiver<Out>,
+    sent: &AtomicU64,
+) -> Result<(), TargetError> {
     loop {
         let item = match rx.try_recv() {
             Ok(i) => i,
@@ -997,6 +1339,9 @@ fn write_loop<W: Write>(mut wr: FrameWriter<W>, rx: Receiver<Out>) -> Result<(),
             }
         };
         let Out::Frame(msg, payload) = item;
+        // Counted before the bytes can reach the source.
+        let bound = wr.bytes() + (FRAME_SLACK + payload.len()) as u64;
+        sent.fetch_max(bound, Ordering::SeqCst);
         wr.send(&msg, &payload)?;
     }
 }
@@ -1035,16 +1380,12 @@ fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError
             digests.push(d);
         }
         s.scan_bytes.store(reader.bytes_read(), Ordering::Relaxed);
+        s.hashed.fetch_add(chunk.blocks, Ordering::Relaxed);
         wire::digests_to_payload(&digests, &mut payload);
         let first = chunk.first_block;
         reader.recycle(chunk);
-        if tx
-            .send(Out::Frame(
-                Msg::BlockHashes(BlockHashes { first }),
-                payload.clone(),
-            ))
-            .is_err()
-        {
+        let frame = Out::Frame(Msg::BlockHashes(BlockHashes { first }), payload.clone());
+        if !send_out(s, tx, frame) {
             return Ok(());
         }
     }
@@ -1063,13 +1404,8 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
         subs.clear();
         s.signer.sub_digests(&buf[..len], &mut subs);
         wire::digests_to_payload(&subs, &mut payload);
-        if tx
-            .send(Out::Frame(
-                Msg::SubHashes(SubHashes { block }),
-                payload.clone(),
-            ))
-            .is_err()
-        {
+        let frame = Out::Frame(Msg::SubHashes(SubHashes { block }), payload.clone());
+        if !send_out(s, tx, frame) {
             break;
         }
     }

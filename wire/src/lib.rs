@@ -31,6 +31,10 @@
 //!    receives ops.
 //! 4. source → `Finish`; target commits and answers `Committed`.
 //!
+//! Either side may send `Heartbeat` at any time: its counters only grow,
+//! and the receiver counts it as progress only when one of them advanced
+//! (a side busy without sending data still shows it is working).
+//!
 //! Either side may send `Error` at any time and then close; an unexpected
 //! end of stream is [`WireError::Closed`].
 
@@ -79,8 +83,10 @@ pub enum WireError {
     Malformed(String),
     #[error("unexpected {got:?} frame while waiting for {want}")]
     Unexpected { got: Kind, want: &'static str },
-    #[error("the other side reported: {0}")]
+    #[error("the other side reported: {}", escape(&.0.message))]
     Remote(RemoteError),
+    #[error("protocol violation by the other side: {0}")]
+    Protocol(String),
 }
 
 /// An error carried across the wire in an `Error` frame.
@@ -132,6 +138,7 @@ pub enum Kind {
     Finish = 12,
     Committed = 13,
     Error = 14,
+    Heartbeat = 15,
 }
 
 impl Kind {
@@ -152,6 +159,7 @@ impl Kind {
             12 => Finish,
             13 => Committed,
             14 => Error,
+            15 => Heartbeat,
             _ => return None,
         })
     }
@@ -328,6 +336,41 @@ pub struct Committed {
     pub state: ReplicaState,
 }
 
+/// Either way: the sender's progress counters, each monotonically
+/// increasing over a session. A receiver resets its progress clock only
+/// when one of them advanced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Blocks compared (source) or hashed (target).
+    pub blocks: u64,
+    /// Bytes received from the peer.
+    pub received: u64,
+    /// Bytes written to the journal.
+    pub journal: u64,
+    /// Bytes written to the volume (target) or read from it (source).
+    pub applied: u64,
+}
+
+impl Heartbeat {
+    /// True when any counter of `self` is past the one in `prev`.
+    pub fn advances(&self, prev: &Heartbeat) -> bool {
+        self.blocks > prev.blocks
+            || self.received > prev.received
+            || self.journal > prev.journal
+            || self.applied > prev.applied
+    }
+
+    /// The counter-wise maximum of both.
+    pub fn max(&self, other: &Heartbeat) -> Heartbeat {
+        Heartbeat {
+            blocks: self.blocks.max(other.blocks),
+            received: self.received.max(other.received),
+            journal: self.journal.max(other.journal),
+            applied: self.applied.max(other.applied),
+        }
+    }
+}
+
 /// A decoded frame. Payload-carrying kinds borrow nothing: the payload is
 /// returned alongside.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,6 +389,7 @@ pub enum Msg {
     Finish(Finish),
     Committed(Committed),
     Error(RemoteError),
+    Heartbeat(Heartbeat),
 }
 
 impl Msg {
@@ -365,6 +409,7 @@ impl Msg {
             Msg::Finish(_) => Kind::Finish,
             Msg::Committed(_) => Kind::Committed,
             Msg::Error(_) => Kind::Error,
+            Msg::Heartbeat(_) => Kind::Heartbeat,
         }
     }
 
@@ -389,6 +434,7 @@ impl Msg {
             Msg::Finish(m) => enc(m, out),
             Msg::Committed(m) => enc(m, out),
             Msg::Error(m) => enc(m, out),
+            Msg::Heartbeat(m) => enc(m, out),
         }
     }
 
@@ -419,6 +465,7 @@ impl Msg {
             Kind::Finish => Msg::Finish(dec(header)?),
             Kind::Committed => Msg::Committed(dec(header)?),
             Kind::Error => Msg::Error(dec(header)?),
+            Kind::Heartbeat => Msg::Heartbeat(dec(header)?),
         })
     }
 }
@@ -640,6 +687,25 @@ fn closed_on_pipe(e: io::Error) -> WireError {
     }
 }
 
+/// Peer-supplied text made safe for a terminal or a log: control
+/// characters (ANSI escapes, newlines, ...) are shown escaped, and the text
+/// is cut at 1000 characters.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(1024));
+    for (i, c) in s.chars().enumerate() {
+        if i == 1000 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Packs digests into a payload.
 pub fn digests_to_payload(digests: &[Digest], out: &mut Vec<u8>) {
     out.clear();
@@ -831,7 +897,23 @@ mod tests {
                 }),
                 vec![],
             ),
+            (
+                Msg::Heartbeat(Heartbeat {
+                    blocks: 1,
+                    received: 2,
+                    journal: 3,
+                    applied: u64::MAX,
+                }),
+                vec![],
+            ),
         ]
+    }
+
+    #[test]
+    fn escape_shows_control_characters() {
+        assert_eq!(escape("a\x1b[31mb\n"), "a\\u{1b}[31mb\\n");
+        assert_eq!(escape("plain é"), "plain é");
+        assert_eq!(escape(&"x".repeat(2000)).len(), 1003);
     }
 
     #[test]

@@ -1,0 +1,489 @@
+//! Hostile or broken peers against the real binary: a scripted fake target
+//! for `snapsync sync`, a scripted fake source for `snapsync serve`, both
+//! speaking the real protocol. One test per way a peer used to hurt the
+//! other end; each asserts exit code, time (generous slack), peak RSS
+//! (exact bound) and the state left behind.
+
+mod common;
+mod hostile_support;
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blockdiff::Signer;
+use common::*;
+use hostile_support::*;
+use wire::{
+    BlockHashes, Codec, Committed, Credit, Data, Finish, Generation, Heartbeat, Msg, Opened,
+    Refine, RemoteError, ReplicaState, SubHashes, Zero,
+};
+
+const BLOCK: u64 = 64 * KIB;
+
+/// Digests of every block of `data` under the session's key.
+fn digests_of(signer: &Signer, data: &[u8]) -> Vec<u8> {
+    let ds: Vec<_> = data
+        .chunks(BLOCK as usize)
+        .map(|b| signer.block_digest(b))
+        .collect();
+    let mut p = Vec::new();
+    wire::digests_to_payload(&ds, &mut p);
+    p
+}
+
+fn state_json(state: &Path, volume: &Path) -> serde_json::Value {
+    let p = state.join(format!("{}.state.json", state_key(volume)));
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// A replica at generation 1 of `src`, made by a real local sync.
+fn replica_gen1(
+    dir: &Path,
+    size: u64,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let src = dir.join("src.img");
+    let dst = dir.join("replica.img");
+    let state = dir.join("state");
+    write_random_file(&src, size, 1);
+    sync_run(&src, s(&dst), &state, &[]).assert_ok();
+    assert_eq!(state_json(&state, &dst)["consistent"], true);
+    (src, dst, state)
+}
+
+// ---------------------------------------------------------------- 1
+
+#[test]
+fn source_memory_stays_bounded_while_a_target_floods_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, 4 * MIB, 1);
+    let t = FakeTarget::new(dir.path());
+    let child = t.spawn_source(&src, &["--timeout", "20s"]);
+    let target = thread::spawn(move || {
+        let mut p = t.accept();
+        let o = p.honest_opened();
+        p.send(Msg::Opened(o), &[]).unwrap();
+        p.drain_in_background();
+        // Sub-digests nobody asked for, 4 MiB a frame, as fast as they go
+        // (at most 4 GiB): they used to pile up in the source's queue.
+        let payload = vec![0u8; wire::MAX_DIGESTS * blockdiff::DIGEST_LEN];
+        let mut sent = 0u64;
+        while sent < 4 << 30
+            && p.send(Msg::SubHashes(SubHashes { block: 0 }), &payload)
+                .is_ok()
+        {
+            sent += payload.len() as u64;
+        }
+    });
+    let m = measure(child, Duration::from_secs(90));
+    m.run.assert_code(5);
+    m.run.assert_says(
+        "nobody asked for",
+        "unasked answers are a protocol violation",
+    );
+    m.assert_rss_below(PEER_RSS_KIB)
+        .assert_faster_than(Duration::from_secs(30));
+    target.join().unwrap();
+}
+
+#[test]
+fn source_drain_after_commit_is_bounded_in_bytes_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, 2 * MIB, 2);
+    let data = std::fs::read(&src).unwrap();
+    let t = FakeTarget::new(dir.path());
+    let child = t.spawn_source(&src, &["--timeout", "20s", "--json"]);
+    let target = thread::spawn(move || {
+        let mut p = t.accept();
+        let o = p.honest_opened();
+        p.send(Msg::Opened(o), &[]).unwrap();
+        // The replica already equals the source: digests of the same data.
+        let signer = Signer::new(p.hello.key);
+        let payload = digests_of(&signer, &data);
+        p.send(Msg::BlockHashes(BlockHashes { first: 0 }), &payload)
+            .unwrap();
+        loop {
+            match p.read().unwrap() {
+                Msg::Finish(_) => break,
+                Msg::Credit(_) | Msg::Heartbeat(_) => {}
+                m => panic!("unexpected {:?}", m.kind()),
+            }
+        }
+        p.drain_in_background();
+        p.send(
+            Msg::Committed(Committed {
+                apply_mode: "journal".into(),
+                state: ReplicaState {
+                    source_id: Some(p.open.source_id.clone()),
+                    generation: Some(Generation {
+                        number: 1,
+                        snapshot: p.open.target_generation.snapshot.clone(),
+                    }),
+                    consistent: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            &[],
+        )
+        .unwrap();
+        // Then garbage without end (at most 4 GiB): it used to be read
+        // to the end of the stream into memory.
+        flood(&mut p.stream, &vec![0xAB; 1 << 20], 4 << 30)
+    });
+    let m = measure(child, Duration::from_secs(90));
+    m.run.assert_ok();
+    m.assert_rss_below(PEER_RSS_KIB)
+        .assert_faster_than(Duration::from_secs(30));
+    let flooded = target.join().unwrap();
+    assert!(
+        flooded < 1 << 30,
+        "the source kept reading: {flooded} bytes"
+    );
+    assert!(m.run.json().u("wire_bytes_received") <= 2 << 20);
+}
+
+// ---------------------------------------------------------------- 2
+
+#[test]
+fn a_target_trickling_frames_without_progress_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, MIB, 3);
+    for empty_hashes in [false, true] {
+        let t = FakeTarget::new(dir.path());
+        let child = t.spawn_source(&src, &["--timeout", "3s"]);
+        let target = thread::spawn(move || {
+            let mut p = t.accept();
+            let o = p.honest_opened();
+            p.send(Msg::Opened(o), &[]).unwrap();
+            p.drain_in_background();
+            // A frame every 200 ms for at most a minute, none of them
+            // progress: the same heartbeat, or an empty digest frame.
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                let m = if empty_hashes {
+                    Msg::BlockHashes(BlockHashes { first: 0 })
+                } else {
+                    Msg::Heartbeat(Heartbeat {
+                        blocks: 5,
+                        ..Default::default()
+                    })
+                };
+                if p.send(m, &[]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let m = measure(child, Duration::from_secs(90));
+        m.run.assert_code(5);
+        m.assert_faster_than(Duration::from_secs(20))
+            .assert_rss_below(PEER_RSS_KIB);
+        if !empty_hashes {
+            assert!(m.run.elapsed >= Duration::from_secs(3), "{}", m.run);
+            m.run
+                .assert_says("no progress", "the progress timeout fired");
+        }
+        target.join().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- 3
+
+#[test]
+fn serve_refine_queue_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("replica.img");
+    let state = dir.path().join("state");
+    let size = 2u64 << 30;
+    std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
+    let block = 4 * MIB;
+    let mut p = ServePeer::start(s(&dst), &state, &[]);
+    p.open(open_msg(&dst, size, block)).unwrap();
+    // Refinements of 4 MiB blocks, never reading an answer, for at most
+    // 20 s: each used to queue a whole-block read without limit.
+    let started = Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_secs(20)
+        && p.send(Msg::Refine(Refine { block: i % 512 }), &[]).is_ok()
+    {
+        i += 1;
+    }
+    let m = p.finish(Duration::from_secs(60));
+    m.run.assert_code(5);
+    m.run.assert_says("refine", "the overrun is named");
+    m.assert_rss_below(PEER_RSS_KIB)
+        .assert_faster_than(Duration::from_secs(30));
+    assert!(i < 100_000, "serve kept reading refinements: {i}");
+    assert!(lock_is_free(&state, &dst));
+}
+
+// ---------------------------------------------------------------- 4
+
+#[test]
+fn serve_refuses_rewrites_and_owns_the_journal_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, dst, state) = replica_gen1(dir.path(), MIB);
+    let before = sha256_file(&dst);
+    let source_id = state_json(&state, &dst)["source_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // One block written over and over: the second write is refused.
+    let mut p = ServePeer::start(s(&dst), &state, &[]);
+    let mut open = open_msg(&dst, MIB, BLOCK);
+    open.source_id = source_id.clone();
+    p.open(open.clone()).unwrap();
+    let last = p.drain_in_background();
+    let payload = vec![0x55u8; BLOCK as usize];
+    for _ in 0..3000 {
+        let d = Data {
+            offset: 0,
+            len: BLOCK as u32,
+            codec: Codec::Raw,
+        };
+        if p.send(Msg::Data(d), &payload).is_err() {
+            break;
+        }
+    }
+    let m = p.finish(Duration::from_secs(60));
+    m.run.assert_code(5);
+    m.run
+        .assert_says("increasing offset", "overlap is a protocol error");
+    m.assert_rss_below(PEER_RSS_KIB);
+    assert!(matches!(last.join().unwrap(), Some(Err(_))));
+    assert_unchanged(&dst, &before, "a refused session writes nothing");
+    assert!(files_starting(&state, &format!("{}.journal", state_key(&dst))).is_empty());
+    assert_eq!(state_json(&state, &dst)["generation"]["number"], 1);
+    assert_eq!(state_json(&state, &dst)["consistent"], true);
+
+    // Zero records count against serve's --journal-max, whatever the
+    // source asks: 2,000 of them (34 kB of records) overflow 8 KiB and
+    // the session goes on in place instead of growing the journal.
+    let mut p = ServePeer::start(s(&dst), &state, &["--journal-max", "8KiB"]);
+    p.open(open).unwrap();
+    let last = p.drain_in_background();
+    for i in 0..2_000u64 {
+        p.wr.send(&Msg::Zero(Zero { offset: i, len: 1 }), &[])
+            .unwrap();
+    }
+    let total = MIB / BLOCK;
+    p.send(Msg::Credit(Credit { through: total }), &[]).unwrap();
+    p.send(Msg::Finish(Finish { blocks: total }), &[]).unwrap();
+    let m = p.finish(Duration::from_secs(60));
+    m.run.assert_ok();
+    m.assert_rss_below(PEER_RSS_KIB);
+    let Some(Ok(Msg::Committed(c))) = last.join().unwrap() else {
+        panic!("no Committed\n{}", m.run)
+    };
+    assert_eq!(c.apply_mode, "in-place", "{c:?}");
+    assert_eq!(read_at(&dst, 0, 2_000), vec![0u8; 2_000]);
+    assert_eq!(state_json(&state, &dst)["generation"]["number"], 2);
+
+    // A name that does not exist is not created under /dev (RAM).
+    let shm = Path::new("/dev/shm").join(format!("snapsync-hostile-{}", std::process::id()));
+    let mut p = ServePeer::start("/dev/shm/snapsync-hostile-*", &state, &[]);
+    let err = p.open(open_msg(&shm, 1 << 30, BLOCK)).unwrap_err();
+    assert!(err.to_string().contains("not created"), "{err}");
+    let m = p.finish(Duration::from_secs(30));
+    m.run.assert_code(4);
+    assert!(!shm.exists());
+}
+
+// ---------------------------------------------------------------- 5
+
+#[test]
+fn a_source_size_the_file_system_cannot_hold_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, state) = replica_gen1(dir.path(), MIB);
+    let before = sha256_file(&dst);
+    let source_id = state_json(&state, &dst)["source_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut p = ServePeer::start(s(&dst), &state, &[]);
+    let mut open = open_msg(&dst, 1 << 50, BLOCK);
+    open.source_id = source_id;
+    let err = p.open(open).unwrap_err();
+    assert!(err.to_string().contains("cannot hold"), "{err}");
+    let m = p.finish(Duration::from_secs(30));
+    m.run.assert_code(4);
+    assert_unchanged(&dst, &before, "nothing was written");
+    assert_eq!(file_len(&dst), MIB);
+    assert!(files_starting(&state, &format!("{}.journal", state_key(&dst))).is_empty());
+    // No wedge: a verify and a sync go on working.
+    run(&["verify", s(&src), s(&dst), "--state-dir", s(&state)]).assert_ok();
+    sync_run(&src, s(&dst), &state, &[]).assert_ok();
+}
+
+// ---------------------------------------------------------------- 6
+
+#[test]
+fn a_corrupt_journal_after_the_apply_began_is_moved_aside_and_rescanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, state) = replica_gen1(dir.path(), MIB);
+    let key = state_key(&dst);
+    let jpath = state.join(format!("{key}.journal"));
+    // A sealed journal of generation 2, half applied, then one bit flips.
+    let junk = random_bytes(9, 4096);
+    let mut j = snapsync::journal::Journal::create(&jpath, 1 << 20).unwrap();
+    assert!(!j.append_data(8192, &junk).unwrap());
+    let gen2 = Generation {
+        number: 2,
+        snapshot: "snap-2".into(),
+    };
+    let source_id = state_json(&state, &dst)["source_id"].clone();
+    j.seal(&gen2, source_id.as_str().unwrap(), MIB).unwrap();
+    write_at(&dst, 8192, &junk);
+    let mut bytes = std::fs::read(&jpath).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&jpath, &bytes).unwrap();
+    let spath = state.join(format!("{key}.state.json"));
+    let mut st = state_json(&state, &dst);
+    st["applying"] = serde_json::to_value(&gen2).unwrap();
+    std::fs::write(&spath, serde_json::to_vec(&st).unwrap()).unwrap();
+
+    let r = sync_run(&src, s(&dst), &state, &[]);
+    r.assert_ok();
+    let rep = r.json();
+    let rec = rep.0["recovered"].as_str().unwrap_or_default().to_owned();
+    assert!(rec.contains("moved to"), "{rec}");
+    assert_eq!(rep.0["apply_mode"], "in-place", "a full copy, not a delta");
+    assert_same_content(&src, &dst);
+    let aside = files_starting(&state, &format!("{key}.journal.failed-"));
+    assert_eq!(aside.len(), 1);
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), bytes, "kept as it was");
+    assert!(!jpath.exists());
+    let st = state_json(&state, &dst);
+    assert_eq!(st["consistent"], true);
+    assert!(st["applying"].is_null());
+}
+
+// ---------------------------------------------------------------- 7
+
+#[test]
+fn the_source_checks_the_targets_answers_and_escapes_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, BLOCK, 4);
+
+    // A resume mark far past the end of a one-block volume.
+    let t = FakeTarget::new(dir.path());
+    let child = t.spawn_source(&src, &["--timeout", "20s", "--json"]);
+    let target = thread::spawn(move || {
+        let mut p = t.accept();
+        let o = Opened {
+            start_block: 1 << 63,
+            ..p.honest_opened()
+        };
+        p.send(Msg::Opened(o), &[]).unwrap();
+        p.drain_in_background();
+        thread::sleep(Duration::from_secs(2));
+    });
+    let m = measure(child, Duration::from_secs(60));
+    m.run.assert_code(5);
+    m.run
+        .assert_says("starts at block", "the bad field is named");
+    m.assert_faster_than(Duration::from_secs(15));
+    target.join().unwrap();
+
+    // Text from the target reaches the terminal escaped.
+    let t = FakeTarget::new(dir.path());
+    let child = t.spawn_source(&src, &["--timeout", "20s"]);
+    let target = thread::spawn(move || {
+        let mut p = t.accept();
+        let e = RemoteError {
+            code: wire::ErrorCode::TargetIo,
+            message: "\x1b[2J\x1b]0;owned\x07gone".into(),
+        };
+        p.send(Msg::Error(e), &[]).unwrap();
+    });
+    let m = measure(child, Duration::from_secs(60));
+    m.run.assert_code(4);
+    assert!(!m.run.stderr.contains('\x1b'), "{}", m.run);
+    m.run
+        .assert_says("\\u{1b}[2J", "the escape is shown, not obeyed");
+    target.join().unwrap();
+}
+
+// ---------------------------------------------------------------- 8
+
+#[test]
+fn serve_gives_up_on_a_stalled_source_and_releases_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, dst, state) = replica_gen1(dir.path(), MIB);
+    let mut p = ServePeer::start(s(&dst), &state, &["--timeout", "2s"]);
+    let mut open = open_msg(&dst, MIB, BLOCK);
+    open.force = true;
+    p.open(open).unwrap();
+    let _ = p.drain_in_background();
+    // Heartbeats that never advance are no progress.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if p.send(Msg::Heartbeat(Heartbeat::default()), &[]).is_err() {
+            break;
+        }
+        if p.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let m = p.finish(Duration::from_secs(30));
+    m.run.assert_code(5);
+    m.run.assert_says("no progress", "the timeout is named");
+    assert!(m.run.elapsed >= Duration::from_secs(2), "{}", m.run);
+    m.assert_faster_than(Duration::from_secs(20))
+        .assert_rss_below(PEER_RSS_KIB);
+    assert!(lock_is_free(&state, &dst));
+}
+
+// ---------------------------------------------------------------- local
+
+#[test]
+fn a_local_sync_runs_both_ends_within_its_memory_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let dst = dir.path().join("dst.img");
+    let state = dir.path().join("state");
+    write_random_file(&src, 64 * MIB, 5);
+    let child = volume_cmd("sync", &src, s(&dst), &state)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let m = measure(child, Duration::from_secs(120));
+    m.run.assert_ok();
+    m.assert_rss_below(LOCAL_RSS_KIB);
+    assert_same_content(&src, &dst);
+}
+
+#[test]
+fn serve_does_not_take_impossible_heartbeats_as_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, dst, state) = replica_gen1(dir.path(), MIB);
+    let mut p = ServePeer::start(s(&dst), &state, &["--timeout", "30s"]);
+    let mut open = open_msg(&dst, MIB, BLOCK);
+    open.force = true;
+    p.open(open).unwrap();
+    let _ = p.drain_in_background();
+    // Counters that race ahead of anything serve sent: a lie, cut off at
+    // once rather than keeping the volume locked for as long as it lasts.
+    let _ = p.send(
+        Msg::Heartbeat(Heartbeat {
+            received: 1 << 40,
+            blocks: 1 << 40,
+            ..Default::default()
+        }),
+        &[],
+    );
+    let m = p.finish(Duration::from_secs(30));
+    m.run.assert_code(5);
+    m.run.assert_says("heartbeat claims", "the lie is named");
+    m.assert_faster_than(Duration::from_secs(15));
+    assert!(lock_is_free(&state, &dst));
+}
