@@ -264,6 +264,7 @@ impl ServePeer {
                 features: 0,
                 key,
                 software: "fake-source".into(),
+                bwlimit: None,
             }),
             &[],
         )
