@@ -43,7 +43,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// First bytes each side sends.
 pub const MAGIC: [u8; 8] = *b"SNAPSYNC";
 /// Bumped on any incompatible change of frames or their meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest header accepted (a batch of digests travels as payload).
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest payload: a whole maximal block plus compression slack.
@@ -249,6 +249,12 @@ pub struct Opened {
     /// The target is a file: its size follows the source's (a block
     /// device keeps a longer tail).
     pub resizable: bool,
+    /// The identity of the volume opened (`kind:key`), which its state
+    /// belongs to (protocol 2).
+    pub target_identity: String,
+    /// Whether that identity is strong (unique and persistent); a weak
+    /// one never gets a delta.
+    pub target_strong: bool,
 }
 
 /// target → source: digests of blocks `first..first+n`, n digests in the payload.
@@ -781,6 +787,8 @@ mod tests {
                     window_blocks: 1024,
                     mode: Mode::FullScan,
                     resizable: true,
+                    target_identity: "file:1:2".into(),
+                    target_strong: true,
                 }),
                 vec![],
             ),
