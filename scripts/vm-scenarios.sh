@@ -322,7 +322,8 @@ s_generation_mismatch() {
     config "$cfg" d "$VG/td" "$img"
     cycle d1 "$cfg"
     expect_ok d1 full-scan
-    st=$(ls "$W"/tstate/*d.img.state.json) || die "no target state file"
+    # State files are named after the volume's identity; the path is inside.
+    st=$(grep -l "\"path\": \"$img\"" "$W"/tstate/vol-*.state.json) || die "no target state file"
     # The target will be rolled back to generation 1 (e.g. restored from
     # a backup) after the source moved on to generation 2.
     { cp "$img" "$W/d.img.gen1" && cp "$st" "$W/d.state.gen1"; } || die "cp"
