@@ -320,6 +320,25 @@ mod tests {
     }
 
     #[test]
+    fn ssh_gets_a_double_dash_before_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let ssh = dir.path().join("ssh");
+        let log = dir.path().join("args");
+        std::fs::write(
+            &ssh,
+            format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let rsh = format!("{} -T", ssh.display());
+        let (_conn, peer) = remote(&rsh, "host", "snapsync", &[]).unwrap();
+        let _ = peer.finish();
+        let args = std::fs::read_to_string(&log).unwrap();
+        assert!(args.starts_with("-T\n--\nhost\n"), "{args:?}");
+    }
+
+    #[test]
     fn quoting() {
         assert_eq!(shell_quote("/dev/vg0/data"), "/dev/vg0/data");
         assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
