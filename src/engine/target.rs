@@ -400,6 +400,12 @@ impl Session {
             thin_target(&path)?;
         }
         let id = identity.id();
+        if !identity.strong && !missing_dry {
+            notices.push(format!(
+                "the identity of {} is weak ({identity}): it may be another volume than the one last replicated, so it never gets a delta",
+                path.display()
+            ));
+        }
         // Old path-keyed state cannot be trusted: it is named after a path
         // whose volume may have been replaced. Ignored (a full scan
         // follows); an old sealed journal may still be applied below.
