@@ -24,6 +24,15 @@ fn tmp() -> TempDir {
         .unwrap()
 }
 
+/// Tests of this file that attach loop devices run one at a time: one of
+/// them detaches a device and attaches another image at the same number,
+/// which a concurrent `losetup -f` could take.
+static LOOPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn loops() -> std::sync::MutexGuard<'static, ()> {
+    LOOPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A loop device over `backing`, detached on drop.
 struct Loop(PathBuf);
 
@@ -104,6 +113,7 @@ fn replaced_target_file_starts_over() {
 // 2. A new device at a reused name is a replica of nothing: no --force.
 #[test]
 fn loop_device_reattached_to_another_image_is_a_new_volume() {
+    let _serial = loops();
     let d = tmp();
     let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
     image(&a, 4 * MIB);
@@ -117,20 +127,22 @@ fn loop_device_reattached_to_another_image_is_a_new_volume() {
     };
     sync_json(&s1, s(&lo.0), &state, &[]);
     lo.detach();
-    let Some(lo2) = Loop::attach(&[s(&lo.0)], &b) else {
+    let dev = lo.0.clone();
+    std::mem::forget(lo);
+    let Some(lo2) = Loop::attach(&[s(&dev)], &b) else {
         return skip_root_test("loop_device_reattached: cannot reattach");
     };
     let r = sync_run(&s2, s(&lo2.0), &state, &[]);
     r.assert_ok();
     assert_eq!(sha256_prefix(&b, Some(2 * MIB)), sha256_file(&s2));
     assert_eq!(stale(&state).len(), 1, "{r}");
-    std::mem::forget(lo);
 }
 
 /// A disk swapped at the same name, staged with a sysfs fixture giving the
 /// loop device first one WWN, then another.
 #[test]
 fn swapped_disk_by_wwn_is_a_new_volume() {
+    let _serial = loops();
     let d = tmp();
     let backing = d.path().join("disk.img");
     image(&backing, 4 * MIB);
@@ -188,6 +200,7 @@ fn hard_link_alias_shares_state_and_lock() {
 
 #[test]
 fn symlink_alias_of_a_block_device_shares_state() {
+    let _serial = loops();
     let d = tmp();
     let backing = d.path().join("disk.img");
     image(&backing, 4 * MIB);
@@ -286,6 +299,7 @@ fn symlinked_directory_is_refused() {
 // 5. A mounted block device is refused (exit 4), naming the mount.
 #[test]
 fn mounted_loop_device_is_refused_and_untouched() {
+    let _serial = loops();
     let d = tmp();
     let backing = d.path().join("fs.img");
     image(&backing, 16 * MIB);
