@@ -542,6 +542,7 @@ s_target_snapshot() {
     pkill -KILL -f "serve --allow $dev" || die "no serve to kill"
     rc=0
     wait "$pid" || rc=$?
+    cat "$W/tt3.json" "$W/tt3.err"
     [ "$rc" = 5 ] || die "stalled sync: exit $rc, expected 5 ($(cat "$W/tt3.err"))"
     # The next open rolls back: the replica is generation 2 again.
     timeout -k 5 120 "$BIN" verify --json --state-dir "$st" "$W/tt-gen2.img" "$dev" >"$W/tt4.json" ||

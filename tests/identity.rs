@@ -493,3 +493,16 @@ fn old_path_keyed_state_is_ignored_with_a_notice() {
     assert_same_content(&src, &dst);
     assert!(!state.join(format!("{key}.state.json")).exists());
 }
+
+// A block-device target must exist: nothing is created under /dev.
+#[test]
+fn no_new_file_under_dev() {
+    let d = tmp();
+    let src = d.path().join("src");
+    write_random_file(&src, 64 * KIB, 20);
+    let dst = Path::new("/dev/snapsync-test-no-such-device");
+    let r = sync_run(&src, s(dst), &d.path().join("st"), &[]);
+    r.assert_code(4)
+        .assert_says("must already exist", "says why");
+    assert!(!dst.exists());
+}

@@ -569,6 +569,16 @@ impl Missing {
         &self.path
     }
 
+    /// Whether the directory to create in is on the file system of `other`
+    /// (e.g. `/dev`'s devtmpfs, where no replica file belongs; `/dev/shm`
+    /// is a file system of its own).
+    pub fn dir_on_filesystem_of(&self, other: &Path) -> bool {
+        match (fstat(&self.dir), rustix::fs::stat(other)) {
+            (Ok(a), Ok(b)) => a.st_dev == b.st_dev,
+            _ => false,
+        }
+    }
+
     /// Creates the file `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600, in the
     /// directory resolved by [`locate`]; an existing name (a symlink
     /// planted meanwhile) fails instead of being followed.

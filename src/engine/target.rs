@@ -341,7 +341,7 @@ impl Session {
                 },
             ),
             snapshot::Located::Missing(m) => {
-                if path.starts_with("/dev") {
+                if m.dir_on_filesystem_of(Path::new("/dev")) {
                     return Err(TargetError::new(
                         ErrorCode::NotAllowed,
                         format!(
