@@ -538,6 +538,9 @@ s_target_snapshot() {
         "$src" "localhost:$dev" >"$W/tt3.json" 2>"$W/tt3.err" &
     local pid=$!
     wait_for "the rollback snapshot" 60 sh -c "lvs --noheadings -o lv_name $VG | grep -q tt.snapsync-rollback"
+    # Kill only once the state records it (lvcreate may still be running
+    # when the LV shows up): that is the point a crash must roll back from.
+    wait_for "the state to record the rollback snapshot" 60 sh -c "grep -qs 'tt.snapsync-rollback' $st/vol-*.state.json"
     sleep 1
     pkill -KILL -f "serve --allow $dev" || die "no serve to kill"
     rc=0
