@@ -23,7 +23,8 @@ RL=${2:?usage}
 OUT=${3:?usage}
 TRIALS=${4:-0}
 HERE=$(cd "$(dirname "$0")" && pwd)
-P=/dev/shm/snapsync-powercut
+# A tmpfs of our own: snapsync creates no replica file under /dev.
+P=/tmp/snapsync-powercut
 exec 3>&1
 exec >>"$OUT/guest.log" 2>&1
 export LC_ALL=C
@@ -37,6 +38,8 @@ set -x
 
 modprobe -a loop dm-mod dm-log-writes || fail "modprobe dm-log-writes"
 rm -rf "$P"
+mkdir -p "$P"
+mount -t tmpfs -o mode=0700 snapsync-powercut "$P" || fail "mount a tmpfs on $P"
 mkdir -p "$P/mnt"
 version=$($PY -S "$HERE/powercut-gen.py" "$P") || fail "generating sources"
 truncate -s 48M "$P/dev.img"

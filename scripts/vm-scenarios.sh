@@ -18,7 +18,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
 H="$PY -S $HERE/vm-helper.py"
-W=/dev/shm/ss             # scratch: configs, state, replicas
+W=/tmp/ss                 # scratch: configs, state, replicas (a tmpfs: snapsync creates no file under /dev)
 VG=ssvg
 DETAIL=$OUT/detail.log
 export LC_ALL=C LVM_SUPPRESS_FD_WARNINGS=1
@@ -322,7 +322,8 @@ s_generation_mismatch() {
     config "$cfg" d "$VG/td" "$img"
     cycle d1 "$cfg"
     expect_ok d1 full-scan
-    st=$(ls "$W"/tstate/*d.img.state.json) || die "no target state file"
+    # State files are named after the volume's identity; the path is inside.
+    st=$(grep -l "\"path\": \"$img\"" "$W"/tstate/vol-*.state.json) || die "no target state file"
     # The target will be rolled back to generation 1 (e.g. restored from
     # a backup) after the source moved on to generation 2.
     { cp "$img" "$W/d.img.gen1" && cp "$st" "$W/d.state.gen1"; } || die "cp"
@@ -537,10 +538,14 @@ s_target_snapshot() {
         "$src" "localhost:$dev" >"$W/tt3.json" 2>"$W/tt3.err" &
     local pid=$!
     wait_for "the rollback snapshot" 60 sh -c "lvs --noheadings -o lv_name $VG | grep -q tt.snapsync-rollback"
+    # Kill only once the state records it (lvcreate may still be running
+    # when the LV shows up): that is the point a crash must roll back from.
+    wait_for "the state to record the rollback snapshot" 60 sh -c "grep -qs 'tt.snapsync-rollback' $st/vol-*.state.json"
     sleep 1
     pkill -KILL -f "serve --allow $dev" || die "no serve to kill"
     rc=0
     wait "$pid" || rc=$?
+    cat "$W/tt3.json" "$W/tt3.err"
     [ "$rc" = 5 ] || die "stalled sync: exit $rc, expected 5 ($(cat "$W/tt3.err"))"
     # The next open rolls back: the replica is generation 2 again.
     timeout -k 5 120 "$BIN" verify --json --state-dir "$st" "$W/tt-gen2.img" "$dev" >"$W/tt4.json" ||
@@ -554,6 +559,72 @@ s_target_snapshot() {
     timeout -k 5 120 "$BIN" sync --state-dir "$st" --target-snapshot "$src" "$W/tt-file.img" 2>"$W/tt6.err" && die "file target accepted"
     grep -q "thin" "$W/tt6.err" || die "no explanation: $(cat "$W/tt6.err")"
     lvremove -qf "$VG/tt" >/dev/null
+}
+
+# u. Thin target LV removed and recreated under the same name between
+# cycles: the new LV is a replica of nothing. The next cycle must do a full
+# scan (never a delta onto an empty volume) and the replica equal the base.
+s_target_recreated() {
+    local cfg=$W/u.toml src=/dev/$VG/us tgt=/dev/$VG/ut
+    lvcreate -q -V 16M -T "$VG/pool" -n us || die "lvcreate source"
+    lvcreate -q -V 16M -T "$VG/pool" -n ut || die "lvcreate target"
+    dd if=/dev/urandom of="$src" bs=1M count=16 oflag=direct status=none || die "dd"
+    config "$cfg" u "$VG/us" "$tgt"
+    cycle u1 "$cfg"
+    expect_ok u1 full-scan
+    rnd "$src" 10 21 >/dev/null || die "writes"
+    cycle u2 "$cfg"
+    expect_ok u2 delta
+    same "$(base u2 u)" "$tgt" "after cycle 2"
+    lvremove -qf "$VG/ut" >/dev/null || die "lvremove target"
+    lvcreate -q -V 16M -T "$VG/pool" -n ut || die "lvcreate target again"
+    rnd "$src" 10 22 >/dev/null || die "writes"
+    cycle u3 "$cfg"
+    expect_ok u3 full-scan
+    [ "$(j u3 report generation)" = 1 ] || die "u3: generation $(j u3 report generation) on a new LV"
+    same "$(base u3 u)" "$tgt" "after the target was recreated"
+    ls "$W/tstate/stale/" | grep -q . || die "the old state was not set aside"
+    lvremove -qf "$VG/us" "$VG/ut" >/dev/null
+}
+
+# v. Source LV removed and recreated under the same name: a new source.
+# `run` pairs by configuration, so no refusal, but a full scan, never a
+# delta against the old origin's base.
+s_source_recreated() {
+    local cfg=$W/v.toml src=/dev/$VG/vs img=$W/v.img
+    lvcreate -q -V 16M -T "$VG/pool" -n vs || die "lvcreate"
+    dd if=/dev/urandom of="$src" bs=1M count=16 oflag=direct status=none || die "dd"
+    config "$cfg" v "$VG/vs" "$img"
+    cycle v1 "$cfg"
+    expect_ok v1 full-scan
+    rnd "$src" 10 23 >/dev/null || die "writes"
+    cycle v2 "$cfg"
+    expect_ok v2 delta
+    lvremove -qf "$VG/vs" >/dev/null || die "lvremove"
+    lvcreate -q -V 16M -T "$VG/pool" -n vs || die "lvcreate again"
+    dd if=/dev/urandom of="$src" bs=1M count=16 oflag=direct status=none || die "dd"
+    cycle v3 "$cfg"
+    expect_ok v3 full-scan
+    same "$(base v3 v)" "$img" "after the source was recreated"
+    same "$src" "$img" "origin after the source was recreated"
+    lvremove -qf "$VG/vs" >/dev/null
+    for l in $(snaps v); do lvremove -qf "$VG/$l" >/dev/null; done
+}
+
+# w. /dev/mapper/VG-LV and /dev/VG/LV are one volume: one state, one lock.
+s_dm_alias() {
+    local st=$W/w-state a=$W/w-a.img b=$W/w-b.img n
+    lvcreate -q -V 8M -T "$VG/pool" -n wt || die "lvcreate"
+    head -c 4M /dev/urandom >"$a"
+    head -c 4M /dev/urandom >"$b"
+    timeout -k 5 120 "$BIN" sync --json --state-dir "$st" "$a" "/dev/mapper/$VG-wt" >"$W/w1.json" || die "sync via /dev/mapper"
+    timeout -k 5 120 "$BIN" sync --json --state-dir "$st" "$b" "/dev/$VG/wt" >"$W/w2.json" 2>"$W/w2.err" && die "another source through the alias was accepted"
+    grep -q -- --force "$W/w2.err" || die "no --force advice: $(cat "$W/w2.err")"
+    timeout -k 5 120 "$BIN" sync --json --state-dir "$st" "$a" "/dev/$VG/wt" >"$W/w3.json" || die "same source through the alias"
+    [ "$($H get "$W/w3.json" generation)" = 2 ] || die "alias did not continue the generation: $(cat "$W/w3.json")"
+    n=$(ls "$st" | grep -c 'state.json$')
+    [ "$n" = 1 ] || die "$n state files for one volume: $(ls "$st")"
+    lvremove -qf "$VG/wt" >/dev/null
 }
 
 s_status() {
@@ -599,6 +670,7 @@ s_status() {
 
 rm -rf "$W"
 mkdir -p "$W"
+mount -t tmpfs -o mode=0700 snapsync-scratch "$W" || { echo "cannot mount a tmpfs on $W"; exit 1; }
 say "guest up at $(cut -d' ' -f1 /proc/uptime) s of uptime"
 setup() {
     set -x
@@ -632,6 +704,9 @@ scenario p-parallel-volumes-one-pool s_parallel_pool
 scenario r-resize-and-lost-base s_resize
 scenario t-sigterm s_sigterm
 scenario s-target-snapshot s_target_snapshot
+scenario u-target-recreated s_target_recreated
+scenario v-source-recreated s_source_recreated
+scenario w-dm-alias s_dm_alias
 scenario g-status s_status
 
 vgchange -q -an "$VG" || true

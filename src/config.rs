@@ -207,6 +207,7 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
     crate::cli::parse_compress(&compress, true)?;
     let block_size = size("block_size", pick(&s.block_size, &d.block_size, "64KiB"))?;
     blockdiff::BlockSize::new(block_size)?;
+    crate::transport::Destination::parse(&v.target)?;
     Ok(Volume {
         name: v.name.clone(),
         source: v.source.clone(),

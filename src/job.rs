@@ -70,6 +70,10 @@ pub struct SourceState {
     pub resume_in_progress: Option<bool>,
     pub failures: u64,
     pub wire_bytes_total: u64,
+    /// Identity of the source volume (see `sync::source_id`) the replica
+    /// and the base belong to.
+    #[serde(default)]
+    pub source_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +206,32 @@ fn transfer_args(vol: &config::Volume) -> TransferArgs {
     }
 }
 
+/// Records the source's identity. In `run` the configured pairing is the
+/// authority: a source recreated under the same name (a new identity)
+/// gets a full scan and a notice, not a `--force` refusal, and never a
+/// delta against the old source's base. Returns whether the session must
+/// overwrite the replica of the old identity.
+fn bind_source(st: &mut SourceState, vol: &config::Volume, id: &str) -> bool {
+    let changed = st.source_id.as_deref().is_some_and(|old| old != id);
+    if changed {
+        tracing::warn!(
+            "volume {}: the source {} is a new volume ({id}, was {}); this cycle does a full scan",
+            vol.name,
+            vol.source,
+            st.source_id.as_deref().unwrap_or("?")
+        );
+        if let Some(b) = st.base.take() {
+            if let Ok(n) = LvName::parse(&b.snapshot) {
+                if let Err(e) = Lvm::new().remove(&n) {
+                    tracing::warn!("removing the old source's base {}: {e}", b.snapshot);
+                }
+            }
+        }
+    }
+    st.source_id = Some(id.to_owned());
+    changed
+}
+
 fn params(
     vol: &config::Volume,
     dest: &Destination,
@@ -247,12 +277,13 @@ fn run_cycle(
     st: &mut SourceState,
     cancel: &Cancel,
 ) -> Result<Report> {
-    let dest = Destination::parse(&vol.target);
+    let dest = Destination::parse(&vol.target)?;
     if lvm_source(vol) {
         return lvm_cycle(state_dir, vol, st, &dest, cancel);
     }
     let src = crate::transport::absolute(Path::new(&vol.source))?;
-    let source_id = format!("path:{}", src.display());
+    let source_id = crate::commands::sync::source_id(&src)?;
+    let force = bind_source(st, vol, &source_id);
     let t = transfer_args(vol);
     match vol.snapshot {
         SnapshotKind::None => {
@@ -262,7 +293,8 @@ fn run_cycle(
                 src.display()
             );
             let v = open_source(&src, true)?;
-            let p = params(vol, &dest, source_id, format!("live:{}", now()))?;
+            let mut p = params(vol, &dest, source_id, format!("live:{}", now()))?;
+            p.force = force;
             run_session(v, &dest, &t, &p, cancel, None)
         }
         _ => {
@@ -278,12 +310,13 @@ fn run_cycle(
                 message: format!("volume {}: {e}", vol.name),
             })?;
             let v = open_source(snap.path(), true)?;
-            let p = params(
+            let mut p = params(
                 vol,
                 &dest,
                 source_id,
                 format!("reflink:{}:{}", now(), st.cycles),
             )?;
+            p.force = force;
             let r = run_session(v, &dest, &t, &p, cancel, None);
             snap.finish()
                 .with_context(|| format!("removing snapshot {}", snap_path.display()))?;
@@ -347,13 +380,21 @@ fn lvm_cycle(
             st.base = None;
         }
     }
+    // The origin's identity (its dm UUID, from the LV's UUID): a base of
+    // an origin since recreated under the same name is never used.
+    let dev = origin
+        .dm_path
+        .clone()
+        .or_else(|| origin.path.clone())
+        .context("the source LV has no device path")?;
+    let source_id = crate::commands::sync::source_id(&dev)?;
+    let force = bind_source(st, vol, &source_id);
     cleanup_stale(
         &lvm,
         &origin,
         &vol_tag,
         st.base.as_ref().map(|b| b.snapshot.as_str()),
     )?;
-    let source_id = format!("lvm:{}/{}", origin.vg, origin.name);
     // The cycle number keeps the name unique when two cycles start in the
     // same second (or the clock steps back), which would otherwise make
     // lvcreate fail on the name of the base.
@@ -386,6 +427,7 @@ fn lvm_cycle(
         };
         let scrub = vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every);
         let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
+        p.force = force;
         let spill = state_dir.join(format!("volume-{}.delta", vol.name));
         let mut changes = None;
         if let (Some(base), false) = (&st.base, scrub) {
@@ -434,7 +476,8 @@ fn lvm_cycle(
         lvm: &lvm,
         lv: Some(snap.lv_name()),
     };
-    let p = params(vol, dest, source_id, snap.lv_name().to_string())?;
+    let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
+    p.force = force;
     // Watch the snapshot while it is read: once its COW space overflows
     // it is invalid and what we read from it is garbage.
     let session_cancel = Cancel::new();
@@ -740,6 +783,46 @@ pub struct StatusLine {
     pub last_error: Option<String>,
     /// Whether another run holds the volume now.
     pub running: bool,
+    /// Replica or state files readable by other users, states set aside
+    /// as stale (local targets).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// What `status` warns about for a local target: a replica or state file
+/// readable by other users, and states set aside in `stale/`.
+fn target_warnings(v: &config::Volume) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut w = Vec::new();
+    let Ok(Destination::Local(replica)) = Destination::parse(&v.target) else {
+        return w;
+    };
+    let dir = v
+        .target_state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR));
+    let open =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o044 != 0);
+    if open(&replica) {
+        w.push(format!(
+            "replica {} is readable by other users",
+            replica.display()
+        ));
+    }
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for p in rd.flatten().map(|e| e.path()) {
+            if open(&p) {
+                w.push(format!(
+                    "state file {} is readable by other users",
+                    p.display()
+                ));
+            }
+        }
+    }
+    for p in state::stale_files(&dir) {
+        w.push(format!("stale state set aside: {}", p.display()));
+    }
+    w
 }
 
 pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
@@ -764,6 +847,7 @@ pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
             base_snapshot: st.base.as_ref().map(|b| b.snapshot.clone()),
             last_error: st.last_error.clone(),
             running,
+            warnings: target_warnings(v),
         });
     }
     if json {
@@ -772,6 +856,11 @@ pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
     }
     for line in status_table(&lines) {
         crate::cli::print_line(&line);
+    }
+    for l in &lines {
+        for w in &l.warnings {
+            crate::cli::print_line(&format!("warning: {}: {w}", l.volume));
+        }
     }
     Ok(Exit::Ok)
 }

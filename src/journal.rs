@@ -34,6 +34,7 @@ use snapshot::Volume;
 use wire::Generation;
 
 use crate::state::{self, StatePaths, VolumeState};
+use std::os::unix::fs::OpenOptionsExt;
 
 const MAGIC: &[u8; 8] = b"SNAPJRN1";
 const KIND_DATA: u8 = 1;
@@ -95,8 +96,9 @@ impl Journal {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let file =
-            File::create(path).with_context(|| format!("creating journal {}", path.display()))?;
+        // Mode 0600, never through a symlink planted in the state dir.
+        let file = state::create_private(path)
+            .with_context(|| format!("creating journal {}", path.display()))?;
         let mut j = Self {
             path: path.to_owned(),
             out: BufWriter::with_capacity(
@@ -467,7 +469,11 @@ pub fn recover(
     state: &mut VolumeState,
     volume: &dyn Volume,
 ) -> Result<Option<String>> {
-    let sealed = match File::open(&paths.journal) {
+    let sealed = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&paths.journal)
+    {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => Err(anyhow::Error::new(e).context("opening the journal")),
         Ok(file) => parse(BufReader::new(file), |_| Ok(())),
@@ -586,6 +592,44 @@ fn prune_failed(journal: &Path, keep: usize) {
             tracing::warn!("removing old journal {}: {e}", old.display());
         }
     }
+}
+
+/// Settles a journal left by a version that named state files by path
+/// (format 0): such a journal may belong to a volume no longer at that
+/// path, so it is applied only when sealed, its digest holds and the
+/// volume's size is the one it records (the ordinary upgrade case: an apply
+/// interrupted on this very volume); otherwise it is discarded. Either way
+/// it is removed, and the caller does a full scan afterwards.
+pub fn recover_legacy(journal: &Path, volume: &dyn Volume) -> Result<Option<String>> {
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(journal)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening journal {}", journal.display())),
+    };
+    let sealed = parse(BufReader::new(file), |_| Ok(())).ok().flatten();
+    let what = match sealed {
+        Some(t) if t.volume_size == volume.size() => {
+            replay(journal, volume, Some(t.volume_size))?;
+            volume.sync()?;
+            format!(
+                "applied the sealed journal of generation {} left by an older version; a full scan follows",
+                t.generation.number
+            )
+        }
+        Some(t) => format!(
+            "discarded a journal left by an older version for a volume of {} bytes (this one has {}): it belongs to another volume",
+            t.volume_size,
+            volume.size()
+        ),
+        None => "discarded an incomplete or corrupt journal left by an older version".to_owned(),
+    };
+    fs::remove_file(journal).with_context(|| format!("removing journal {}", journal.display()))?;
+    tracing::info!("{}: {what}", journal.display());
+    Ok(Some(what))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Either way the session speaks the same protocol.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use crate::engine::source::Connection;
 use crate::engine::target::{self, ServeConfig, ServeSummary, TargetError};
 use crate::engine::Cancel;
+use crate::exit::UsageError;
 
 /// The remote shell unless `--rsh` says otherwise. Keepalives make a dead
 /// network path fail the session in about a minute instead of never.
@@ -37,15 +38,34 @@ impl Destination {
     }
 
     /// `[user@]host:/path` is remote (a ':' before the first '/'), like rsync.
-    pub fn parse(s: &str) -> Self {
-        match s.split_once(':') {
-            Some((host, path)) if !host.is_empty() && !host.contains('/') => Destination::Remote {
-                host: host.to_owned(),
-                path: path.to_owned(),
-            },
+    /// A host that could pass for an option of the remote shell (leading
+    /// '-') or that holds whitespace or control characters is a usage error.
+    pub fn parse(s: &str) -> Result<Self, UsageError> {
+        Ok(match s.split_once(':') {
+            Some((host, path)) if !host.is_empty() && !host.contains('/') => {
+                check_host(host)?;
+                Destination::Remote {
+                    host: host.to_owned(),
+                    path: path.to_owned(),
+                }
+            }
             _ => Destination::Local(PathBuf::from(s)),
-        }
+        })
     }
+}
+
+/// Refuses a `[user@]host` the remote shell could take for an option or
+/// split into words.
+pub fn check_host(host: &str) -> Result<(), UsageError> {
+    let bad = |why: &str| UsageError(format!("host {host:?} {why}; refused"));
+    let name = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    if host.starts_with('-') || name.starts_with('-') {
+        return Err(bad("starts with '-' (it would be taken as an option)"));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("contains whitespace or control characters"));
+    }
+    Ok(())
 }
 
 /// The other end of a connection, to wait for at the end.
@@ -111,11 +131,14 @@ pub fn remote(
 ) -> Result<(Connection, Peer)> {
     let mut words = rsh.split_whitespace();
     let program = words.next().context("--rsh is empty")?;
+    check_host(host)?;
     let mut cmd = Command::new(program);
-    cmd.args(words)
-        .arg(host)
-        .arg(shell_quote(remote_bin))
-        .arg("serve");
+    cmd.args(words);
+    // ssh takes options up to the host: `--` ends them, whatever the host.
+    if Path::new(program).file_name().is_some_and(|n| n == "ssh") {
+        cmd.arg("--");
+    }
+    cmd.arg(host).arg(shell_quote(remote_bin)).arg("serve");
     cmd.args(serve_args.iter().map(|a| shell_quote(a)));
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -268,20 +291,54 @@ mod tests {
     #[test]
     fn destinations() {
         assert_eq!(
-            Destination::parse("/a/b"),
+            Destination::parse("/a/b").unwrap(),
             Destination::Local("/a/b".into())
         );
         assert_eq!(
-            Destination::parse("./x:y"),
+            Destination::parse("./x:y").unwrap(),
             Destination::Local("./x:y".into())
         );
         assert_eq!(
-            Destination::parse("root@h:/dev/vg/x"),
+            Destination::parse("root@h:/dev/vg/x").unwrap(),
             Destination::Remote {
                 host: "root@h".into(),
                 path: "/dev/vg/x".into()
             }
         );
+    }
+
+    #[test]
+    fn option_like_hosts_are_refused() {
+        for d in [
+            "-oProxyCommand=touch pwned:x",
+            "-oProxyCommand=x:y",
+            "user@-oFoo:x",
+            "h b:/x",
+            "h\tb:/x",
+            "h\nb:/x",
+        ] {
+            assert!(Destination::parse(d).is_err(), "{d:?}");
+        }
+        assert!(remote("ssh", "-oProxyCommand=true", "snapsync", &[]).is_err());
+    }
+
+    #[test]
+    fn ssh_gets_a_double_dash_before_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let ssh = dir.path().join("ssh");
+        let log = dir.path().join("args");
+        std::fs::write(
+            &ssh,
+            format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let rsh = format!("{} -T", ssh.display());
+        let (_conn, peer) = remote(&rsh, "host", "snapsync", &[]).unwrap();
+        let _ = peer.finish();
+        let args = std::fs::read_to_string(&log).unwrap();
+        assert!(args.starts_with("-T\n--\nhost\n"), "{args:?}");
     }
 
     #[test]

@@ -931,6 +931,8 @@ fn locked_volume_is_busy() {
     let f = Fixture::new();
     write_random_file(&f.src, MIB, 40);
     std::fs::create_dir_all(&f.state).unwrap();
+    // The lock belongs to the volume's identity: the target must exist.
+    std::fs::File::create(&f.dst).unwrap();
     let lock = lock_path(&f.state, &f.dst);
     // Blocking flock (a probe below may hold the lock for a moment); -o:
     // only flock holds the lock, not its `sleep`, so once flock is reaped

@@ -61,6 +61,9 @@ impl Rig {
         let state_dir = dir.path().join("state");
         let pidfile = dir.path().join("serve.pid");
         let rsh = pid_rsh(dir.path(), &pidfile);
+        // The state belongs to the volume's identity: the target exists
+        // (empty) from the start so its files can be named.
+        fs::File::create(&dst).unwrap();
         let files = state_files(&state_dir, &dst);
         let marker = s(&state_dir).to_owned();
         Rig {

@@ -56,6 +56,8 @@ fn late_refine_target(stream: UnixStream, data: Vec<u8>) -> u64 {
             window_blocks: window,
             mode: Mode::FullScan,
             resizable: true,
+            target_identity: "file:1:2".into(),
+            target_strong: true,
         }),
         &[],
     )

@@ -4,10 +4,15 @@
 //!
 //! All `unsafe` code of the workspace lives in [`sys`].
 
+pub mod identity;
 pub mod reflink;
 pub mod sys;
 pub mod volume;
 
-pub use volume::{Access, Fault, FileVolume, MemVolume, Volume, VolumeError, VolumeKind};
+pub use identity::VolumeIdentity;
+pub use volume::{
+    locate, Access, Fault, FileVolume, Located, MemVolume, Missing, Resolved, Volume, VolumeError,
+    VolumeKind,
+};
 pub mod lvm;
 pub mod thin_delta;

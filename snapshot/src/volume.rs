@@ -4,14 +4,20 @@
 //! IO is `pread`/`pwrite` on large buffers. No mmap: an IO error on a mapped
 //! device page is a SIGBUS, not an error we can report.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rustix::fs::{fadvise, fallocate, Advice, FallocateFlags};
+use rustix::fs::{
+    fadvise, fallocate, fstat, openat, openat2, Advice, FallocateFlags, FileType, Mode, OFlags,
+    ResolveFlags, CWD,
+};
+
+use crate::identity::{self, VolumeIdentity};
 
 use crate::sys;
 
@@ -22,6 +28,12 @@ pub enum VolumeError {
     Open { path: PathBuf, source: io::Error },
     #[error("{path} is neither a regular file nor a block device")]
     NotAVolume { path: PathBuf },
+    #[error("{path} is a {what}, not a regular file or block device; refused")]
+    WrongType { path: PathBuf, what: &'static str },
+    #[error("{path}: {why}")]
+    Refused { path: PathBuf, why: String },
+    #[error("{path} is in use ({holders}); refusing to write to it")]
+    Held { path: PathBuf, holders: String },
     #[error("{op} {path} at offset {offset} ({len} bytes) failed: {source}")]
     Io {
         op: &'static str,
@@ -107,42 +119,51 @@ pub struct FileVolume {
 }
 
 impl FileVolume {
+    /// Opens an operator-given path (a source, a test image). Symlinks are
+    /// followed; the file type is checked on an `O_PATH` descriptor before
+    /// the real open, so a FIFO or a char device is never opened.
     pub fn open(path: &Path, access: Access) -> Result<Self> {
-        let mut opts = OpenOptions::new();
-        opts.read(true);
-        if let Access::Write { create } = access {
-            opts.write(true).create(create);
+        let open_err = |source: io::Error| VolumeError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        match rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => {
+                let r = Resolved::new(fd, path)?;
+                r.open(access != Access::Read, false)
+            }
+            Err(rustix::io::Errno::NOENT) if access == (Access::Write { create: true }) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(open_err)?;
+                Self::from_file(file, path)
+            }
+            Err(e) => Err(open_err(e.into())),
         }
-        // A block device that is held exclusively (mounted, in use by LVM)
-        // should not be written behind the holder's back; O_EXCL on a block
-        // device asks the kernel for exactly that check.
-        let file = opts
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| VolumeError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+    }
+
+    fn from_file(file: File, path: &Path) -> Result<Self> {
         let meta = file.metadata().map_err(|source| VolumeError::Open {
             path: path.to_owned(),
             source,
         })?;
-        let ft = meta.file_type();
-        let (kind, size) = if ft.is_block_device() {
-            // The metadata length of a block device is 0: ask the kernel.
-            let size =
-                sys::block_device_size(file.as_fd()).map_err(|source| VolumeError::Other {
-                    op: "BLKGETSIZE64 on",
-                    path: path.to_owned(),
-                    source,
-                })?;
-            (VolumeKind::BlockDevice, size)
-        } else if ft.is_file() {
-            (VolumeKind::File, meta.len())
-        } else {
-            return Err(VolumeError::NotAVolume {
-                path: path.to_owned(),
-            });
+        let (kind, size) = match kind_of(&file, path)? {
+            VolumeKind::BlockDevice => {
+                // The metadata length of a block device is 0: ask the kernel.
+                let size =
+                    sys::block_device_size(file.as_fd()).map_err(|source| VolumeError::Other {
+                        op: "BLKGETSIZE64 on",
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                (VolumeKind::BlockDevice, size)
+            }
+            VolumeKind::File => (VolumeKind::File, meta.len()),
         };
         Ok(Self {
             file,
@@ -298,6 +319,288 @@ impl Volume for FileVolume {
             Err(rustix::io::Errno::NXIO) => None,
             Err(_) => Some(offset),
         }
+    }
+}
+
+fn type_name(ft: FileType) -> &'static str {
+    match ft {
+        FileType::Fifo => "FIFO",
+        FileType::CharacterDevice => "character device",
+        FileType::Socket => "socket",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symbolic link",
+        FileType::RegularFile => "regular file",
+        FileType::BlockDevice => "block device",
+        FileType::Unknown => "file of unknown type",
+    }
+}
+
+fn kind_of(fd: impl AsFd, path: &Path) -> Result<VolumeKind> {
+    let st = fstat(fd).map_err(|e| VolumeError::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => Ok(VolumeKind::File),
+        FileType::BlockDevice => Ok(VolumeKind::BlockDevice),
+        ft => Err(VolumeError::WrongType {
+            path: path.to_owned(),
+            what: type_name(ft),
+        }),
+    }
+}
+
+/// A volume name resolved once to an `O_PATH` descriptor whose type was
+/// checked (regular file or block device). Everything after (identity,
+/// the read or write open) goes through the descriptor, never the name.
+#[derive(Debug)]
+pub struct Resolved {
+    fd: OwnedFd,
+    path: PathBuf,
+    kind: VolumeKind,
+}
+
+/// A name that does not exist yet: its directory (resolved without
+/// following symlinks) and the file name to create in it.
+#[derive(Debug)]
+pub struct Missing {
+    dir: OwnedFd,
+    name: OsString,
+    path: PathBuf,
+}
+
+/// What [`locate`] found.
+#[derive(Debug)]
+pub enum Located {
+    Existing(Resolved),
+    Missing(Missing),
+}
+
+/// Resolves a target name once, under the symlink rule: no directory on
+/// the way may be a symlink, and the last component may be one only if
+/// root owns it and it points (directly) at a block device, as
+/// `/dev/VG/LV` and `/dev/mapper/VG-LV` do. A dangling link is refused,
+/// never followed to create a file. Magic links (`/proc/…/fd`) are never
+/// followed. FIFOs, char devices, sockets and directories are refused
+/// here, before anything opens them for reading or writing.
+pub fn locate(path: &Path) -> Result<Located> {
+    let refused = |why: String| VolumeError::Refused {
+        path: path.to_owned(),
+        why,
+    };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(refused("not a file name".into()));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let no_links = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let dir = openat2(
+        CWD,
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        no_links,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => refused(format!(
+            "a directory on the way ({}) is or goes through a symbolic link; give the real path",
+            parent.display()
+        )),
+        e => VolumeError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        },
+    })?;
+    let fd = match openat(
+        &dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => {
+            return Ok(Located::Missing(Missing {
+                dir,
+                name: name.to_owned(),
+                path: path.to_owned(),
+            }))
+        }
+        Err(e) => {
+            return Err(VolumeError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            })
+        }
+    };
+    let st = fstat(&fd).map_err(|e| VolumeError::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    let fd = if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+        if st.st_uid != 0 {
+            return Err(refused(
+                "is a symbolic link not owned by root: not allowed (only root's links to block devices are followed)".into(),
+            ));
+        }
+        let target =
+            rustix::fs::readlinkat(&fd, "", Vec::new()).map_err(|e| VolumeError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        let t = openat2(
+            &dir,
+            target.as_c_str(),
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            no_links,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT => refused("is a dangling symbolic link: not allowed".into()),
+            rustix::io::Errno::LOOP => {
+                refused("is a symbolic link to another symbolic link; not followed".into())
+            }
+            e => VolumeError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            },
+        })?;
+        let tst = fstat(&t).map_err(|e| VolumeError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        if FileType::from_raw_mode(tst.st_mode) != FileType::BlockDevice {
+            return Err(refused(format!(
+                "is a symbolic link to a {}: not allowed (only root's links to block devices are followed)",
+                type_name(FileType::from_raw_mode(tst.st_mode))
+            )));
+        }
+        t
+    } else {
+        fd
+    };
+    Ok(Located::Existing(Resolved::new(fd, path)?))
+}
+
+impl Resolved {
+    fn new(fd: OwnedFd, path: &Path) -> Result<Self> {
+        let kind = kind_of(&fd, path)?;
+        Ok(Self {
+            fd,
+            path: path.to_owned(),
+            kind,
+        })
+    }
+
+    pub fn kind(&self) -> VolumeKind {
+        self.kind
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The identity of what was resolved (sysfs under `sys`).
+    pub fn identity(&self, sys: &Path) -> Result<VolumeIdentity> {
+        identity::of_fd(self.fd.as_fd(), sys).map_err(|source| VolumeError::Other {
+            op: "identifying",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Opens what was resolved, through `/proc/self/fd` (the descriptor,
+    /// not the name). With `exclusive`, a block device is opened `O_EXCL`:
+    /// the kernel refuses it while mounted or held (LVM, md, another
+    /// `O_EXCL` opener), and the error names the holders it can find.
+    pub fn open(&self, write: bool, exclusive: bool) -> Result<FileVolume> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(write);
+        let mut flags = libc::O_CLOEXEC;
+        if exclusive && self.kind == VolumeKind::BlockDevice {
+            flags |= libc::O_EXCL;
+        }
+        let proc = PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()));
+        let file = match opts.custom_flags(flags).open(&proc) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let st = fstat(&self.fd).map_err(|e| VolumeError::Open {
+                    path: self.path.clone(),
+                    source: e.into(),
+                })?;
+                let (maj, min) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
+                let h = identity::holders(maj, min, &identity::sys_root());
+                let holders = if h.is_empty() {
+                    format!("device {maj}:{min} is held by another opener")
+                } else {
+                    h.join(", ")
+                };
+                return Err(VolumeError::Held {
+                    path: self.path.clone(),
+                    holders,
+                });
+            }
+            Err(source) => {
+                return Err(VolumeError::Open {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        // The reopen must be the very object resolved.
+        let (a, b) = (fstat(&self.fd), fstat(&file));
+        match (a, b) {
+            (Ok(a), Ok(b)) if a.st_dev == b.st_dev && a.st_ino == b.st_ino => {}
+            _ => {
+                return Err(VolumeError::Refused {
+                    path: self.path.clone(),
+                    why: "changed while being opened".into(),
+                })
+            }
+        }
+        FileVolume::from_file(file, &self.path)
+    }
+}
+
+impl Missing {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the directory to create in is on the file system of `other`
+    /// (e.g. `/dev`'s devtmpfs, where no replica file belongs; `/dev/shm`
+    /// is a file system of its own).
+    pub fn dir_on_filesystem_of(&self, other: &Path) -> bool {
+        match (fstat(&self.dir), rustix::fs::stat(other)) {
+            (Ok(a), Ok(b)) => a.st_dev == b.st_dev,
+            _ => false,
+        }
+    }
+
+    /// Creates the file `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600, in the
+    /// directory resolved by [`locate`]; an existing name (a symlink
+    /// planted meanwhile) fails instead of being followed.
+    pub fn create(&self) -> Result<(FileVolume, VolumeIdentity)> {
+        let fd = openat(
+            &self.dir,
+            self.name.as_os_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| VolumeError::Open {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        let id = identity::of_fd(fd.as_fd(), &identity::sys_root()).map_err(|source| {
+            VolumeError::Other {
+                op: "identifying",
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        Ok((FileVolume::from_file(File::from(fd), &self.path)?, id))
     }
 }
 
@@ -518,8 +821,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             FileVolume::open(dir.path(), Access::Read),
-            Err(VolumeError::NotAVolume { .. })
+            Err(VolumeError::WrongType { .. })
         ));
+    }
+
+    #[test]
+    fn locate_refuses_odd_types_and_links() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let fifo = d.join("fifo");
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        for p in [fifo.as_path(), Path::new("/dev/null"), d] {
+            assert!(
+                matches!(locate(p), Err(VolumeError::WrongType { .. })),
+                "{p:?}"
+            );
+        }
+        // The same check protects the plain open: a FIFO never blocks it.
+        assert!(FileVolume::open(&fifo, Access::Read).is_err());
+        std::fs::write(d.join("secret"), b"s").unwrap();
+        symlink(d.join("secret"), d.join("link")).unwrap();
+        symlink(d.join("nowhere"), d.join("dangling")).unwrap();
+        symlink(d, d.join("dirlink")).unwrap();
+        for (p, why) in [
+            ("link", "symbolic link to a regular file"),
+            ("dangling", "dangling"),
+            ("dirlink/secret", "directory on the way"),
+        ] {
+            let e = locate(&d.join(p)).unwrap_err().to_string();
+            assert!(e.contains(why), "{p}: {e}");
+        }
+        assert!(!d.join("nowhere").exists());
+        let Located::Missing(m) = locate(&d.join("new")).unwrap() else {
+            panic!("new file exists")
+        };
+        let (v, id) = m.create().unwrap();
+        assert!(id.strong);
+        assert_eq!(v.size(), 0);
+        let mode = std::fs::metadata(d.join("new"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let Located::Existing(r) = locate(&d.join("new")).unwrap() else {
+            panic!("created file missing")
+        };
+        assert_eq!(r.identity(Path::new("/sys")).unwrap(), id);
+        r.open(true, true).unwrap().write_at(b"x", 0).unwrap();
     }
 
     #[test]

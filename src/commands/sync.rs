@@ -19,7 +19,7 @@ use crate::state::DEFAULT_STATE_DIR;
 use crate::transport::{self, Destination};
 
 pub fn sync(a: SyncArgs) -> Result<Exit> {
-    let dest = Destination::parse(&a.dst);
+    let dest = Destination::parse(&a.dst)?;
     let compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
     let cancel = super::cancel_on_signals()?;
     let started = std::time::Instant::now();
@@ -64,7 +64,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<Exit> {
-    let dest = Destination::parse(&a.dst);
+    let dest = Destination::parse(&a.dst)?;
     let cancel = super::cancel_on_signals()?;
     let source = open_source(&a.src, !a.transfer.keep_cache)?;
     let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
@@ -162,7 +162,7 @@ fn session_params(
         BlockSize::new(t.block_size).map_err(|e| UsageError(format!("--block-size: {e}")))?;
     let abs = transport::absolute(src)?;
     let meta = std::fs::metadata(&abs).with_context(|| format!("reading {}", abs.display()))?;
-    let source_id = format!("path:{}", abs.display());
+    let source_id = source_id(&abs)?;
     let snapshot_id = format!(
         "live:{}:{}:{}:{}",
         meta.dev(),
@@ -179,6 +179,20 @@ fn session_params(
     );
     p.bwlimit = t.bwlimit.unwrap_or(0);
     Ok(p)
+}
+
+/// The source as the replica's state records it: its identity, so a
+/// symlink or another name of the same volume is the same source, and a
+/// volume recreated under the same name is a new one.
+pub fn source_id(path: &Path) -> Result<String> {
+    let id = snapshot::identity::of_path(path, &snapshot::identity::sys_root()).map_err(|e| {
+        SyncError::Source(snapshot::VolumeError::Other {
+            op: "identifying",
+            path: path.to_owned(),
+            source: e,
+        })
+    })?;
+    Ok(format!("id:{}", id.id()))
 }
 
 /// Connects to the destination, runs one session and waits for the peer.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use blockdiff::{BlockSize, Digest, HashKey, Signer};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use snapshot::lvm::{LvName, Lvm};
-use snapshot::{Access, FileVolume, Volume, VolumeError};
+use snapshot::{Volume, VolumeError};
 use wire::{
     features, BlockHashes, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation,
     Heartbeat, HelloAck, Mode, Msg, Open, Opened, RemoteError, ReplicaState, SubHashes, WireError,
@@ -255,13 +255,21 @@ pub fn serve<R: Read + Send + 'static, W: Write + Send + 'static>(
     rd.clock.touch();
     match Session::open(open, hello.key, feats, cfg) {
         Ok((session, opened)) => {
-            let rollback = matches!(session.applier, Applier::Snapshot { .. })
-                .then(|| (session.paths.clone(), PathBuf::from(&session.open.path)));
+            // The volume lock outlives the session: a failed
+            // snapshot-protected apply is rolled back under it, so a new
+            // session cannot race it.
+            let rollback = matches!(session.applier, Applier::Snapshot { .. }).then(|| {
+                (
+                    session.paths.clone(),
+                    PathBuf::from(&session.open.path),
+                    session._lock.clone(),
+                )
+            });
             let result = session.run(rd, wr, opened, cfg);
             // The session and its handle on the volume are gone: roll a
             // failed snapshot-protected apply back now.
-            if let (Err(_), Some((paths, path))) = (&result, rollback) {
-                if let Err(e) = rollback_pending(&paths, &path) {
+            if let (Err(_), Some((paths, path, Some(lock)))) = (&result, rollback) {
+                if let Err(e) = rollback_pending(&lock, &paths, &path) {
                     tracing::warn!("{e}");
                 }
             }
@@ -303,80 +311,18 @@ fn checked_path(p: &str) -> Result<PathBuf, TargetError> {
     Ok(path.components().collect())
 }
 
+/// Whether the name the peer gave matches the allow-list. What the name
+/// resolves to is checked when it is opened, once ([`snapshot::locate`]):
+/// no symlinked directories, and a final symlink only when root owns it and
+/// it points at a block device (LVM's `/dev/VG/LV` names).
 fn allowed(cfg: &ServeConfig, path: &Path) -> bool {
     let opts = glob::MatchOptions {
         require_literal_separator: true,
         ..Default::default()
     };
-    let matches = |p: &Path| cfg.allow.iter().any(|pat| pat.matches_path_with(p, opts));
-    if !matches(path) {
-        return false;
-    }
-    // Whatever the name resolves to must be allowed too, so a symlink in
-    // an allowed directory cannot lead elsewhere. One exception keeps LVM
-    // usable: /dev/VG/LV names are symlinks to /dev/dm-N, so a symlink
-    // that root (or we) own and that points to a block device is followed.
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
-            Ok(real) => matches(&real) || trusted_device_link(&m, &real),
-            // Dangling: opening it would create a file wherever it points.
-            Err(_) => false,
-        },
-        // Directories above it may be symlinks: check the real location.
-        Ok(_) => std::fs::canonicalize(path).is_ok_and(|real| real == path || matches(&real)),
-        Err(_) => {
-            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-                return false;
-            };
-            std::fs::canonicalize(dir).is_ok_and(|d| {
-                let real = d.join(name);
-                real == path || matches(&real)
-            })
-        }
-    }
-}
-
-/// A target that does not exist is created only as a file whose own path
-/// an allow pattern matches, in a directory that exists, not under /dev
-/// (devtmpfs is RAM; a device target must exist already).
-fn check_create(
-    path: &Path,
-    exists: bool,
-    open: &Open,
-    cfg: &ServeConfig,
-) -> Result<(), TargetError> {
-    if exists || open.dry_run || open.mode == Mode::Verify {
-        return Ok(());
-    }
-    let opts = glob::MatchOptions {
-        require_literal_separator: true,
-        ..Default::default()
-    };
-    let why = if path.starts_with("/dev") {
-        Some("a block device target must exist; nothing is created under /dev")
-    } else if !path.parent().is_some_and(Path::is_dir) {
-        Some("its directory does not exist")
-    } else if !cfg.allow.iter().any(|p| p.matches_path_with(path, opts)) {
-        Some("no --allow pattern matches its path")
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(TargetError::new(
-            ErrorCode::NotAllowed,
-            format!(
-                "target {} does not exist and is not created: {why}",
-                path.display()
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
-fn trusted_device_link(link: &std::fs::Metadata, real: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let owner_ok = link.uid() == 0 || link.uid() == rustix::process::geteuid().as_raw();
-    owner_ok && std::fs::metadata(real).is_ok_and(|m| m.file_type().is_block_device())
+    cfg.allow
+        .iter()
+        .any(|pat| pat.matches_path_with(path, opts))
 }
 
 /// Zero digests by block length (only the last block can be short).
@@ -478,7 +424,7 @@ struct Session {
     start_block: u64,
     mode: Mode,
     next_generation: Generation,
-    _lock: Option<VolumeLock>,
+    _lock: Option<Arc<VolumeLock>>,
     applier: Applier,
     bytes_written: u64,
     recovered: Option<String>,
@@ -501,60 +447,206 @@ impl Session {
                 ),
             ));
         }
-        let paths = StatePaths::new(&cfg.state_dir, &path);
-        let lock = match VolumeLock::acquire(&paths.lock) {
-            Ok(l) => Some(l),
-            Err(e) if e.downcast_ref::<state::Busy>().is_some() => {
-                return Err(TargetError::new(
-                    ErrorCode::Busy,
-                    format!("target {}: {e:#}", path.display()),
-                ))
+        let io = |e: anyhow::Error| TargetError::new(ErrorCode::TargetIo, format!("{e:#}"));
+        // Resolve the name once; its type is checked on the O_PATH
+        // descriptor before anything opens it (a FIFO, a char device or a
+        // socket is refused here, also for a dry run or a verify).
+        let located = snapshot::locate(&path).map_err(volume_err)?;
+        let mut notices: Vec<String> = Vec::new();
+        let dir_ok = match state::ensure_dir(&cfg.state_dir) {
+            Ok(n) => {
+                notices.extend(n);
+                true
             }
-            Err(e) if open.dry_run => {
-                tracing::debug!("no lock for a dry run: {e:#}");
-                None
+            Err(e) if open.dry_run && e.downcast_ref::<state::UnsafeStateDir>().is_none() => {
+                tracing::debug!("no state directory for a dry run: {e:#}");
+                false
             }
-            Err(e) => return Err(TargetError::new(ErrorCode::TargetIo, format!("{e:#}"))),
+            Err(e) => return Err(io(e)),
+        };
+        let sys = snapshot::identity::sys_root();
+        let (mut resolved, mut created, mut identity) = match located {
+            snapshot::Located::Existing(r) => {
+                let id = r.identity(&sys).map_err(volume_err)?;
+                (Some(r), None, id)
+            }
+            snapshot::Located::Missing(m) if open.dry_run => (
+                None,
+                None,
+                snapshot::VolumeIdentity {
+                    kind: snapshot::identity::IdKind::File,
+                    key: format!("new:{}", m.path().display()),
+                    strong: false,
+                },
+            ),
+            snapshot::Located::Missing(m) => {
+                // A peer's name never creates anything under /dev: device
+                // targets must exist, and /dev's file systems (devtmpfs,
+                // /dev/shm) are memory.
+                if path.starts_with("/dev") || m.dir_on_filesystem_of(Path::new("/dev")) {
+                    return Err(TargetError::new(
+                        ErrorCode::NotAllowed,
+                        format!(
+                            "target {} does not exist and is not created: a block device target must already exist, and no file is created under /dev",
+                            path.display()
+                        ),
+                    ));
+                }
+                // O_CREAT|O_EXCL|O_NOFOLLOW in the checked directory, 0600.
+                let (v, id) = m.create().map_err(volume_err)?;
+                (None, Some(v), id)
+            }
+        };
+        let mut paths = StatePaths::for_identity(&cfg.state_dir, &identity);
+        let missing_dry = resolved.is_none() && created.is_none();
+        let mut lock = if missing_dry || !dir_ok {
+            None
+        } else {
+            match VolumeLock::acquire(&paths.lock) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(e) if e.downcast_ref::<state::Busy>().is_some() => {
+                    return Err(TargetError::new(
+                        ErrorCode::Busy,
+                        format!("target {}: {e:#}", path.display()),
+                    ))
+                }
+                Err(e) if open.dry_run => {
+                    tracing::debug!("no lock for a dry run: {e:#}");
+                    None
+                }
+                Err(e) => return Err(io(e)),
+            }
         };
         // Like a journal, an interrupted snapshot-protected apply is
-        // settled before anything (a verify too) looks at the volume.
-        let mut recovered = if lock.is_some() {
-            rollback_pending(&paths, &path)?
-        } else {
-            None
-        };
+        // settled before anything (a verify too) looks at the volume, and
+        // under the lock. The restored volume is another LV: the state
+        // moves to its identity, and the name is resolved again.
+        let mut recovered = None;
+        if let Some(l) = &lock {
+            if let Some(rb) = rollback_pending(l, &paths, &path)? {
+                recovered = Some(rb.what);
+                if let Some((new_paths, new_lock)) = rb.rebound {
+                    paths = new_paths;
+                    lock = Some(Arc::new(new_lock));
+                }
+                if let snapshot::Located::Existing(r) =
+                    snapshot::locate(&path).map_err(volume_err)?
+                {
+                    identity = r.identity(&sys).map_err(volume_err)?;
+                    resolved = Some(r);
+                    created = None;
+                }
+            }
+        }
         if open.target_snapshot && !open.dry_run && open.mode != Mode::Verify {
             thin_target(&path)?;
         }
-        let exists = path.exists();
-        check_create(&path, exists, &open, cfg)?;
+        let id = identity.id();
+        if !identity.strong && !missing_dry {
+            notices.push(format!(
+                "the identity of {} is weak ({identity}): it may be another volume than the one last replicated, so it never gets a delta",
+                path.display()
+            ));
+        }
+        // Old path-keyed state cannot be trusted: it is named after a path
+        // whose volume may have been replaced. Ignored (a full scan
+        // follows); an old sealed journal may still be applied below.
+        let legacy = StatePaths::new(&cfg.state_dir, &path);
+        let writes = lock.is_some() && !open.dry_run;
+        if lock.is_some() && legacy.state.exists() {
+            if writes {
+                let to = state::set_aside(&legacy.state).map_err(io)?;
+                notices.push(format!(
+                    "ignored state of an older version kept by path (moved to {}); a full scan follows",
+                    to.display()
+                ));
+            } else {
+                notices.push("ignoring state of an older version kept by path".into());
+            }
+        }
+        if writes {
+            let _ = std::fs::remove_file(&legacy.lock);
+            // States of other volumes once at this name: that volume is
+            // gone from here, so they are set aside, never applied here.
+            for other in state::others_at_path(&cfg.state_dir, &path, &id) {
+                let Ok(_their_lock) =
+                    VolumeLock::acquire(&other.with_extension("").with_extension("lock"))
+                else {
+                    continue;
+                };
+                let journal = other.with_extension("").with_extension("journal");
+                if journal.exists() {
+                    let _ = std::fs::remove_file(&journal);
+                    notices.push(format!(
+                        "discarded the journal of a volume no longer at {}",
+                        path.display()
+                    ));
+                }
+                let to = state::set_aside(&other).map_err(io)?;
+                notices.push(format!(
+                    "{} is a new volume ({identity}); the state of the volume that was there moved to {}",
+                    path.display(),
+                    to.display()
+                ));
+            }
+        }
         // A journal left by a crash must be settled before anything looks
         // at the volume, even a dry run or a verify: they too must see a
         // complete generation.
-        let pending_journal = exists && paths.journal.exists() && lock.is_some();
-        let volume: Arc<dyn Volume> = if open.dry_run && !exists {
-            Arc::new(snapshot::MemVolume::new(&open.path, Vec::new(), true))
-        } else {
-            let write = !open.dry_run || pending_journal;
-            let access = if write {
-                Access::Write { create: true }
-            } else {
-                Access::Read
-            };
-            let mut v = FileVolume::open(&path, access).map_err(volume_err)?;
-            // Sequential readahead for the scan. No drop-behind: refining a
-            // block re-reads it soon after the scan passed it.
-            v.advise_sequential(false);
-            Arc::new(v)
+        let pending_journal = lock.is_some() && (paths.journal.exists() || legacy.journal.exists());
+        let volume: Arc<dyn Volume> = match (created, &resolved) {
+            (Some(mut v), _) => {
+                v.advise_sequential(false);
+                Arc::new(v)
+            }
+            (None, Some(r)) => {
+                let write = !open.dry_run || pending_journal;
+                // Exclusive (O_EXCL) for a block device we write: a mounted
+                // or otherwise held device is refused, naming the holder.
+                let mut v = r.open(write, write).map_err(volume_err)?;
+                // Sequential readahead for the scan. No drop-behind: refining a
+                // block re-reads it soon after the scan passed it.
+                v.advise_sequential(false);
+                Arc::new(v)
+            }
+            (None, None) => Arc::new(snapshot::MemVolume::new(&open.path, Vec::new(), true)),
         };
-        let mut state = state::load(&paths.state)
-            .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+        let mut state = state::load(&paths.state).map_err(io)?;
+        if state.identity.as_deref().is_some_and(|i| i != id) {
+            // Same file name, other volume (a hash collision or a copied
+            // state dir): never trust it.
+            state = VolumeState::default();
+            if writes {
+                let to = state::set_aside(&paths.state).map_err(io)?;
+                notices.push(format!(
+                    "state recorded for another volume moved to {}",
+                    to.display()
+                ));
+            }
+        }
+        state.format = state::STATE_FORMAT;
+        state.identity = Some(id.clone());
+        state.path = Some(path.to_string_lossy().into_owned());
 
         // A complete journal is replayed (the replica becomes generation
         // n), an incomplete one discarded (it stays n-1).
         if lock.is_some() && recovered.is_none() {
-            recovered = journal::recover(&paths, &mut state, volume.as_ref())
-                .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))?;
+            recovered = journal::recover(&paths, &mut state, volume.as_ref()).map_err(io)?;
+        }
+        if lock.is_some() && legacy.journal.exists() {
+            if let Some(what) =
+                journal::recover_legacy(&legacy.journal, volume.as_ref()).map_err(io)?
+            {
+                notices.push(what);
+            }
+        }
+        if !notices.is_empty() {
+            for n in &notices {
+                tracing::warn!("{}: {n}", path.display());
+            }
+            let mut all = recovered.into_iter().collect::<Vec<_>>();
+            all.extend(notices);
+            recovered = Some(all.join("; "));
         }
 
         if let Some(theirs) = &state.source_id {
@@ -584,7 +676,10 @@ impl Session {
         // Delta mode trusts that the target holds exactly the base.
         let mut mode = open.mode;
         if mode == Mode::Delta {
-            let holds_base = same_source
+            // A weak identity may be another volume than the one the state
+            // was recorded for: never a blind delta onto it.
+            let holds_base = identity.strong
+                && same_source
                 && state.consistent
                 && state.generation == open.base
                 && open.base.is_some();
@@ -647,6 +742,8 @@ impl Session {
             window_blocks: WINDOW_BLOCKS,
             mode,
             resizable: volume.resizable(),
+            target_identity: id,
+            target_strong: identity.strong,
         };
         let shared = Arc::new(Shared {
             volume,
@@ -1238,17 +1335,40 @@ fn thin_target(path: &Path) -> Result<LvName, TargetError> {
     Ok(info.lv_name())
 }
 
+/// What [`rollback_pending`] did.
+struct Rollback {
+    what: String,
+    /// After restoring a snapshot (another LV, another identity): the
+    /// state's new files and the lock of the restored volume.
+    rebound: Option<(StatePaths, VolumeLock)>,
+}
+
 /// Settles a `--target-snapshot` session that did not commit: the replica
 /// is put back to the snapshot taken before it was written. A snapshot
-/// left after a commit is just removed.
-pub fn rollback_pending(paths: &StatePaths, path: &Path) -> Result<Option<String>, TargetError> {
+/// left after a commit is just removed. Runs only under the volume's lock
+/// (`lock` must be the lock of `paths`).
+fn rollback_pending(
+    lock: &VolumeLock,
+    paths: &StatePaths,
+    path: &Path,
+) -> Result<Option<Rollback>, TargetError> {
     let io = |e: String| TargetError::new(ErrorCode::TargetIo, e);
+    if lock.path() != paths.lock {
+        return Err(TargetError::new(
+            ErrorCode::Internal,
+            format!(
+                "rollback of {} attempted without its volume lock",
+                path.display()
+            ),
+        ));
+    }
     let mut state = state::load(&paths.state).map_err(|e| io(format!("{e:#}")))?;
     let Some(snap) = state.rollback.clone() else {
         return Ok(None);
     };
     let lvm = Lvm::new();
     let snap_lv = LvName::parse(&snap).map_err(|e| io(e.to_string()))?;
+    let mut rebound = None;
     let what = if state.consistent {
         lvm.remove(&snap_lv)
             .map_err(|e| io(format!("removing rollback snapshot {snap}: {e}")))?;
@@ -1264,15 +1384,37 @@ pub fn rollback_pending(paths: &StatePaths, path: &Path) -> Result<Option<String
             ))
         })?;
         state.consistent = state.generation.is_some();
+        // The restored volume is the snapshot LV under the old name: bind
+        // the state to its identity, under its lock too.
+        if let Ok(snapshot::Located::Existing(r)) = snapshot::locate(path) {
+            let id = r
+                .identity(&snapshot::identity::sys_root())
+                .map_err(|e| io(e.to_string()))?;
+            let dir = paths.state.parent().unwrap_or(Path::new("."));
+            let np = StatePaths::for_identity(dir, &id);
+            if np.state != paths.state {
+                let nl = VolumeLock::acquire(&np.lock).map_err(|e| {
+                    TargetError::new(ErrorCode::Busy, format!("{}: {e:#}", path.display()))
+                })?;
+                state.identity = Some(id.id());
+                rebound = Some((np, nl));
+            }
+        }
         format!(
             "rolled an interrupted apply back to generation {}",
             state.generation.as_ref().map_or(0, |g| g.number)
         )
     };
     state.rollback = None;
-    state::save(&paths.state, &state).map_err(|e| io(format!("{e:#}")))?;
+    match &rebound {
+        Some((np, _)) => {
+            state::save(&np.state, &state).map_err(|e| io(format!("{e:#}")))?;
+            let _ = std::fs::remove_file(&paths.state);
+        }
+        None => state::save(&paths.state, &state).map_err(|e| io(format!("{e:#}")))?,
+    }
     tracing::info!("{}: {what}", path.display());
-    Ok(Some(what))
+    Ok(Some(Rollback { what, rebound }))
 }
 
 /// A helper thread failed: tell the source now. It is waiting for what
@@ -1410,4 +1552,35 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rollback changes the volume and its state: it must run under that
+    /// volume's lock, never after the session let it go.
+    #[test]
+    fn rollback_runs_only_under_the_volumes_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StatePaths::new(dir.path(), Path::new("/dev/a"));
+        let b = StatePaths::new(dir.path(), Path::new("/dev/b"));
+        let pending = VolumeState {
+            rollback: Some("vg/snap".into()),
+            ..Default::default()
+        };
+        state::save(&a.state, &pending).unwrap();
+        let other = VolumeLock::acquire(&b.lock).unwrap();
+        let e = rollback_pending(&other, &a, Path::new("/dev/a"))
+            .err()
+            .expect("refused without the lock");
+        assert!(e.message.contains("without its volume lock"), "{e}");
+        assert_eq!(state::load(&a.state).unwrap(), pending, "state untouched");
+        // Under its own lock, with nothing pending, nothing happens.
+        state::save(&a.state, &VolumeState::default()).unwrap();
+        let own = VolumeLock::acquire(&a.lock).unwrap();
+        assert!(rollback_pending(&own, &a, Path::new("/dev/a"))
+            .unwrap()
+            .is_none());
+    }
 }

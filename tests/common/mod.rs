@@ -562,19 +562,15 @@ pub fn remote_args(rsh: &Path) -> Vec<String> {
     ]
 }
 
-/// The documented stem of a volume's files in a state directory: the
-/// volume's absolute path with '%' → "%25" and '/' → "%2F". Computed here
-/// independently of the library, so the tests also pin the naming.
+/// The documented stem of a volume's files in a state directory: "vol-"
+/// and the first 24 hex digits of the BLAKE3 hash of the volume's
+/// identity (`kind:key`). The hash is computed here independently of the
+/// library, so the tests also pin the naming. The volume must exist.
 pub fn state_key(volume: &Path) -> String {
-    let mut key = String::new();
-    for c in s(volume).chars() {
-        match c {
-            '%' => key.push_str("%25"),
-            '/' => key.push_str("%2F"),
-            c => key.push(c),
-        }
-    }
-    key
+    let id = snapshot::identity::of_path(volume, Path::new("/sys"))
+        .unwrap_or_else(|e| panic!("identity of {}: {e}", volume.display()));
+    let h = blake3::hash(id.id().as_bytes()).to_hex();
+    format!("vol-{}", &h[..24])
 }
 
 /// Name of the per-volume lock file in a state directory.

@@ -70,7 +70,8 @@ pub fn is_zero_from(path: &Path, offset: u64) -> bool {
 /// the library names them, checked against the documented naming
 /// ([`state_key`], computed independently) so the tests also pin it.
 pub fn state_files(state_dir: &Path, volume: &Path) -> StatePaths {
-    let paths = StatePaths::new(state_dir, volume);
+    let id = snapshot::identity::of_path(volume, Path::new("/sys")).unwrap();
+    let paths = StatePaths::for_identity(state_dir, &id);
     let key = state_key(volume);
     for (path, suffix) in [
         (&paths.state, "state.json"),

@@ -260,6 +260,12 @@ pub struct Opened {
     /// The target is a file: its size follows the source's (a block
     /// device keeps a longer tail).
     pub resizable: bool,
+    /// The identity of the volume opened (`kind:key`), which its state
+    /// belongs to (protocol 2).
+    pub target_identity: String,
+    /// Whether that identity is strong (unique and persistent); a weak
+    /// one never gets a delta.
+    pub target_strong: bool,
 }
 
 /// target → source: digests of blocks `first..first+n`, n digests in the payload.
@@ -851,6 +857,8 @@ mod tests {
                     window_blocks: 1024,
                     mode: Mode::FullScan,
                     resizable: true,
+                    target_identity: "file:1:2".into(),
+                    target_strong: true,
                 }),
                 vec![],
             ),
