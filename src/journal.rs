@@ -613,7 +613,7 @@ pub fn recover_legacy(journal: &Path, volume: &dyn Volume) -> Result<Option<Stri
     let sealed = parse(BufReader::new(file), |_| Ok(())).ok().flatten();
     let what = match sealed {
         Some(t) if t.volume_size == volume.size() => {
-            replay(journal, volume, Some(t.volume_size))?;
+            replay(journal, volume, Some(t.volume_size), None)?;
             volume.sync()?;
             format!(
                 "applied the sealed journal of generation {} left by an older version; a full scan follows",
