@@ -968,6 +968,7 @@ mod tests {
                 base_snapshot: None,
                 last_error: err.map(Into::into),
                 running: false,
+                warnings: Vec::new(),
             };
         let t = status_table(&[
             line("data", Some(12), Some(3 << 29), None),
