@@ -203,6 +203,8 @@ impl SourcePeer {
             window_blocks: 1 << 16,
             mode: Mode::FullScan,
             resizable: true,
+            target_identity: "file:1:2".into(),
+            target_strong: true,
         }
     }
 
