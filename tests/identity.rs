@@ -556,3 +556,57 @@ fn file_replica_keeps_its_state_across_a_remount_from_another_device() {
     assert_eq!(r.opt_u("generation"), Some(2), "{r}");
     assert!(stale(&state).is_empty(), "nothing set aside");
 }
+
+// Upgrade: a sealed journal left by the path-keyed version on this very
+// volume (its apply interrupted) is applied, then the replica gets a full
+// scan; one recording another volume's size is discarded, never applied.
+#[test]
+fn old_sealed_journal_is_applied_only_on_a_volume_of_its_size() {
+    use snapsync::journal::Journal;
+    use snapsync::state::StatePaths;
+    let d = tmp();
+    let (src, dst, state) = (d.path().join("a"), d.path().join("t"), d.path().join("st"));
+    write_random_file(&src, MIB, 41);
+    std::fs::copy(&src, &dst).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let gen = wire::Generation {
+        number: 7,
+        snapshot: "old".into(),
+    };
+    let legacy = StatePaths::new(&state, &dst);
+    let seal = |size: u64, byte: u8| {
+        let mut j = Journal::create(&legacy.journal, 1 << 30).unwrap();
+        assert!(!j.append_data(0, &[byte; 4096]).unwrap());
+        j.seal(&gen, "path:/old/source", size).unwrap();
+    };
+
+    // Its size: applied (the replica's first 4 KiB become 0xAB), then the
+    // full scan of the same session makes the replica equal the source.
+    seal(MIB, 0xAB);
+    let r = sync_json(&src, s(&dst), &state, &[]);
+    let rec = r.opt_s("recovered").unwrap_or_default();
+    assert!(
+        rec.contains("applied the sealed journal of generation 7"),
+        "{r}"
+    );
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(
+        r.u("data_bytes") >= 4096,
+        "the applied bytes were shipped back: {r}"
+    );
+    assert!(!legacy.journal.exists());
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+
+    // Another size: another volume's journal, discarded untouched.
+    seal(2 * MIB, 0xCD);
+    let r = sync_json(&src, s(&dst), &state, &[]);
+    let rec = r.opt_s("recovered").unwrap_or_default();
+    assert!(
+        rec.contains("discarded a journal left by an older version"),
+        "{r}"
+    );
+    assert_eq!(r.u("data_bytes"), 0, "nothing was applied: {r}");
+    assert!(!legacy.journal.exists());
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+}
