@@ -392,18 +392,10 @@ pub fn run_with_deadline(cmd: &mut Command, deadline: Duration) -> Run {
 /// while it runs; kills it and panics at the deadline.
 pub fn wait_with_deadline(mut child: Child, deadline: Duration, tick: impl FnMut()) -> Run {
     let started = Instant::now();
-    let mut out = child.stdout.take().expect("stdout piped");
-    let mut err = child.stderr.take().expect("stderr piped");
-    let out_t = thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let err_t = thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
+    let out = child.stdout.take().expect("stdout piped");
+    let err = child.stderr.take().expect("stderr piped");
+    let out_t = read_all_in_thread(out);
+    let err_t = read_all_in_thread(err);
     let status = wait_or_kill(
         &mut child,
         started,
@@ -456,6 +448,15 @@ fn join_or_empty(h: thread::JoinHandle<String>, wait: Duration) -> String {
     } else {
         "<output pipe still held open by another process>".into()
     }
+}
+
+/// Reads `r` to its end in a thread; the text, lossily decoded.
+pub fn read_all_in_thread<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = r.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
 }
 
 /// Says on stderr that a test is skipped because this machine cannot run

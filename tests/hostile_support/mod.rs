@@ -323,12 +323,7 @@ impl ServePeer {
         drop(self.wr);
         // Its stdout is ours (or the drain thread's): nothing more is read.
         drop(self.rd.take());
-        let mut err = child.stderr.take().unwrap();
-        let err_t = thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = err.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        });
+        let err_t = read_all_in_thread(child.stderr.take().unwrap());
         let status = wait_or_kill(
             &mut child,
             self.started,
