@@ -85,14 +85,26 @@ losetup -d "$LOGDEV" "$DEV"
 set +x
 echo "RECORDED $("$RL" list "$OUT/log.bin" | wc -l) entries, $size bytes in $(($(date +%s) - T0)) s" >&3
 
-# dm-flakey trials: a sync session whose disk (state dir and replica on
-# one ext4) stops taking writes at a random moment (drop_writes: they
-# succeed but are lost), then the process is killed, the fs unmounted, the
-# caches dropped and the disk put back. Unlike the replays above, writes
-# complete before the cut all survive; this tests the whole stack at once.
+# dm-flakey trials of whole `run --once` cycles (thin LV source, CBT):
+# at a random moment of a cycle, the disk of one side stops taking writes
+# (drop_writes: they succeed but are lost), then the cycle is killed with
+# all it started, the fs unmounted, the caches dropped and the disk put
+# back; the next cycle must end with the replica equal to the source's
+# base snapshot, one snapshot of the volume left (the base) and no pool
+# metadata snapshot held. Odd trials cut the target's disk (its state dir
+# and the replica file), even ones the source's state dir. Unlike the
+# replays above, writes completed before the cut all survive; this tests
+# the whole stack at once.
 [ "$TRIALS" -gt 0 ] || exit 0
 T0=$(date +%s)
-modprobe dm-flakey || fail "modprobe dm-flakey"
+export LVM_SUPPRESS_FD_WARNINGS=1
+modprobe -a dm-flakey dm-snapshot dm-thin-pool || fail "modprobe dm-flakey dm-thin-pool"
+VG=sspcvg
+truncate -s 64M "$P/pv.img"
+PV=$(losetup -f --show "$P/pv.img") || fail "losetup"
+pvcreate -q "$PV" && vgcreate -q -s 1M "$VG" "$PV" && lvcreate -q --type thin-pool -L 24M -n pool "$VG" &&
+    lvcreate -q -V 1M -T "$VG/pool" -n src || fail "thin pool"
+SRC=/dev/$VG/src
 truncate -s 48M "$P/fdev.img"
 FDEV=$(losetup -f --show "$P/fdev.img") || fail "losetup"
 SZ=$(blockdev --getsz "$FDEV")
@@ -103,32 +115,49 @@ table() {
 }
 dmsetup create ssfl --table "0 $SZ linear $FDEV 0" || fail "dmsetup create"
 mkfs.ext4 -q -F -b 4096 -N 64 -J size=4 -E nodiscard /dev/mapper/ssfl || fail "mkfs"
-mkdir -p "$P/fmnt"
-# The first MiB of each generation: sessions take long under emulation.
-for g in 1 2 3; do head -c 1M "$P/gen$g.img" >"$P/fgen$g.img"; done
+mkdir -p "$P/fmnt" "$P/local"
 mount /dev/mapper/ssfl "$P/fmnt" || fail "mount"
-fsync_args=(--json --quiet --state-dir "$P/fmnt/state")
-cp "$P/fgen1.img" "$P/fsrc.img"
-timeout -k 5 120 "$BIN" sync "${fsync_args[@]}" "$P/fsrc.img" "$P/fmnt/replica.img" || fail "first flakey sync"
-# Cuts fall anywhere in a session: a window of what one takes here.
+# config FILE VOLUME STATE_DIR TARGET TARGET_STATE_DIR
+config() {
+    printf 'state_dir = "%s"\n[[volume]]\nname = "%s"\nsource = "%s"\ntarget = "%s"\ntarget_state_dir = "%s"\ninterval = "0s"\n' \
+        "$3" "$2" "$VG/src" "$4" "$5" >"$1"
+}
+# Target series: the flakey disk holds the replica and the target's
+# state; source series: it holds the source's state dir (CBT bases).
+config "$P/ft.toml" ft "$P/local/sstate" "$P/fmnt/replica.img" "$P/fmnt/tstate"
+config "$P/fs.toml" fs "$P/fmnt/sstate" "$P/local/replica.img" "$P/local/tstate"
+# dirty G: the source becomes generation G's first MiB in a random run of
+# 64 KiB chunks (CBT sees those chunks).
+dirty() {
+    local k=$((RANDOM % 16)) c
+    c=$((RANDOM % (16 - k) + 1))
+    dd if="$P/gen$1.img" of="$SRC" bs=64K skip="$k" seek="$k" count="$c" oflag=direct conv=notrunc status=none
+}
+# The first MiB of each generation: cycles take long under emulation.
+dd if="$P/gen1.img" of="$SRC" bs=64K count=16 oflag=direct status=none || fail "dd"
+for cfg in ft fs; do
+    timeout -k 5 120 "$BIN" run --once --config "$P/$cfg.toml" >/dev/null || fail "first $cfg cycle"
+done
+# Cuts fall anywhere in a cycle: a window of what a delta cycle takes here.
+dirty 2
 t=$(date +%s%N)
-cp "$P/fgen2.img" "$P/fsrc.img"
-timeout -k 5 120 "$BIN" sync "${fsync_args[@]}" "$P/fsrc.img" "$P/fmnt/replica.img" || fail "second flakey sync"
+timeout -k 5 120 "$BIN" run --once --config "$P/ft.toml" >/dev/null || fail "second ft cycle"
 WINDOW_MS=$(( ($(date +%s%N) - t) / 1000000 + 1 ))
+# snaps VOLUME: the LVs tagged as that volume's snapshots.
+snaps() { lvs --noheadings -o lv_name,lv_tags "$VG" | awk -v t="snapsync-volume-$1" '{n = split($2, a, ","); for (i = 1; i <= n; i++) if (a[i] == t) print $1}'; }
 tpass=0 tfail=0
 set -x
 for t in $(seq 1 "$TRIALS"); do
     echo "### trial $t"
-    g=$(( (t % 3) + 1 ))
-    extra=()
-    [ $((t % 4)) = 1 ] && extra=(--journal-max 256KiB)
-    cp "$P/fgen$g.img" "$P/fsrc.img"
-    "$BIN" sync "${fsync_args[@]}" "${extra[@]}" "$P/fsrc.img" "$P/fmnt/replica.img" >/dev/null 2>&1 &
+    cfg=ft side=target
+    [ $((t % 2)) = 0 ] && cfg=fs side=source
+    dirty $(( (t % 3) + 1 ))
+    setsid "$BIN" run --once --config "$P/$cfg.toml" >/dev/null 2>&1 &
     pid=$!
     delay=$(( RANDOM % WINDOW_MS ))
     sleep "$(printf '%d.%03d' $((delay / 1000)) $((delay % 1000)))"
     table "0 $SZ flakey $FDEV 0 0 3600 1 drop_writes"
-    kill -KILL "$pid" 2>/dev/null
+    kill -KILL -- "-$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
     umount "$P/fmnt"
     echo 3 >/proc/sys/vm/drop_caches
@@ -136,20 +165,25 @@ for t in $(seq 1 "$TRIALS"); do
     why=""
     mount /dev/mapper/ssfl "$P/fmnt" || why="remount failed"
     if [ -z "$why" ]; then
-        timeout -k 5 120 "$BIN" sync "${fsync_args[@]}" "$P/fsrc.img" "$P/fmnt/replica.img" >"$P/trial.json" 2>"$P/trial.err" ||
-            why="next session failed (exit $?): $(cat "$P/trial.err")"
+        timeout -k 5 120 "$BIN" run --once --config "$P/$cfg.toml" --json >"$P/trial.json" 2>"$P/trial.err" ||
+            why="next cycle failed (exit $?): $(cat "$P/trial.json" "$P/trial.err")"
     fi
-    [ -n "$why" ] || cmp -s "$P/fgen$g.img" "$P/fmnt/replica.img" || why="replica differs from generation $g"
-    for f in "$P"/fmnt/state/*journal*; do [ -n "$why" ] || [ ! -e "$f" ] || why="a journal was left behind"; done
-    [ -n "$why" ] || grep -q '"consistent": true' "$P"/fmnt/state/*.json || why="state not consistent"
+    left=$(snaps "$cfg")
+    [ -n "$why" ] || [ "$(echo "$left" | wc -w)" = 1 ] || why="snapshots left: $left"
+    [ -n "$why" ] || [ "$(dmsetup status "$VG-pool-tpool" | cut -d' ' -f7)" = - ] || why="a metadata snapshot is held"
+    if [ "$side" = target ]; then rep=$P/fmnt/replica.img; else rep=$P/local/replica.img; fi
+    [ -n "$why" ] || cmp -s "/dev/$VG/$left" "$rep" || why="replica differs from the base snapshot $left"
+    [ -n "$why" ] || cmp -s "$SRC" "$rep" || why="replica differs from the source"
     if [ -z "$why" ]; then
         tpass=$((tpass + 1))
-        echo "trial $t: cut at ${delay} ms (generation $g ${extra[*]}): ok, $(cat "$P/trial.json")"
+        echo "trial $t: $side cut at ${delay} ms: ok, $(cat "$P/trial.json")"
     else
         tfail=$((tfail + 1))
-        echo "FAIL flakey trial $t: cut at ${delay} ms into a sync to generation $g ${extra[*]}: $why" | tee /dev/fd/3
+        echo "FAIL flakey trial $t: $side cut at ${delay} ms into a run --once cycle: $why" | tee /dev/fd/3
     fi
 done
+set +x
 umount "$P/fmnt"
-echo "FLAKEY $tpass passed, $tfail failed in $(($(date +%s) - T0)) s (cuts within $WINDOW_MS ms)" >&3
+vgchange -q -an "$VG" >/dev/null
+echo "FLAKEY $tpass passed, $tfail failed in $(($(date +%s) - T0)) s (run --once cycles, cuts within $WINDOW_MS ms)" >&3
 [ "$tfail" = 0 ]
