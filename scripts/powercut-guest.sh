@@ -165,8 +165,9 @@ for t in $(seq 1 "$TRIALS"); do
     why=""
     mount /dev/mapper/ssfl "$P/fmnt" || why="remount failed"
     if [ -z "$why" ]; then
-        timeout -k 5 120 "$BIN" run --once --config "$P/$cfg.toml" --json >"$P/trial.json" 2>"$P/trial.err" ||
+        timeout -k 5 300 "$BIN" run --once --config "$P/$cfg.toml" --json >"$P/trial.json" 2>"$P/trial.err" ||
             why="next cycle failed (exit $?): $(cat "$P/trial.json" "$P/trial.err")"
+        cat "$P/trial.err"
     fi
     left=$(snaps "$cfg")
     [ -n "$why" ] || [ "$(echo "$left" | wc -w)" = 1 ] || why="snapshots left: $left"
