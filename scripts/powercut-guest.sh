@@ -159,11 +159,13 @@ for t in $(seq 1 "$TRIALS"); do
     table "0 $SZ flakey $FDEV 0 0 3600 1 drop_writes"
     kill -KILL -- "-$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
+    dmsetup info -c --noheadings -o name,attr
     umount "$P/fmnt"
     echo 3 >/proc/sys/vm/drop_caches
     table "0 $SZ linear $FDEV 0"
     why=""
     mount /dev/mapper/ssfl "$P/fmnt" || why="remount failed"
+    t1=$(date +%s)
     if [ -z "$why" ]; then
         timeout -k 5 300 "$BIN" run --once --config "$P/$cfg.toml" --json >"$P/trial.json" 2>"$P/trial.err" ||
             why="next cycle failed (exit $?): $(cat "$P/trial.json" "$P/trial.err")"
@@ -177,7 +179,7 @@ for t in $(seq 1 "$TRIALS"); do
     [ -n "$why" ] || cmp -s "$SRC" "$rep" || why="replica differs from the source"
     if [ -z "$why" ]; then
         tpass=$((tpass + 1))
-        echo "trial $t: $side cut at ${delay} ms: ok, $(cat "$P/trial.json")"
+        echo "trial $t: $side cut at ${delay} ms: ok, next cycle $(($(date +%s) - t1)) s, $(cat "$P/trial.json")"
     else
         tfail=$((tfail + 1))
         echo "FAIL flakey trial $t: $side cut at ${delay} ms into a run --once cycle: $why" | tee /dev/fd/3
