@@ -43,7 +43,7 @@ die() {
 # long_scenario NAME FUNCTION: the same, only with VM_LONG=1 (scripts/test
 # --long) or when SCENARIOS names it; CI's default run skips it for time.
 long_scenario() {
-    if [ "${VM_LONG:-0}" != 1 ] && ! [[ " ${SCENARIOS:-} " == *" $1 "* ]]; then
+    if [ "${VM_LONG:-0}" != 1 ] && [ -z "${SCENARIOS:-}" ]; then
         say "SKIP $1 (long run only)"
         return 0
     fi
