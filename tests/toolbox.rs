@@ -291,6 +291,78 @@ interval = "30m"
     assert_eq!(names, ["snapsync.prom", "snapsync.prom.lock"]);
 }
 
+/// The replica's state in the metrics is what the target reported, not a
+/// guess from the source's history: after a successful cycle the replica
+/// is replaced by a new volume, whose first copy then fails midway (the
+/// remote shell cuts the stream). The replica is torn and resumable; it
+/// used to show 0 and 0, since the source had a generation.
+#[test]
+fn a_cycle_failing_mid_first_copy_reports_a_torn_resumable_replica() {
+    let d = tmp();
+    let dir = d.path();
+    write_random_file(&dir.join("a.img"), 8 * MIB, 6);
+    let replica = dir.join("a.replica");
+    let prom = dir.join("snapsync.prom");
+    let cut = dir.join("cut");
+    // dd passes what it reads at once (head -c holds it back in a buffer).
+    let rsh = write_script(
+        &dir.join("rsh"),
+        &format!(
+            "shift\nif [ -e {} ]; then dd iflag=count_bytes count=3000000 bs=64K status=none | \"$@\"; else exec \"$@\"; fi",
+            sh_quote(s(&cut))
+        ),
+    );
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+state_dir = "{d}/state"
+metrics_file = "{m}"
+[defaults]
+snapshot = "none"
+target_state_dir = "{d}/tstate"
+rsh = "{rsh}"
+remote_bin = "{bin}"
+[[volume]]
+name = "a"
+source = "{d}/a.img"
+target = "localhost:{r}"
+interval = "1s"
+"#,
+            d = dir.display(),
+            m = prom.display(),
+            rsh = rsh.display(),
+            bin = bin().display(),
+            r = replica.display(),
+        ),
+    )
+    .unwrap();
+    let run = |code: i32| {
+        run_with_deadline(
+            snapsync().args(["run", "--once", "--config", s(&config)]),
+            DEFAULT_DEADLINE,
+        )
+        .assert_code(code);
+        let text = std::fs::read_to_string(&prom).unwrap();
+        promtool_check(&text);
+        parse_metrics(&text)
+    };
+    let a = format!("volume=\"a\",target=\"localhost:{}\"", s(&replica));
+    let m = run(0);
+    assert_eq!(get(&m, "snapsync_generation", &a), 1.0);
+    assert_eq!(get(&m, "snapsync_replica_inconsistent", &a), 0.0);
+    // A new volume at the replica's name, and a cut on the way.
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::File::create(&replica).unwrap();
+    std::fs::write(&cut, "").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let m = run(5);
+    assert_eq!(get(&m, "snapsync_last_exit_code", &a), 5.0);
+    assert_eq!(get(&m, "snapsync_replica_inconsistent", &a), 1.0);
+    assert_eq!(get(&m, "snapsync_resume_in_progress", &a), 1.0);
+}
+
 #[test]
 fn concurrent_metric_writers_never_interleave() {
     let d = tmp();
@@ -425,6 +497,11 @@ fn man_pages_and_completions_install_and_work() {
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(said.contains("--bwlimit"), "{said}");
+    let bash_text = std::fs::read_to_string(&bash).unwrap();
+    assert!(
+        !bash_text.contains("generate"),
+        "the hidden command is completed"
+    );
     let zsh = std::fs::read_to_string(prefix.join("share/zsh/site-functions/_snapsync")).unwrap();
     assert!(zsh.starts_with("#compdef snapsync"), "{zsh}");
     let fish =

@@ -79,6 +79,10 @@ pub struct SessionParams {
     pub target_snapshot: bool,
     /// Bytes per second each side may send (0: no limit).
     pub bwlimit: u64,
+    /// Bytes of the source that may hold data, when the caller knows
+    /// better than the volume (a thin LV's mapped space); else the
+    /// volume's allocated extents, if it can tell.
+    pub data_bytes: Option<u64>,
 }
 
 impl SessionParams {
@@ -106,6 +110,7 @@ impl SessionParams {
             io_timeout,
             target_snapshot: false,
             bwlimit: 0,
+            data_bytes: None,
         }
     }
 }
@@ -302,7 +307,42 @@ impl Pending {
     }
 }
 
-/// Runs one session against the target behind `conn`.
+/// What the replica is after a failed session, from what the target
+/// reported when it opened the volume (its state then, where it starts,
+/// its mode) and whether this side sent it anything to write since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaAfter {
+    /// The replica holds no complete generation (a torn in-place copy).
+    pub inconsistent: bool,
+    /// An interrupted in-place copy waits to be resumed.
+    pub resume: bool,
+}
+
+impl ReplicaAfter {
+    fn after_failure(opened: &Opened, params: &SessionParams, sent: u64) -> Self {
+        let st = &opened.state;
+        let writes = !params.dry_run && opened.mode != Mode::Verify;
+        let same_source = st.source_id.as_deref() == Some(params.source_id.as_str());
+        // How the target applies, as it decides in `target::Session::open`:
+        // a thin-LV snapshot, in place, or a journal (which goes on in
+        // place once a delta outgrows it).
+        let snapshot =
+            params.target_snapshot && st.consistent && same_source && opened.start_block == 0;
+        let in_place = !snapshot
+            && (opened.start_block > 0
+                || !st.consistent
+                || !same_source
+                || sent > params.journal_max);
+        let wrote = writes && sent > 0;
+        Self {
+            inconsistent: !st.consistent || (wrote && (in_place || snapshot)),
+            resume: st.resume.is_some() || (wrote && in_place),
+        }
+    }
+}
+
+/// Runs one session against the target behind `conn`. After a failure
+/// once the target opened the volume, `after` tells what the replica is.
 pub fn run(
     source: Arc<dyn Volume>,
     conn: Connection,
@@ -310,6 +350,7 @@ pub fn run(
     progress: &Progress,
     cancel: &Cancel,
     changes: Option<Box<dyn Iterator<Item = Result<Change, VolumeError>> + Send>>,
+    after: &mut Option<ReplicaAfter>,
 ) -> Result<Report, SyncError> {
     let started = Instant::now();
     let mut key = [0u8; 32];
@@ -372,6 +413,10 @@ pub fn run(
             journal_max: params.journal_max,
             resume: params.resume,
             target_snapshot: params.target_snapshot,
+            source_data_bytes: params
+                .data_bytes
+                .or_else(|| source.data_bytes_in(0, size))
+                .map(|b| b.min(size)),
         }),
         &[],
     )?;
@@ -536,6 +581,11 @@ pub fn run(
     drop(out);
     drop(incoming);
     if let Err(e) = result {
+        *after = Some(ReplicaAfter::after_failure(
+            &opened,
+            params,
+            report.data_bytes + report.zero_bytes,
+        ));
         // A writer stuck on a peer that stopped reading (or a reader on one
         // that stopped writing) ends when the caller kills the peer; don't
         // wait for it here.
