@@ -371,6 +371,23 @@ fn an_in_place_copy_that_cannot_fit_is_refused_before_filling_the_file_system() 
     assert_same_content(&sparse, &dst);
 }
 
+/// Rewriting a replica file that is allocated already takes no space: no
+/// margin is asked for, even on a nearly full file system.
+#[test]
+fn rewriting_an_allocated_replica_needs_no_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), 64 * MIB) else {
+        return skip_root_test("free space: cannot mount a tmpfs");
+    };
+    let dst = fs.0.join("replica.img");
+    write_random_file(&dst, 24 * MIB, 7);
+    write_random_file(&fs.0.join("ballast"), fs.free() - 6 * MIB, 8);
+    let src = dir.path().join("src.img");
+    write_random_file(&src, 24 * MIB, 9);
+    sync_run(&src, s(&dst), &dir.path().join("state"), &[]).assert_ok();
+    assert_same_content(&src, &dst);
+}
+
 /// A source that cannot tell its data (a block device): the copy watches
 /// the free space as it writes and stops before the file system is full,
 /// resumable.

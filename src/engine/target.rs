@@ -427,8 +427,10 @@ struct Session {
     _lock: Option<Arc<VolumeLock>>,
     applier: Applier,
     bytes_written: u64,
-    /// Bytes written in place since free space was last looked at.
+    /// Bytes written in place since free space was last looked at, and
+    /// what it was then.
     unchecked_room: u64,
+    last_free: Option<u64>,
     recovered: Option<String>,
 }
 
@@ -781,6 +783,7 @@ impl Session {
             applier,
             bytes_written: 0,
             unchecked_room: 0,
+            last_free: None,
             recovered,
         };
         Ok((session, opened))
@@ -909,10 +912,13 @@ impl Session {
             .min(size);
         let holes = (size - from).saturating_sub(v.data_bytes_in(from, size).unwrap_or(0));
         // Unknown source data: the margin alone here; the copy watches the
-        // free space as it writes (see `watch_room`).
-        let data = self.open.source_data_bytes.unwrap_or(0);
-        let need = data.min(holes);
-        if free < need.saturating_add(FREE_MARGIN) {
+        // free space as it writes (see `watch_room`). Nothing to allocate
+        // (no holes, or no data for them): no margin needed either.
+        let need = self
+            .open
+            .source_data_bytes
+            .map_or(holes.min(1), |d| d.min(holes));
+        if need > 0 && free < need.saturating_add(FREE_MARGIN) {
             return Err(TargetError::new(
                 ErrorCode::TargetIo,
                 format!(
@@ -925,16 +931,20 @@ impl Session {
     }
 
     /// While writing in place: stop before the file system of a file
-    /// target runs out (below half the margin), rather than fill it for
-    /// everything else on it. The copy keeps its last mark (resumable).
+    /// target runs out (below half the margin while our writes take
+    /// space), rather than fill it for everything else on it. The copy
+    /// keeps its last mark (resumable).
     fn watch_room(&mut self, written: u64) -> Result<(), TargetError> {
         self.unchecked_room += written;
         if self.unchecked_room < FREE_MARGIN / 4 {
             return Ok(());
         }
         self.unchecked_room = 0;
-        match self.shared.volume.free_space() {
-            Some(free) if free < FREE_MARGIN / 2 => Err(TargetError::new(
+        let free = self.shared.volume.free_space();
+        let shrinking = matches!((free, self.last_free), (Some(f), Some(l)) if f < l);
+        self.last_free = free;
+        match free {
+            Some(free) if shrinking && free < FREE_MARGIN / 2 => Err(TargetError::new(
                 ErrorCode::TargetIo,
                 format!(
                     "the file system of target {} is down to {free} bytes free; stopped before filling it; make room and run again (the copy resumes from its last mark)",
