@@ -319,7 +319,8 @@ pub struct ReplicaAfter {
 }
 
 impl ReplicaAfter {
-    fn after_failure(opened: &Opened, params: &SessionParams, sent: u64) -> Self {
+    /// `data` and `zeroed`: bytes this side sent the target to write.
+    fn after_failure(opened: &Opened, params: &SessionParams, data: u64, zeroed: u64) -> Self {
         let st = &opened.state;
         let writes = !params.dry_run && opened.mode != Mode::Verify;
         let same_source = st.source_id.as_deref() == Some(params.source_id.as_str());
@@ -332,8 +333,9 @@ impl ReplicaAfter {
             && (opened.start_block > 0
                 || !st.consistent
                 || !same_source
-                || sent > params.journal_max);
-        let wrote = writes && sent > 0;
+                || params.journal_max == 0
+                || data > params.journal_max);
+        let wrote = writes && data + zeroed > 0;
         Self {
             inconsistent: !st.consistent || (wrote && (in_place || snapshot)),
             resume: st.resume.is_some() || (wrote && in_place),
@@ -584,7 +586,8 @@ pub fn run(
         *after = Some(ReplicaAfter::after_failure(
             &opened,
             params,
-            report.data_bytes + report.zero_bytes,
+            report.data_bytes,
+            report.zero_bytes,
         ));
         // A writer stuck on a peer that stopped reading (or a reader on one
         // that stopped writing) ends when the caller kills the peer; don't
@@ -1227,5 +1230,65 @@ impl Comparer<'_> {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::{Generation, ReplicaState};
+
+    #[test]
+    fn the_replica_after_a_failure_follows_what_the_target_reported() {
+        let params = SessionParams::new(
+            "/dst".into(),
+            BlockSize::default(),
+            "src".into(),
+            "snap".into(),
+            Duration::from_secs(1),
+        );
+        let gen = Generation {
+            number: 3,
+            snapshot: "s3".into(),
+        };
+        let opened = |consistent: bool| Opened {
+            target_size: 0,
+            state: ReplicaState {
+                source_id: Some("src".into()),
+                generation: consistent.then(|| gen.clone()),
+                consistent,
+                resume: None,
+                recovered: None,
+            },
+            start_block: 0,
+            window_blocks: 64,
+            mode: Mode::FullScan,
+            resizable: true,
+            target_identity: "file:1:2".into(),
+            target_strong: true,
+        };
+        let after = |o: &Opened, p: &SessionParams, data, zeroed| {
+            let a = ReplicaAfter::after_failure(o, p, data, zeroed);
+            (a.inconsistent, a.resume)
+        };
+        // A first copy (or a new volume) that failed midway: torn, resumable.
+        assert_eq!(after(&opened(false), &params, 1 << 20, 0), (true, true));
+        // A consistent replica behind a journal: untouched.
+        assert_eq!(after(&opened(true), &params, 1 << 20, 0), (false, false));
+        // Without a journal it is written in place, zeroes too.
+        let mut no_journal = params.clone();
+        no_journal.journal_max = 0;
+        assert_eq!(after(&opened(true), &no_journal, 0, 4096), (true, true));
+        // Nothing sent yet: as it was.
+        assert_eq!(after(&opened(true), &no_journal, 0, 0), (false, false));
+        // A thin-LV target with its rollback snapshot: torn until the next
+        // open rolls it back, nothing to resume.
+        let mut snap = params.clone();
+        snap.target_snapshot = true;
+        assert_eq!(after(&opened(true), &snap, 4096, 0), (true, false));
+        // A dry run changes nothing.
+        let mut dry = params.clone();
+        dry.dry_run = true;
+        assert_eq!(after(&opened(false), &dry, 4096, 0), (true, false));
     }
 }
