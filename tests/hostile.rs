@@ -40,6 +40,14 @@ fn state_json(state: &Path, volume: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
+/// The source the state of `volume` records its replica to be of.
+fn recorded_source(state: &Path, volume: &Path) -> String {
+    state_json(state, volume)["source_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// A replica at generation 1 of `src`, made by a real local sync.
 fn replica_gen1(
     dir: &Path,
@@ -219,10 +227,7 @@ fn serve_refuses_rewrites_and_owns_the_journal_budget() {
     let dir = tempfile::tempdir().unwrap();
     let (_src, dst, state) = replica_gen1(dir.path(), MIB);
     let before = sha256_file(&dst);
-    let source_id = state_json(&state, &dst)["source_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let source_id = recorded_source(&state, &dst);
 
     // One block written over and over: the second write is refused.
     let mut p = ServePeer::start(s(&dst), &state, &[]);
@@ -292,10 +297,7 @@ fn a_source_size_the_file_system_cannot_hold_is_refused_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst, state) = replica_gen1(dir.path(), MIB);
     let before = sha256_file(&dst);
-    let source_id = state_json(&state, &dst)["source_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let source_id = recorded_source(&state, &dst);
     let mut p = ServePeer::start(s(&dst), &state, &[]);
     let mut open = open_msg(&dst, 1 << 50, BLOCK);
     open.source_id = source_id;
@@ -436,8 +438,7 @@ fn a_corrupt_journal_after_the_apply_began_is_moved_aside_and_rescanned() {
         number: 2,
         snapshot: "snap-2".into(),
     };
-    let source_id = state_json(&state, &dst)["source_id"].clone();
-    j.seal(&gen2, source_id.as_str().unwrap(), MIB).unwrap();
+    j.seal(&gen2, &recorded_source(&state, &dst), MIB).unwrap();
     write_at(&dst, 8192, &junk);
     let mut bytes = std::fs::read(&jpath).unwrap();
     bytes[40] ^= 1;

@@ -84,6 +84,15 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The image's snapshots by name, in creation order.
+fn snapshot_names(img: &Image) -> Vec<String> {
+    img.snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}
+
 fn remove_all(pool: &Pool, name: &str, img: Image) {
     for s in img.snapshots().unwrap() {
         img.snap_remove(&s.name).unwrap();
@@ -211,12 +220,7 @@ fn snapshots_diff_and_rollback() {
     // Generation 2, then the snapshot list in creation order.
     img.snap_create("snapsync-2").unwrap();
     img.snap_create("operator-snap").unwrap();
-    let names: Vec<String> = img
-        .snapshots()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
+    let names = snapshot_names(&img);
     assert_eq!(names, ["snapsync-1", "snapsync-2", "operator-snap"]);
     assert!(img.snapshots().unwrap().iter().all(|s| s.size == size));
     // Each snapshot reads as it was, through the API and the CLI.
@@ -249,12 +253,7 @@ fn snapshots_diff_and_rollback() {
     assert!(buf == model, "head after rollback differs from snapsync-2");
 
     img.snap_remove("snapsync-1").unwrap();
-    let names: Vec<String> = img
-        .snapshots()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
+    let names = snapshot_names(&img);
     assert_eq!(names, ["snapsync-2", "operator-snap"]);
     let err = img.snap_remove("snapsync-1").unwrap_err();
     assert_eq!(err.errno(), Some(2), "{err}");
