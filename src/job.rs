@@ -23,6 +23,7 @@ use wire::{Generation, Mode};
 use crate::cli::{parse_compress, TransferArgs};
 use crate::commands::sync::{open_source, run_session};
 use crate::config::{self, SnapshotKind};
+use crate::engine::source::ReplicaAfter;
 use crate::engine::source::{Report, SessionParams};
 use crate::engine::Cancel;
 use crate::exit::{classify, Coded, Exit};
@@ -132,11 +133,12 @@ pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleRe
         st.cycles += 1;
         save_state(state_dir, &vol.name, &st)?;
         let started = std::time::Instant::now();
-        let outcome = run_cycle(state_dir, vol, &mut st, cancel);
+        let mut after = None;
+        let outcome = run_cycle(state_dir, vol, &mut st, cancel, &mut after);
         st.last_duration_seconds = Some(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(r) => record_success(&mut st, r),
-            Err(e) => record_failure(&mut st, e, vol.journal_max == 0),
+            Err(e) => record_failure(&mut st, e, after, vol.journal_max == 0),
         }
         save_state(state_dir, &vol.name, &st)?;
         outcome
@@ -180,16 +182,29 @@ pub fn record_success(st: &mut SourceState, r: &Report) {
     st.wire_bytes_total = st.wire_bytes_total.saturating_add(wire);
 }
 
-/// Records a failed cycle. The source cannot see the target's state after
-/// a failure; the target writes in place (torn until done, resumed next
-/// time) when there is no complete generation yet or the journal is off.
-pub fn record_failure(st: &mut SourceState, e: &anyhow::Error, no_journal: bool) {
+/// Records a failed cycle. The replica's state comes from what the target
+/// reported (`after`); a cycle that failed before the target opened the
+/// volume leaves it to a guess: the target writes in place (torn until
+/// done, resumed next time) when there is no complete generation yet or
+/// the journal is off.
+pub fn record_failure(
+    st: &mut SourceState,
+    e: &anyhow::Error,
+    after: Option<ReplicaAfter>,
+    no_journal: bool,
+) {
     st.last_error = Some(format!("{e:#}"));
     st.last_exit = Some(classify(e) as u8);
     st.failures += 1;
-    let torn = st.generation.is_none() || no_journal;
-    st.replica_inconsistent = Some(torn);
-    st.resume_in_progress = Some(torn);
+    let (inconsistent, resume) = match after {
+        Some(a) => (a.inconsistent, a.resume),
+        None => {
+            let torn = st.generation.is_none() || no_journal;
+            (torn, torn)
+        }
+    };
+    st.replica_inconsistent = Some(inconsistent);
+    st.resume_in_progress = Some(resume);
 }
 
 fn transfer_args(vol: &config::Volume) -> TransferArgs {
@@ -276,10 +291,11 @@ fn run_cycle(
     vol: &config::Volume,
     st: &mut SourceState,
     cancel: &Cancel,
+    after: &mut Option<ReplicaAfter>,
 ) -> Result<Report> {
     let dest = Destination::parse(&vol.target)?;
     if lvm_source(vol) {
-        return lvm_cycle(state_dir, vol, st, &dest, cancel);
+        return lvm_cycle(state_dir, vol, st, &dest, cancel, after);
     }
     let src = crate::transport::absolute(Path::new(&vol.source))?;
     let source_id = crate::commands::sync::source_id(&src)?;
@@ -295,7 +311,7 @@ fn run_cycle(
             let v = open_source(&src, true)?;
             let mut p = params(vol, &dest, source_id, format!("live:{}", now()))?;
             p.force = force;
-            run_session(v, &dest, &t, &p, cancel, None)
+            run_session(v, &dest, &t, &p, cancel, None, after)
         }
         _ => {
             let name = src
@@ -317,7 +333,7 @@ fn run_cycle(
                 format!("reflink:{}:{}", now(), st.cycles),
             )?;
             p.force = force;
-            let r = run_session(v, &dest, &t, &p, cancel, None);
+            let r = run_session(v, &dest, &t, &p, cancel, None, after);
             snap.finish()
                 .with_context(|| format!("removing snapshot {}", snap_path.display()))?;
             r
@@ -360,6 +376,7 @@ fn lvm_cycle(
     st: &mut SourceState,
     dest: &Destination,
     cancel: &Cancel,
+    after: &mut Option<ReplicaAfter>,
 ) -> Result<Report> {
     let lvm = Lvm::new();
     let origin = lvm
@@ -428,6 +445,11 @@ fn lvm_cycle(
         let scrub = vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every);
         let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
         p.force = force;
+        // A thin snapshot's mapped space bounds its data (`data_percent`
+        // is rounded to 0.01%: one more hundredth of the size as slack).
+        p.data_bytes = snap
+            .data_percent
+            .map(|pct| (snap.size as f64 * pct / 100.0).ceil() as u64 + snap.size / 10_000);
         let spill = state_dir.join(format!("volume-{}.delta", vol.name));
         let mut changes = None;
         if let (Some(base), false) = (&st.base, scrub) {
@@ -446,7 +468,7 @@ fn lvm_cycle(
                 .context("thin snapshot has no device path")?,
             true,
         )?;
-        let result = run_session(v, dest, &t, &p, cancel, changes);
+        let result = run_session(v, dest, &t, &p, cancel, changes, after);
         let _ = std::fs::remove_file(&spill);
         let report = result?;
         // The new snapshot is the next base; the old base goes.
@@ -512,7 +534,7 @@ fn lvm_cycle(
             .context("snapshot has no device path")?,
         true,
     )?;
-    let result = run_session(v, dest, &t, &p, &session_cancel, None);
+    let result = run_session(v, dest, &t, &p, &session_cancel, None, after);
     done.store(true, Ordering::SeqCst);
     let _ = watcher.join();
     let invalid = overflowed.load(Ordering::SeqCst)

@@ -41,6 +41,14 @@ fn one(v: Option<f64>) -> Samples {
     v.map(|v| vec![(vec![], v)]).unwrap_or_default()
 }
 
+/// One sample per value of `label` whose count is known.
+fn per_label(label: &'static str, counts: [(&str, Option<u64>); 2]) -> Samples {
+    counts
+        .into_iter()
+        .filter_map(|(value, n)| n.map(|n| (vec![(label, value.to_owned())], n as f64)))
+        .collect()
+}
+
 fn flag(b: bool) -> f64 {
     if b {
         1.0
@@ -97,13 +105,13 @@ const FAMILIES: &[Family] = &[
         help: "Bytes read from the volume on each side by the last successful cycle.",
         samples: |v, _| {
             let s = v.state;
-            [
-                ("source", s.last_source_bytes_read),
-                ("target", s.last_target_bytes_read),
-            ]
-            .into_iter()
-            .filter_map(|(side, b)| b.map(|b| (vec![("side", side.to_owned())], b as f64)))
-            .collect()
+            per_label(
+                "side",
+                [
+                    ("source", s.last_source_bytes_read),
+                    ("target", s.last_target_bytes_read),
+                ],
+            )
         },
     },
     Family {
@@ -112,13 +120,13 @@ const FAMILIES: &[Family] = &[
         help: "Bytes on the wire in each direction in the last successful cycle.",
         samples: |v, _| {
             let s = v.state;
-            [
-                ("sent", s.last_wire_bytes_sent),
-                ("received", s.last_wire_bytes_received),
-            ]
-            .into_iter()
-            .filter_map(|(dir, b)| b.map(|b| (vec![("direction", dir.to_owned())], b as f64)))
-            .collect()
+            per_label(
+                "direction",
+                [
+                    ("sent", s.last_wire_bytes_sent),
+                    ("received", s.last_wire_bytes_received),
+                ],
+            )
         },
     },
     Family {
@@ -161,7 +169,7 @@ const FAMILIES: &[Family] = &[
     Family {
         name: "snapsync_resume_in_progress",
         kind: "gauge",
-        help: "1 when an interrupted in-place copy waits to be resumed by the next cycle.",
+        help: "1 when an interrupted in-place copy waits to be resumed.",
         samples: |v, _| one(v.state.resume_in_progress.map(flag)),
     },
     Family {

@@ -1,6 +1,9 @@
 //! The source side of a session against a scripted target: flow-control
 //! cases that timing never reliably produces against the real one.
 
+mod common;
+mod hostile_support;
+
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -8,14 +11,12 @@ use std::thread;
 use std::time::Duration;
 
 use blockdiff::{BlockSize, Signer};
+use hostile_support::{first_scan_opened, target_handshake};
 use snapshot::MemVolume;
 use snapsync::engine::source::{self, Connection, SessionParams};
 use snapsync::engine::Cancel;
 use snapsync::progress::Progress;
-use wire::{
-    BlockHashes, Committed, FrameReader, FrameWriter, HelloAck, Mode, Msg, Opened, ReplicaState,
-    SubHashes,
-};
+use wire::{BlockHashes, Committed, FrameReader, FrameWriter, Msg, ReplicaState, SubHashes};
 
 const BLOCK: u64 = 64 * 1024;
 const BLOCKS: u64 = 1024;
@@ -28,37 +29,12 @@ const BLOCKS: u64 = 1024;
 fn late_refine_target(stream: UnixStream, data: Vec<u8>) -> u64 {
     let mut rd = FrameReader::new(stream.try_clone().unwrap());
     let mut wr = FrameWriter::new(stream);
-    wr.write_preamble().unwrap();
-    rd.read_preamble().unwrap();
-    let Msg::Hello(hello) = rd.read().unwrap().0 else {
-        panic!("expected Hello")
-    };
-    wr.send(
-        &Msg::HelloAck(HelloAck {
-            features: 0,
-            software: "scripted".into(),
-        }),
-        &[],
-    )
-    .unwrap();
-    wr.flush().unwrap();
-    let Msg::Open(open) = rd.read().unwrap().0 else {
-        panic!("expected Open")
-    };
+    let (hello, open) = target_handshake(&mut rd, &mut wr, "scripted");
     assert_eq!(open.path, "/dst");
     // A window far shorter than the volume, as a target may choose.
     let window = 256;
     wr.send(
-        &Msg::Opened(Opened {
-            target_size: data.len() as u64,
-            state: ReplicaState::default(),
-            start_block: 0,
-            window_blocks: window,
-            mode: Mode::FullScan,
-            resizable: true,
-            target_identity: "file:1:2".into(),
-            target_strong: true,
-        }),
+        &Msg::Opened(first_scan_opened(data.len() as u64, window)),
         &[],
     )
     .unwrap();
@@ -119,7 +95,8 @@ fn late_refine_target(stream: UnixStream, data: Vec<u8>) -> u64 {
                 wr.send(&Msg::SubHashes(SubHashes { block: r.block }), &payload)
                     .unwrap();
             }
-            Msg::Data(_) | Msg::Zero(_) => {}
+            // Heartbeats come every few seconds: a slow run sees them.
+            Msg::Data(_) | Msg::Zero(_) | Msg::Heartbeat(_) => {}
             Msg::Finish(_) => break,
             m => panic!("unexpected {:?}", m.kind()),
         }
@@ -177,6 +154,7 @@ fn a_late_refinement_does_not_stall_the_credit() {
         &Progress::hidden(),
         &Cancel::new(),
         None,
+        &mut None,
     )
     .expect("the session completes");
     assert!(target.join().unwrap() > 0);

@@ -20,6 +20,9 @@ use wire::{
 };
 
 const BLOCK: u64 = 64 * KIB;
+/// How long a hostile-peer session may take before the test calls it hung.
+const SLACK_60S: Duration = Duration::from_secs(60);
+const SLACK_90S: Duration = Duration::from_secs(90);
 
 /// Digests of every block of `data` under the session's key.
 fn digests_of(signer: &Signer, data: &[u8]) -> Vec<u8> {
@@ -35,6 +38,14 @@ fn digests_of(signer: &Signer, data: &[u8]) -> Vec<u8> {
 fn state_json(state: &Path, volume: &Path) -> serde_json::Value {
     let p = state.join(format!("{}.state.json", state_key(volume)));
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// The source the state of `volume` records its replica to be of.
+fn recorded_source(state: &Path, volume: &Path) -> String {
+    state_json(state, volume)["source_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// A replica at generation 1 of `src`, made by a real local sync.
@@ -59,12 +70,8 @@ fn source_memory_stays_bounded_while_a_target_floods_answers() {
     let src = dir.path().join("src.img");
     write_random_file(&src, 4 * MIB, 1);
     let t = FakeTarget::new(dir.path());
-    let child = t.spawn_source(&src, &["--timeout", "20s"]);
-    let target = thread::spawn(move || {
-        let mut p = t.accept();
-        let o = p.honest_opened();
-        p.send(Msg::Opened(o), &[]).unwrap();
-        p.drain_in_background();
+    let (m, ()) = t.play(&src, &["--timeout", "20s"], SLACK_90S, |mut p| {
+        p.open_and_drain(p.honest_opened());
         // Sub-digests nobody asked for, 4 MiB a frame, as fast as they go
         // (at most 4 GiB): they used to pile up in the source's queue.
         let payload = vec![0u8; wire::MAX_DIGESTS * blockdiff::DIGEST_LEN];
@@ -76,7 +83,6 @@ fn source_memory_stays_bounded_while_a_target_floods_answers() {
             sent += payload.len() as u64;
         }
     });
-    let m = measure(child, Duration::from_secs(90));
     m.run.assert_code(5);
     m.run.assert_says(
         "nobody asked for",
@@ -84,7 +90,6 @@ fn source_memory_stays_bounded_while_a_target_floods_answers() {
     );
     m.assert_rss_below(PEER_RSS_KIB)
         .assert_faster_than(Duration::from_secs(30));
-    target.join().unwrap();
 }
 
 #[test]
@@ -94,50 +99,50 @@ fn source_drain_after_commit_is_bounded_in_bytes_and_time() {
     write_random_file(&src, 2 * MIB, 2);
     let data = std::fs::read(&src).unwrap();
     let t = FakeTarget::new(dir.path());
-    let child = t.spawn_source(&src, &["--timeout", "20s", "--json"]);
-    let target = thread::spawn(move || {
-        let mut p = t.accept();
-        let o = p.honest_opened();
-        p.send(Msg::Opened(o), &[]).unwrap();
-        // The replica already equals the source: digests of the same data.
-        let signer = Signer::new(p.hello.key);
-        let payload = digests_of(&signer, &data);
-        p.send(Msg::BlockHashes(BlockHashes { first: 0 }), &payload)
-            .unwrap();
-        loop {
-            match p.read().unwrap() {
-                Msg::Finish(_) => break,
-                Msg::Credit(_) | Msg::Heartbeat(_) => {}
-                m => panic!("unexpected {:?}", m.kind()),
+    let (m, flooded) = t.play(
+        &src,
+        &["--timeout", "20s", "--json"],
+        SLACK_90S,
+        move |mut p| {
+            p.send(Msg::Opened(p.honest_opened()), &[]).unwrap();
+            // The replica already equals the source: digests of the same data.
+            let signer = Signer::new(p.hello.key);
+            let payload = digests_of(&signer, &data);
+            p.send(Msg::BlockHashes(BlockHashes { first: 0 }), &payload)
+                .unwrap();
+            loop {
+                match p.read().unwrap() {
+                    Msg::Finish(_) => break,
+                    Msg::Credit(_) | Msg::Heartbeat(_) => {}
+                    m => panic!("unexpected {:?}", m.kind()),
+                }
             }
-        }
-        p.drain_in_background();
-        p.send(
-            Msg::Committed(Committed {
-                apply_mode: "journal".into(),
-                state: ReplicaState {
-                    source_id: Some(p.open.source_id.clone()),
-                    generation: Some(Generation {
-                        number: 1,
-                        snapshot: p.open.target_generation.snapshot.clone(),
-                    }),
-                    consistent: true,
+            p.drain_in_background();
+            p.send(
+                Msg::Committed(Committed {
+                    apply_mode: "journal".into(),
+                    state: ReplicaState {
+                        source_id: Some(p.open.source_id.clone()),
+                        generation: Some(Generation {
+                            number: 1,
+                            snapshot: p.open.target_generation.snapshot.clone(),
+                        }),
+                        consistent: true,
+                        ..Default::default()
+                    },
                     ..Default::default()
-                },
-                ..Default::default()
-            }),
-            &[],
-        )
-        .unwrap();
-        // Then garbage without end (at most 4 GiB): it used to be read
-        // to the end of the stream into memory.
-        flood(&mut p.stream, &vec![0xAB; 1 << 20], 4 << 30)
-    });
-    let m = measure(child, Duration::from_secs(90));
+                }),
+                &[],
+            )
+            .unwrap();
+            // Then garbage without end (at most 4 GiB): it used to be read
+            // to the end of the stream into memory.
+            flood(&mut p.stream, &vec![0xAB; 1 << 20], 4 << 30)
+        },
+    );
     m.run.assert_ok();
     m.assert_rss_below(PEER_RSS_KIB)
         .assert_faster_than(Duration::from_secs(30));
-    let flooded = target.join().unwrap();
     assert!(
         flooded < 1 << 30,
         "the source kept reading: {flooded} bytes"
@@ -154,12 +159,8 @@ fn a_target_trickling_frames_without_progress_is_cut_off() {
     write_random_file(&src, MIB, 3);
     for empty_hashes in [false, true] {
         let t = FakeTarget::new(dir.path());
-        let child = t.spawn_source(&src, &["--timeout", "3s"]);
-        let target = thread::spawn(move || {
-            let mut p = t.accept();
-            let o = p.honest_opened();
-            p.send(Msg::Opened(o), &[]).unwrap();
-            p.drain_in_background();
+        let (m, ()) = t.play(&src, &["--timeout", "3s"], SLACK_90S, move |mut p| {
+            p.open_and_drain(p.honest_opened());
             // A frame every 200 ms for at most a minute, none of them
             // progress: the same heartbeat, or an empty digest frame.
             let started = Instant::now();
@@ -178,7 +179,6 @@ fn a_target_trickling_frames_without_progress_is_cut_off() {
                 thread::sleep(Duration::from_millis(200));
             }
         });
-        let m = measure(child, Duration::from_secs(90));
         m.run.assert_code(5);
         m.assert_faster_than(Duration::from_secs(20))
             .assert_rss_below(PEER_RSS_KIB);
@@ -187,7 +187,6 @@ fn a_target_trickling_frames_without_progress_is_cut_off() {
             m.run
                 .assert_says("no progress", "the progress timeout fired");
         }
-        target.join().unwrap();
     }
 }
 
@@ -228,10 +227,7 @@ fn serve_refuses_rewrites_and_owns_the_journal_budget() {
     let dir = tempfile::tempdir().unwrap();
     let (_src, dst, state) = replica_gen1(dir.path(), MIB);
     let before = sha256_file(&dst);
-    let source_id = state_json(&state, &dst)["source_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let source_id = recorded_source(&state, &dst);
 
     // One block written over and over: the second write is refused.
     let mut p = ServePeer::start(s(&dst), &state, &[]);
@@ -301,10 +297,7 @@ fn a_source_size_the_file_system_cannot_hold_is_refused_before_writing() {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst, state) = replica_gen1(dir.path(), MIB);
     let before = sha256_file(&dst);
-    let source_id = state_json(&state, &dst)["source_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let source_id = recorded_source(&state, &dst);
     let mut p = ServePeer::start(s(&dst), &state, &[]);
     let mut open = open_msg(&dst, 1 << 50, BLOCK);
     open.source_id = source_id;
@@ -318,6 +311,115 @@ fn a_source_size_the_file_system_cannot_hold_is_refused_before_writing() {
     // No wedge: a verify and a sync go on working.
     run(&["verify", s(&src), s(&dst), "--state-dir", s(&state)]).assert_ok();
     sync_run(&src, s(&dst), &state, &[]).assert_ok();
+}
+
+/// A tmpfs of `size` bytes mounted at `dir` (root only), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: u64) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|st| st.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+
+    fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.0).unwrap();
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A first copy into a file whose file system cannot take the source's
+/// data is refused before anything is written (it used to write until
+/// ENOSPC, filling the file system for everything else on it). Counted
+/// sparse-aware: a sparse source of the same size but little data fits.
+#[test]
+fn an_in_place_copy_that_cannot_fit_is_refused_before_filling_the_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), 64 * MIB) else {
+        return skip_root_test("free space: cannot mount a tmpfs");
+    };
+    let state = dir.path().join("state");
+    let dst = fs.0.join("replica.img");
+    let src = dir.path().join("src.img");
+    write_random_file(&src, 56 * MIB, 3);
+    let free = fs.free();
+    sync_run(&src, s(&dst), &state, &[])
+        .assert_code(4)
+        .assert_says("bytes free", "names the free space");
+    assert_eq!(allocated_blocks(&dst), 0, "nothing was written");
+    assert_eq!(fs.free(), free, "the file system was not filled");
+    // The same nominal size, 8 MiB of data: fits.
+    let sparse = dir.path().join("sparse.img");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(56 * MIB)
+        .unwrap();
+    write_at(&sparse, 8 * MIB, &random_bytes(4, 8 * MIB as usize));
+    sync_run(&sparse, s(&dst), &state, &[]).assert_ok();
+    assert_same_content(&sparse, &dst);
+}
+
+/// Rewriting a replica file that is allocated already takes no space: no
+/// margin is asked for, even on a nearly full file system.
+#[test]
+fn rewriting_an_allocated_replica_needs_no_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), 64 * MIB) else {
+        return skip_root_test("free space: cannot mount a tmpfs");
+    };
+    let dst = fs.0.join("replica.img");
+    write_random_file(&dst, 24 * MIB, 7);
+    write_random_file(&fs.0.join("ballast"), fs.free() - 6 * MIB, 8);
+    let src = dir.path().join("src.img");
+    write_random_file(&src, 24 * MIB, 9);
+    sync_run(&src, s(&dst), &dir.path().join("state"), &[]).assert_ok();
+    assert_same_content(&src, &dst);
+}
+
+/// A source that cannot tell its data (a block device): the copy watches
+/// the free space as it writes and stops before the file system is full,
+/// resumable.
+#[test]
+fn an_in_place_copy_stops_before_the_file_system_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), 64 * MIB) else {
+        return skip_root_test("free space: cannot mount a tmpfs");
+    };
+    let img = dir.path().join("src.img");
+    write_random_file(&img, 80 * MIB, 5);
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show", "-r"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return skip_root_test("free space: no loop device");
+    }
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let state = dir.path().join("state");
+    let dst = fs.0.join("replica.img");
+    let r = sync_run(Path::new(&dev), s(&dst), &state, &[]);
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", &dev])
+        .status();
+    r.assert_code(4).assert_says("bytes free", "stopped early");
+    assert!(fs.free() >= 4 * MIB, "free space left: {}", fs.free());
+    let st = state_json(&state, &dst);
+    assert!(!st["in_progress"].is_null(), "resumable: {st}");
 }
 
 // ---------------------------------------------------------------- 6
@@ -336,8 +438,7 @@ fn a_corrupt_journal_after_the_apply_began_is_moved_aside_and_rescanned() {
         number: 2,
         snapshot: "snap-2".into(),
     };
-    let source_id = state_json(&state, &dst)["source_id"].clone();
-    j.seal(&gen2, source_id.as_str().unwrap(), MIB).unwrap();
+    j.seal(&gen2, &recorded_source(&state, &dst), MIB).unwrap();
     write_at(&dst, 8192, &junk);
     let mut bytes = std::fs::read(&jpath).unwrap();
     bytes[40] ^= 1;
@@ -373,41 +474,31 @@ fn the_source_checks_the_targets_answers_and_escapes_its_text() {
 
     // A resume mark far past the end of a one-block volume.
     let t = FakeTarget::new(dir.path());
-    let child = t.spawn_source(&src, &["--timeout", "20s", "--json"]);
-    let target = thread::spawn(move || {
-        let mut p = t.accept();
-        let o = Opened {
+    let (m, ()) = t.play(&src, &["--timeout", "20s", "--json"], SLACK_60S, |mut p| {
+        p.open_and_drain(Opened {
             start_block: 1 << 63,
             ..p.honest_opened()
-        };
-        p.send(Msg::Opened(o), &[]).unwrap();
-        p.drain_in_background();
+        });
         thread::sleep(Duration::from_secs(2));
     });
-    let m = measure(child, Duration::from_secs(60));
     m.run.assert_code(5);
     m.run
         .assert_says("starts at block", "the bad field is named");
     m.assert_faster_than(Duration::from_secs(15));
-    target.join().unwrap();
 
     // Text from the target reaches the terminal escaped.
     let t = FakeTarget::new(dir.path());
-    let child = t.spawn_source(&src, &["--timeout", "20s"]);
-    let target = thread::spawn(move || {
-        let mut p = t.accept();
+    let (m, ()) = t.play(&src, &["--timeout", "20s"], SLACK_60S, |mut p| {
         let e = RemoteError {
             code: wire::ErrorCode::TargetIo,
             message: "\x1b[2J\x1b]0;owned\x07gone".into(),
         };
         p.send(Msg::Error(e), &[]).unwrap();
     });
-    let m = measure(child, Duration::from_secs(60));
     m.run.assert_code(4);
     assert!(!m.run.stderr.contains('\x1b'), "{}", m.run);
     m.run
         .assert_says("\\u{1b}[2J", "the escape is shown, not obeyed");
-    target.join().unwrap();
 }
 
 // ---------------------------------------------------------------- 8

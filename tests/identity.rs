@@ -138,6 +138,51 @@ fn loop_device_reattached_to_another_image_is_a_new_volume() {
     assert_eq!(stale(&state).len(), 1, "{r}");
 }
 
+/// A loop device's backing file deleted and replaced at the same path:
+/// the device still reads the deleted file, so it keeps its identity (from
+/// `LOOP_GET_STATUS64`, not from the path sysfs shows), and a device over
+/// the new file is another volume with a state of its own.
+#[test]
+fn loop_backing_file_replaced_at_its_path_keeps_the_device_identity() {
+    let _serial = loops();
+    let d = tmp();
+    let img = d.path().join("disk.img");
+    image(&img, 4 * MIB);
+    let window = ["-f", "--show", "-o", "4096", "--sizelimit", "2097152"];
+    let Some(lo1) = Loop::attach(&window, &img) else {
+        return skip_root_test("loop backing file replaced: no loop device");
+    };
+    let id = |p: &Path| snapshot::identity::of_path(p, Path::new("/sys")).unwrap();
+    let before = id(&lo1.0);
+    let ino = std::fs::metadata(&img).unwrap().ino();
+    assert!(before.strong, "{before}");
+    assert!(
+        before.key.ends_with(&format!(":{ino}:4096:2097152")),
+        "backing inode, offset and size limit: {before}"
+    );
+    std::fs::remove_file(&img).unwrap();
+    image(&img, 4 * MIB);
+    assert_eq!(
+        id(&lo1.0),
+        before,
+        "the device still reads the deleted file"
+    );
+    let Some(lo2) = Loop::new(&img) else {
+        return skip_root_test("loop backing file replaced: no second loop device");
+    };
+    assert_ne!(id(&lo2.0), before, "a device over the new file");
+    // End to end: the two devices never share a state, so the second is
+    // a replica of nothing (no --force).
+    let state = d.path().join("st");
+    let (s1, s2) = (d.path().join("s1"), d.path().join("s2"));
+    write_random_file(&s1, MIB, 11);
+    write_random_file(&s2, MIB, 12);
+    sync_json(&s1, s(&lo1.0), &state, &[]);
+    let r = sync_run(&s2, s(&lo2.0), &state, &[]);
+    r.assert_ok();
+    assert_eq!(sha256_prefix(&img, Some(MIB)), sha256_file(&s2));
+}
+
 /// A disk swapped at the same name, staged with a sysfs fixture giving the
 /// loop device first one WWN, then another.
 #[test]

@@ -186,6 +186,34 @@ fn get(m: &BTreeMap<String, f64>, name: &str, labels: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {key} in {m:#?}"))
 }
 
+/// A config for `run` in `dir` writing metrics to `prom`: state in
+/// `dir/state`, no snapshots, target state in `dir/tstate`, then `more`
+/// (defaults and volumes, with `{d}` for `dir`).
+fn metrics_config(dir: &Path, prom: &Path, more: &str) -> PathBuf {
+    let config = dir.join("c.toml");
+    let text = format!(
+        "state_dir = \"{d}/state\"\nmetrics_file = \"{m}\"\n[defaults]\nsnapshot = \"none\"\ntarget_state_dir = \"{d}/tstate\"\n{more}",
+        d = dir.display(),
+        m = prom.display(),
+        more = more.replace("{d}", s(dir)),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// `run --once --config CONFIG`, which must exit with `code`; the metrics
+/// file `prom` it wrote, checked by promtool and parsed.
+fn run_once_metrics(config: &Path, prom: &Path, code: i32) -> BTreeMap<String, f64> {
+    run_with_deadline(
+        snapsync().args(["run", "--once", "--config", s(config)]),
+        DEFAULT_DEADLINE,
+    )
+    .assert_code(code);
+    let text = std::fs::read_to_string(prom).unwrap();
+    promtool_check(&text);
+    parse_metrics(&text)
+}
+
 #[test]
 fn run_writes_metrics_of_every_configured_volume() {
     let d = tmp();
@@ -193,16 +221,10 @@ fn run_writes_metrics_of_every_configured_volume() {
     write_random_file(&dir.join("a.img"), 2 * MIB, 5);
     let prom = dir.join("textfile").join("snapsync.prom");
     std::fs::create_dir_all(prom.parent().unwrap()).unwrap();
-    let config = dir.join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-state_dir = "{d}/state"
-metrics_file = "{m}"
-[defaults]
-snapshot = "none"
-target_state_dir = "{d}/tstate"
+    let config = metrics_config(
+        dir,
+        &prom,
+        r#"
 [[volume]]
 name = "a"
 source = "{d}/a.img"
@@ -214,23 +236,9 @@ source = "{d}/no-such.img"
 target = "{d}/m.replica"
 interval = "30m"
 "#,
-            d = dir.display(),
-            m = prom.display()
-        ),
-    )
-    .unwrap();
-    let run = |code: i32| {
-        run_with_deadline(
-            snapsync().args(["run", "--once", "--config", s(&config)]),
-            DEFAULT_DEADLINE,
-        )
-        .assert_code(code);
-    };
+    );
     // The missing source fails the first pass.
-    run(3);
-    let first = std::fs::read_to_string(&prom).unwrap();
-    promtool_check(&first);
-    let m = parse_metrics(&first);
+    let m = run_once_metrics(&config, &prom, 3);
     let a = "volume=\"a\",target=\"".to_owned() + s(&dir.join("a.replica")) + "\"";
     let x = "volume=\"missing\",target=\"".to_owned() + s(&dir.join("m.replica")) + "\"";
     assert_eq!(get(&m, "snapsync_last_exit_code", &a), 0.0);
@@ -273,8 +281,7 @@ interval = "30m"
     assert_eq!(get(&m, "snapsync_cycle_failures_total", &x), 1.0);
 
     // A second pass: "a" is not due (1h), "missing" neither; both stay listed.
-    run(0);
-    let m2 = parse_metrics(&std::fs::read_to_string(&prom).unwrap());
+    let m2 = run_once_metrics(&config, &prom, 0);
     assert_eq!(
         get(&m2, "snapsync_cycles_total", &a),
         1.0,
@@ -289,6 +296,53 @@ interval = "30m"
         .collect();
     names.sort();
     assert_eq!(names, ["snapsync.prom", "snapsync.prom.lock"]);
+}
+
+/// The replica's state in the metrics is what the target reported, not a
+/// guess from the source's history: after a successful cycle the replica
+/// is replaced by a new volume, whose first copy then fails midway (the
+/// remote shell cuts the stream). The replica is torn and resumable; it
+/// used to show 0 and 0, since the source had a generation.
+#[test]
+fn a_cycle_failing_mid_first_copy_reports_a_torn_resumable_replica() {
+    let d = tmp();
+    let dir = d.path();
+    write_random_file(&dir.join("a.img"), 8 * MIB, 6);
+    let replica = dir.join("a.replica");
+    let prom = dir.join("snapsync.prom");
+    let cut = dir.join("cut");
+    // dd passes what it reads at once (head -c holds it back in a buffer).
+    let rsh = write_script(
+        &dir.join("rsh"),
+        &format!(
+            "shift\nif [ -e {} ]; then dd iflag=count_bytes count=3000000 bs=64K status=none | \"$@\"; else exec \"$@\"; fi",
+            sh_quote(s(&cut))
+        ),
+    );
+    let config = metrics_config(
+        dir,
+        &prom,
+        &format!(
+            "rsh = \"{}\"\nremote_bin = \"{}\"\n[[volume]]\nname = \"a\"\nsource = \"{{d}}/a.img\"\ntarget = \"localhost:{}\"\ninterval = \"1s\"\n",
+            s(&rsh),
+            s(&bin()),
+            s(&replica)
+        ),
+    );
+    let run = |code: i32| run_once_metrics(&config, &prom, code);
+    let a = format!("volume=\"a\",target=\"localhost:{}\"", s(&replica));
+    let m = run(0);
+    assert_eq!(get(&m, "snapsync_generation", &a), 1.0);
+    assert_eq!(get(&m, "snapsync_replica_inconsistent", &a), 0.0);
+    // A new volume at the replica's name, and a cut on the way.
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::File::create(&replica).unwrap();
+    std::fs::write(&cut, "").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let m = run(5);
+    assert_eq!(get(&m, "snapsync_last_exit_code", &a), 5.0);
+    assert_eq!(get(&m, "snapsync_replica_inconsistent", &a), 1.0);
+    assert_eq!(get(&m, "snapsync_resume_in_progress", &a), 1.0);
 }
 
 #[test]
@@ -425,6 +479,11 @@ fn man_pages_and_completions_install_and_work() {
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(said.contains("--bwlimit"), "{said}");
+    let bash_text = std::fs::read_to_string(&bash).unwrap();
+    assert!(
+        !bash_text.contains("generate"),
+        "the hidden command is completed"
+    );
     let zsh = std::fs::read_to_string(prefix.join("share/zsh/site-functions/_snapsync")).unwrap();
     assert!(zsh.starts_with("#compdef snapsync"), "{zsh}");
     let fish =

@@ -35,13 +35,25 @@ fn cluster(test: &str) -> Option<(Cluster, Pool)> {
 fn fresh(pool: &Pool, test: &str) -> String {
     let name = format!("t-{}-{}", test, std::process::id());
     if let Some(img) = pool.open(&name).unwrap() {
-        for s in img.snapshots().unwrap() {
-            img.snap_remove(&s.name).unwrap();
-        }
-        drop(img);
-        pool.remove(&name).unwrap();
+        remove_all(pool, &name, img);
     }
     name
+}
+
+/// A fresh image of `size` bytes for `test`, created and opened (with the
+/// cluster and pool it lives in), or `None` (with a notice) without a
+/// cluster.
+fn fresh_image(test: &str, size: u64) -> Option<(Cluster, Pool, String, Image)> {
+    let (c, pool) = cluster(test)?;
+    let name = fresh(&pool, test);
+    pool.create(&name, size).unwrap();
+    let img = pool.open(&name).unwrap().unwrap();
+    Some((c, pool, name, img))
+}
+
+/// `POOL/NAME`, as the `rbd` CLI takes it.
+fn pool_spec(name: &str) -> String {
+    format!("{}/{name}", pool_name())
 }
 
 fn rbd_cli(args: &[&str]) -> Vec<u8> {
@@ -72,6 +84,15 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The image's snapshots by name, in creation order.
+fn snapshot_names(img: &Image) -> Vec<String> {
+    img.snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}
+
 fn remove_all(pool: &Pool, name: &str, img: Image) {
     for s in img.snapshots().unwrap() {
         img.snap_remove(&s.name).unwrap();
@@ -82,13 +103,11 @@ fn remove_all(pool: &Pool, name: &str, img: Image) {
 
 #[test]
 fn write_read_zero_round_trip_matches_rbd_export() {
-    let Some((_c, pool)) = cluster("round_trip") else {
+    let size = 12 * MIB;
+    let Some((_c, pool, name, img)) = fresh_image("round_trip", size) else {
         return;
     };
-    let name = fresh(&pool, "rt");
-    let size = 12 * MIB;
-    pool.create(&name, size).unwrap();
-    let vol = RbdVolume::new(pool.open(&name).unwrap().unwrap()).unwrap();
+    let vol = RbdVolume::new(img).unwrap();
     assert_eq!(vol.size(), size);
     assert!(vol.resizable());
     let mut model = vec![0u8; size as usize];
@@ -117,7 +136,7 @@ fn write_read_zero_round_trip_matches_rbd_export() {
     // Reading past the end is an error, as for a device.
     assert!(vol.read_at(&mut part, size - 10).is_err());
 
-    let exported = export(&format!("{}/{name}", pool_name()));
+    let exported = export(&pool_spec(&name));
     assert!(
         exported == model,
         "rbd export differs from what was written"
@@ -139,13 +158,10 @@ fn write_read_zero_round_trip_matches_rbd_export() {
 
 #[test]
 fn snapshots_diff_and_rollback() {
-    let Some((_c, pool)) = cluster("snapshots") else {
+    let size = 20 * MIB;
+    let Some((_c, pool, name, img)) = fresh_image("snapshots", size) else {
         return;
     };
-    let name = fresh(&pool, "snap");
-    let size = 20 * MIB;
-    pool.create(&name, size).unwrap();
-    let img = pool.open(&name).unwrap().unwrap();
     assert!(img.snapshots().unwrap().is_empty());
     // Generation 1: every object written, so each has a clone at the
     // snapshot and later diffs are exact, not whole objects.
@@ -190,7 +206,7 @@ fn snapshots_diff_and_rollback() {
         "snapsync-1",
         "--format",
         "json",
-        &format!("{}/{name}", pool_name()),
+        &pool_spec(&name),
     ]))
     .unwrap();
     for (o, l, exists) in &want {
@@ -204,12 +220,7 @@ fn snapshots_diff_and_rollback() {
     // Generation 2, then the snapshot list in creation order.
     img.snap_create("snapsync-2").unwrap();
     img.snap_create("operator-snap").unwrap();
-    let names: Vec<String> = img
-        .snapshots()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
+    let names = snapshot_names(&img);
     assert_eq!(names, ["snapsync-1", "snapsync-2", "operator-snap"]);
     assert!(img.snapshots().unwrap().iter().all(|s| s.size == size));
     // Each snapshot reads as it was, through the API and the CLI.
@@ -218,7 +229,7 @@ fn snapshots_diff_and_rollback() {
     s1.read_exact_at(&mut buf, 0).unwrap();
     assert!(buf == gen1);
     drop(s1);
-    assert!(export(&format!("{}/{name}@snapsync-2", pool_name())) == model);
+    assert!(export(&format!("{}@snapsync-2", pool_spec(&name))) == model);
     assert!(pool.open_snapshot(&name, "snapsync-9").unwrap().is_none());
 
     // An interrupted apply: the head moves on, then is rolled back.
@@ -242,12 +253,7 @@ fn snapshots_diff_and_rollback() {
     assert!(buf == model, "head after rollback differs from snapsync-2");
 
     img.snap_remove("snapsync-1").unwrap();
-    let names: Vec<String> = img
-        .snapshots()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
+    let names = snapshot_names(&img);
     assert_eq!(names, ["snapsync-2", "operator-snap"]);
     let err = img.snap_remove("snapsync-1").unwrap_err();
     assert_eq!(err.errno(), Some(2), "{err}");
@@ -256,12 +262,9 @@ fn snapshots_diff_and_rollback() {
 
 #[test]
 fn image_meta_round_trip() {
-    let Some((_c, pool)) = cluster("image_meta") else {
+    let Some((_c, pool, name, img)) = fresh_image("image_meta", MIB) else {
         return;
     };
-    let name = fresh(&pool, "meta");
-    pool.create(&name, MIB).unwrap();
-    let img = pool.open(&name).unwrap().unwrap();
     assert_eq!(img.meta_get("snapsync.generation").unwrap(), None);
     img.meta_set("snapsync.generation", "7").unwrap();
     // Longer than the first buffer the binding tries.
@@ -278,7 +281,7 @@ fn image_meta_round_trip() {
     let cli = rbd_cli(&[
         "image-meta",
         "get",
-        &format!("{}/{name}", pool_name()),
+        &pool_spec(&name),
         "snapsync.generation",
     ]);
     assert_eq!(String::from_utf8(cli).unwrap().trim(), "7");
@@ -290,25 +293,17 @@ fn image_meta_round_trip() {
 
 #[test]
 fn recreated_image_has_a_new_id() {
-    let Some((_c, pool)) = cluster("image_id") else {
+    let Some((_c, pool, name, img)) = fresh_image("image_id", MIB) else {
         return;
     };
-    let name = fresh(&pool, "id");
-    pool.create(&name, MIB).unwrap();
-    let img = pool.open(&name).unwrap().unwrap();
     let id1 = img.id().unwrap();
     assert!(!id1.is_empty());
     assert_eq!(
         pool.open_read_only(&name).unwrap().unwrap().id().unwrap(),
         id1
     );
-    let info = String::from_utf8(rbd_cli(&[
-        "info",
-        "--format",
-        "json",
-        &format!("{}/{name}", pool_name()),
-    ]))
-    .unwrap();
+    let info =
+        String::from_utf8(rbd_cli(&["info", "--format", "json", &pool_spec(&name)])).unwrap();
     assert!(info.contains(&format!("\"id\":\"{id1}\"")), "{info}");
     remove_all(&pool, &name, img);
     pool.create(&name, MIB).unwrap();
@@ -320,12 +315,9 @@ fn recreated_image_has_a_new_id() {
 
 #[test]
 fn watchers_and_lock_owner_of_another_client_are_seen() {
-    let Some((_c, pool)) = cluster("watchers") else {
+    let Some((_c, pool, name, ours)) = fresh_image("watchers", 8 * MIB) else {
         return;
     };
-    let name = fresh(&pool, "watch");
-    pool.create(&name, 8 * MIB).unwrap();
-    let ours = pool.open(&name).unwrap().unwrap();
     // Only our own watch so far, and nobody holds the lock.
     assert_eq!(ours.watchers().unwrap().len(), 1);
     assert!(ours.lock_owners().unwrap().is_empty());
@@ -346,7 +338,7 @@ fn watchers_and_lock_owner_of_another_client_are_seen() {
     assert!(ours.lock_owners().unwrap().is_empty());
 
     // A separate process (`rbd bench`) holding the image is seen too.
-    let spec = format!("{}/{name}", pool_name());
+    let image = pool_spec(&name);
     let mut bench = Command::new("rbd")
         .args([
             "bench",
@@ -356,7 +348,7 @@ fn watchers_and_lock_owner_of_another_client_are_seen() {
             "4096",
             "--io-total",
             "100G",
-            &spec,
+            &image,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -392,7 +384,7 @@ fn namespace_images_are_apart_from_the_pool_s() {
         return;
     };
     let ns = format!("ns{}", std::process::id());
-    rbd_cli(&["namespace", "create", &format!("{}/{ns}", pool_name())]);
+    rbd_cli(&["namespace", "create", &pool_spec(&ns)]);
     let spec = RbdSpec::parse(&format!("rbd:{}/{ns}/img", pool_name())).unwrap();
     let nspool = c.pool(&spec.pool, spec.namespace.as_deref()).unwrap();
     nspool.create(&spec.image, MIB).unwrap();
@@ -401,11 +393,11 @@ fn namespace_images_are_apart_from_the_pool_s() {
     let data = pattern(MIB as usize, 5);
     img.write_all_at(&data, 0).unwrap();
     img.flush().unwrap();
-    assert!(export(&format!("{}/{ns}/img", pool_name())) == data);
+    assert!(export(&pool_spec(&format!("{ns}/img"))) == data);
     // Not visible in the pool's default namespace.
     assert!(pool.open(&spec.image).unwrap().is_none());
     remove_all(&nspool, &spec.image, img);
-    rbd_cli(&["namespace", "remove", &format!("{}/{ns}", pool_name())]);
+    rbd_cli(&["namespace", "remove", &pool_spec(&ns)]);
 }
 
 #[test]

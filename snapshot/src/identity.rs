@@ -133,7 +133,12 @@ pub fn of_fd(fd: BorrowedFd<'_>, sys: &Path) -> io::Result<VolumeIdentity> {
                 strong: true,
             })
         }
-        FileType::BlockDevice => Ok(of_block(st.stx_rdev_major, st.stx_rdev_minor, sys)),
+        FileType::BlockDevice => Ok(of_block_at(
+            st.stx_rdev_major,
+            st.stx_rdev_minor,
+            sys,
+            Some(fd),
+        )),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "neither a regular file nor a block device",
@@ -151,6 +156,29 @@ pub fn of_path(path: &Path, sys: &Path) -> io::Result<VolumeIdentity> {
 
 /// The identity of block device `major:minor`, from sysfs under `sys`.
 pub fn of_block(major: u32, minor: u32, sys: &Path) -> VolumeIdentity {
+    of_block_at(major, minor, sys, None)
+}
+
+/// The backing file of the loop device open at `fd` (`O_PATH` is enough),
+/// asked of the kernel: reopened read-only through `/proc/self/fd`, which
+/// a loop device allows without side effects.
+fn loop_status(fd: BorrowedFd<'_>) -> Option<crate::sys::LoopStatus> {
+    use rustix::fs::{Mode, OFlags};
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    let dev = rustix::fs::open(
+        proc.as_str(),
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    crate::sys::loop_status(std::os::fd::AsFd::as_fd(&dev)).ok()
+}
+
+/// [`of_block`], with the device open at `fd` when there is one: a loop
+/// device's backing file then comes from `LOOP_GET_STATUS64` (device and
+/// inode of the very file the kernel reads), not from the path sysfs
+/// shows, which may name another file by now.
+fn of_block_at(major: u32, minor: u32, sys: &Path, fd: Option<BorrowedFd<'_>>) -> VolumeIdentity {
     let base = sys.join(format!("dev/block/{major}:{minor}"));
     if let Some(uuid) = read_trim(&base.join("dm/uuid")) {
         return VolumeIdentity {
@@ -162,9 +190,22 @@ pub fn of_block(major: u32, minor: u32, sys: &Path) -> VolumeIdentity {
     if let Some(backing) = read_trim(&base.join("loop/backing_file")) {
         let offset = read_trim(&base.join("loop/offset")).unwrap_or_else(|| "0".into());
         let limit = read_trim(&base.join("loop/sizelimit")).unwrap_or_else(|| "0".into());
+        if let Some(ls) = fd.and_then(loop_status) {
+            return VolumeIdentity {
+                kind: IdKind::Loop,
+                key: format!(
+                    "{}:{}:{}:{}",
+                    ls.backing_dev, ls.backing_inode, ls.offset, ls.size_limit
+                ),
+                strong: true,
+            };
+        }
+        // No descriptor (a fixture): the path. A deleted backing file's
+        // path may name another file by now: weak.
+        let deleted = backing.ends_with(" (deleted)");
         let backing = backing.trim_end_matches(" (deleted)");
         return match std::fs::metadata(backing) {
-            Ok(m) => {
+            Ok(m) if !deleted => {
                 use std::os::unix::fs::MetadataExt;
                 VolumeIdentity {
                     kind: IdKind::Loop,
@@ -172,7 +213,7 @@ pub fn of_block(major: u32, minor: u32, sys: &Path) -> VolumeIdentity {
                     strong: true,
                 }
             }
-            Err(_) => VolumeIdentity {
+            _ => VolumeIdentity {
                 kind: IdKind::Loop,
                 key: format!("{backing}:{offset}:{limit}:{major}:{minor}"),
                 strong: false,
@@ -223,6 +264,12 @@ pub fn of_block(major: u32, minor: u32, sys: &Path) -> VolumeIdentity {
         key: format!("{major}:{minor}:{size}"),
         strong: false,
     }
+}
+
+/// The device-mapper name of block device `major:minor` (`vg-lv` for an
+/// LVM volume), from sysfs under `sys`.
+pub fn dm_name(major: u32, minor: u32, sys: &Path) -> Option<String> {
+    read_trim(&sys.join(format!("dev/block/{major}:{minor}/dm/name")))
 }
 
 /// Who holds block device `major:minor`, for an error message: mount

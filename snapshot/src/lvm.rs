@@ -46,7 +46,7 @@ const MAX_STDERR_BYTES: usize = 64 << 10;
 
 /// The `lvs -o` field list [`parse_lvs_report`] understands.
 pub const LVS_FIELDS: &str = "lv_name,vg_name,lv_path,lv_dm_path,lv_attr,lv_size,pool_lv,origin,\
-thin_id,chunk_size,lv_tags,data_percent,snap_percent,lv_active,metadata_lv";
+thin_id,chunk_size,lv_tags,data_percent,snap_percent,lv_active,metadata_lv,lv_uuid,vg_uuid";
 
 /// The tag this crate's callers put on snapshots they create, so leftovers
 /// of a crashed run can be found with [`Lvm::list_tagged`].
@@ -437,6 +437,9 @@ pub struct LvInfo {
     pub active: bool,
     /// For a thin pool: its metadata LV (hidden, e.g. `pool_tmeta`).
     pub metadata_lv: Option<String>,
+    /// The LV's UUID and its VG's, as `lvs` prints them (with dashes).
+    pub uuid: Option<String>,
+    pub vg_uuid: Option<String>,
 }
 
 /// How a thick (copy-on-write) snapshot is doing.
@@ -468,6 +471,18 @@ impl LvInfo {
     /// A thin volume (including thin snapshots).
     pub fn is_thin(&self) -> bool {
         self.attr.volume_type() == Some('V') || (self.pool.is_some() && self.thin_id.is_some())
+    }
+
+    /// The device-mapper UUID of the LV's top device
+    /// (`/sys/dev/block/M:m/dm/uuid`): `LVM-` and the VG's and the LV's
+    /// UUIDs without dashes (LVM's `build_dm_uuid`).
+    pub fn dm_uuid(&self) -> Option<String> {
+        let (vg, lv) = (self.vg_uuid.as_deref()?, self.uuid.as_deref()?);
+        Some(format!(
+            "LVM-{}{}",
+            vg.replace('-', ""),
+            lv.replace('-', "")
+        ))
     }
 
     /// A thin pool.
@@ -549,6 +564,10 @@ struct RawLv {
     lv_active: Option<String>,
     #[serde(deserialize_with = "lenient")]
     metadata_lv: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    lv_uuid: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    vg_uuid: Option<String>,
 }
 
 /// LVM 2.03 prints every field as a JSON string; later versions can print
@@ -675,6 +694,8 @@ fn convert_row(row: usize, raw: RawLv) -> Result<LvInfo, ReportError> {
         snap_percent,
         active,
         metadata_lv: raw.metadata_lv.map(|m| strip_brackets(&m).0.to_owned()),
+        uuid: raw.lv_uuid,
+        vg_uuid: raw.vg_uuid,
     })
 }
 
@@ -1815,6 +1836,21 @@ mod tests {
         assert_eq!(meta[0].name, "pool_tmeta");
         let tagged = report(fixture!("lvs-tagged-select.json"));
         assert!(tagged.len() >= 2 && tagged.iter().all(|r| r.has_tag("snapsync")));
+    }
+
+    #[test]
+    fn dm_uuid_joins_the_vg_and_lv_uuids() {
+        let rows = report(
+            r#"{"report":[{"lv":[{"lv_name":"thin","vg_name":"vg0",
+            "lv_uuid":"Ab3dEf-1234-5678-9abc-defg-hijk-lmnopq",
+            "vg_uuid":"Zy9xWv-0000-1111-2222-3333-4444-555555"},
+            {"lv_name":"old","vg_name":"vg0"}]}]}"#,
+        );
+        assert_eq!(
+            rows[0].dm_uuid().as_deref(),
+            Some("LVM-Zy9xWv00001111222233334444555555Ab3dEf123456789abcdefghijklmnopq")
+        );
+        assert_eq!(rows[1].dm_uuid(), None, "an older report without UUIDs");
     }
 
     #[test]

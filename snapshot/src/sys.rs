@@ -3,7 +3,8 @@
 //!
 //! Numbers are from `<linux/fs.h>`: `BLKGETSIZE64 = _IOR(0x12, 114, size_t)`,
 //! `BLKSSZGET = _IO(0x12, 104)`, `BLKZEROOUT = _IO(0x12, 127)` taking a
-//! `uint64_t[2]` of (start, length) in bytes.
+//! `uint64_t[2]` of (start, length) in bytes. `LOOP_GET_STATUS64 = 0x4C05`
+//! and `struct loop_info64` are from `<linux/loop.h>`.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -54,4 +55,76 @@ pub fn block_zero_out(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LO_NAME_SIZE: usize = 64;
+const LO_KEY_SIZE: usize = 32;
+
+/// `struct loop_info64` of `<linux/loop.h>` (232 bytes on every ABI: all
+/// fields are fixed-size and naturally aligned).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; LO_KEY_SIZE],
+    lo_init: [u64; 2],
+}
+
+/// What the kernel holds for a bound loop device: the backing file's
+/// device (`st_dev` encoding) and inode, and the window into it. Taken
+/// from the open file itself, so a backing file deleted and replaced at
+/// the same path does not change it (sysfs only has the path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopStatus {
+    pub backing_dev: u64,
+    pub backing_inode: u64,
+    pub offset: u64,
+    pub size_limit: u64,
+}
+
+/// `LOOP_GET_STATUS64` on the loop device open at `fd` (not `O_PATH`: the
+/// ioctl needs a real open). ENXIO: no file is bound.
+pub fn loop_status(fd: BorrowedFd<'_>) -> io::Result<LoopStatus> {
+    // SAFETY: LoopInfo64 is plain old data (integers and byte arrays), for
+    // which all-zero bytes are a valid value.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64 through the
+    // pointer, which points to a live LoopInfo64 of that exact layout
+    // (repr(C), same field order and sizes) on our stack; the fd is
+    // borrowed and open. On a device that is not a loop device the kernel
+    // fails the ioctl (ENOTTY) without writing.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            LOOP_GET_STATUS64 as _,
+            &mut info as *mut LoopInfo64,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(LoopStatus {
+        backing_dev: info.lo_device,
+        backing_inode: info.lo_inode,
+        offset: info.lo_offset,
+        size_limit: info.lo_sizelimit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loop_info64_has_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<super::LoopInfo64>(), 232);
+    }
 }

@@ -92,7 +92,22 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn next_data(&self, offset: u64) -> Option<u64> {
         Some(offset)
     }
+    /// Bytes of `[from, to)` that may hold data (allocated extents of a
+    /// sparse file, found with `SEEK_DATA`/`SEEK_HOLE`); `None` when the
+    /// volume cannot tell.
+    fn data_bytes_in(&self, _from: u64, _to: u64) -> Option<u64> {
+        None
+    }
+    /// Bytes an unprivileged writer may still allocate on the file system
+    /// of a file volume (`fstatvfs`); `None` for others.
+    fn free_space(&self) -> Option<u64> {
+        None
+    }
 }
+
+/// After this many extents, [`Volume::data_bytes_in`] counts the rest of
+/// a very fragmented file as data (an upper bound, in bounded time).
+const MAX_EXTENTS_WALKED: u32 = 1 << 20;
 
 /// Whether the path is a block device or a regular file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +324,42 @@ impl Volume for FileVolume {
         }
     }
 
+    fn data_bytes_in(&self, from: u64, to: u64) -> Option<u64> {
+        use rustix::fs::{seek, SeekFrom};
+        if self.kind != VolumeKind::File {
+            return None;
+        }
+        let to = to.min(self.size());
+        let fd = self.file.as_fd();
+        let (mut pos, mut data) = (from, 0u64);
+        for _ in 0..MAX_EXTENTS_WALKED {
+            if pos >= to {
+                return Some(data);
+            }
+            let start = match seek(fd, SeekFrom::Data(pos)) {
+                Ok(p) => p,
+                // ENXIO: no data at or after pos.
+                Err(rustix::io::Errno::NXIO) => return Some(data),
+                Err(_) => return Some(data + (to - pos)),
+            };
+            if start >= to {
+                return Some(data);
+            }
+            let end = seek(fd, SeekFrom::Hole(start)).map_or(to, |e| e.min(to));
+            data += end - start;
+            pos = end;
+        }
+        Some(data + to.saturating_sub(pos))
+    }
+
+    fn free_space(&self) -> Option<u64> {
+        if self.kind != VolumeKind::File {
+            return None;
+        }
+        let st = rustix::fs::fstatvfs(self.file.as_fd()).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     fn next_data(&self, offset: u64) -> Option<u64> {
         if self.kind != VolumeKind::File {
             return Some(offset);
@@ -500,6 +551,13 @@ impl Resolved {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The device number (major, minor) of a resolved block device.
+    pub fn device(&self) -> Option<(u32, u32)> {
+        let st = fstat(&self.fd).ok()?;
+        (self.kind == VolumeKind::BlockDevice)
+            .then(|| (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev)))
     }
 
     /// The identity of what was resolved (sysfs under `sys`).
@@ -806,6 +864,15 @@ mod tests {
         v.read_at(&mut b, 4096).unwrap();
         assert_eq!(b, [0; 8192]);
         assert_eq!(v.next_data(0), None, "punched file has no data left");
+        v.write_at(&[1; 4096], 65536).unwrap();
+        v.write_at(&[1; 4096], 1 << 19).unwrap();
+        assert_eq!(v.data_bytes_in(0, 1 << 20), Some(8192), "two extents");
+        assert_eq!(
+            v.data_bytes_in(1 << 18, 1 << 20),
+            Some(4096),
+            "one past 256 KiB"
+        );
+        assert!(v.free_space().is_some());
         let err = v.read_at(&mut b, (1 << 20) - 10).unwrap_err();
         assert!(err.to_string().contains("offset 1048566"), "{err}");
     }

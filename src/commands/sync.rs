@@ -11,7 +11,7 @@ use snapshot::{Access, FileVolume, Volume};
 use wire::Mode;
 
 use crate::cli::{parse_compress, SyncArgs, TransferArgs, VerifyArgs};
-use crate::engine::source::{self, Change, Report, SessionParams, SyncError};
+use crate::engine::source::{self, Change, ReplicaAfter, Report, SessionParams, SyncError};
 use crate::engine::Cancel;
 use crate::exit::{Coded, Exit, UsageError};
 use crate::progress::Progress;
@@ -23,6 +23,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     let compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
     let cancel = super::cancel_on_signals()?;
     let started = std::time::Instant::now();
+    let mut after = None;
     let first = (|| {
         let source = open_source(&a.src, !a.transfer.keep_cache)?;
         let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
@@ -32,11 +33,19 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
         params.resume = !a.no_resume;
         params.journal_max = a.journal_max;
         params.target_snapshot = a.target_snapshot;
-        let report = run_session(source.clone(), &dest, &a.transfer, &params, &cancel, None)?;
+        let report = run_session(
+            source.clone(),
+            &dest,
+            &a.transfer,
+            &params,
+            &cancel,
+            None,
+            &mut after,
+        )?;
         Ok((report, source, params))
     })();
     if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
-        let written = write_metrics(path, &a, first.as_ref().map(|(r, ..)| r), started);
+        let written = write_metrics(path, &a, first.as_ref().map(|(r, ..)| r), after, started);
         match (written, &first) {
             (Err(e), Ok(_)) => return Err(e),
             // The session's own failure is the one to report.
@@ -52,7 +61,15 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     );
     if a.verify && !a.dry_run {
         params.mode = Mode::Verify;
-        let check = run_session(source, &dest, &a.transfer, &params, &cancel, None)?;
+        let check = run_session(
+            source,
+            &dest,
+            &a.transfer,
+            &params,
+            &cancel,
+            None,
+            &mut None,
+        )?;
         if !check.differing.is_empty() {
             return Err(differs(&check).into());
         }
@@ -70,7 +87,15 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
     let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
     params.mode = Mode::Verify;
     params.force = true;
-    let report = run_session(source, &dest, &a.transfer, &params, &cancel, None)?;
+    let report = run_session(
+        source,
+        &dest,
+        &a.transfer,
+        &params,
+        &cancel,
+        None,
+        &mut None,
+    )?;
     if a.transfer.json {
         crate::cli::print_line(&serde_json::to_string(&report).expect("report serialises"));
     } else if !a.transfer.quiet {
@@ -103,6 +128,7 @@ fn write_metrics(
     path: &Path,
     a: &SyncArgs,
     result: Result<&Report, &anyhow::Error>,
+    after: Option<ReplicaAfter>,
     started: std::time::Instant,
 ) -> Result<()> {
     let now = std::time::SystemTime::now()
@@ -116,7 +142,7 @@ fn write_metrics(
     };
     match result {
         Ok(r) => crate::job::record_success(&mut st, r),
-        Err(e) => crate::job::record_failure(&mut st, e, a.journal_max == 0),
+        Err(e) => crate::job::record_failure(&mut st, e, after, a.journal_max == 0),
     }
     let volume = a.src.display().to_string();
     let series = [crate::metrics::VolumeMetrics {
@@ -196,6 +222,8 @@ pub fn source_id(path: &Path) -> Result<String> {
 }
 
 /// Connects to the destination, runs one session and waits for the peer.
+/// After a failure once the target opened the volume, `after` tells what
+/// the replica is (see [`source::run`]).
 pub fn run_session(
     source: Arc<dyn Volume>,
     dest: &Destination,
@@ -203,6 +231,7 @@ pub fn run_session(
     params: &SessionParams,
     cancel: &Cancel,
     changes: Option<Box<dyn Iterator<Item = Result<Change, snapshot::VolumeError>> + Send>>,
+    after: &mut Option<ReplicaAfter>,
 ) -> Result<Report> {
     let (conn, peer) = match dest {
         Destination::Local(p) => {
@@ -239,7 +268,15 @@ pub fn run_session(
         t.quiet || t.json,
     );
     let watcher = peer.kill_on_cancel(cancel);
-    let result = source::run(source.clone(), conn, params, &progress, cancel, changes);
+    let result = source::run(
+        source.clone(),
+        conn,
+        params,
+        &progress,
+        cancel,
+        changes,
+        after,
+    );
     progress.finish();
     if let Some(w) = watcher {
         w.store(true, std::sync::atomic::Ordering::SeqCst);

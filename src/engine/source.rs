@@ -79,6 +79,10 @@ pub struct SessionParams {
     pub target_snapshot: bool,
     /// Bytes per second each side may send (0: no limit).
     pub bwlimit: u64,
+    /// Bytes of the source that may hold data, when the caller knows
+    /// better than the volume (a thin LV's mapped space); else the
+    /// volume's allocated extents, if it can tell.
+    pub data_bytes: Option<u64>,
 }
 
 impl SessionParams {
@@ -106,6 +110,7 @@ impl SessionParams {
             io_timeout,
             target_snapshot: false,
             bwlimit: 0,
+            data_bytes: None,
         }
     }
 }
@@ -302,7 +307,44 @@ impl Pending {
     }
 }
 
-/// Runs one session against the target behind `conn`.
+/// What the replica is after a failed session, from what the target
+/// reported when it opened the volume (its state then, where it starts,
+/// its mode) and whether this side sent it anything to write since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaAfter {
+    /// The replica holds no complete generation (a torn in-place copy).
+    pub inconsistent: bool,
+    /// An interrupted in-place copy waits to be resumed.
+    pub resume: bool,
+}
+
+impl ReplicaAfter {
+    /// `data` and `zeroed`: bytes this side sent the target to write.
+    fn after_failure(opened: &Opened, params: &SessionParams, data: u64, zeroed: u64) -> Self {
+        let st = &opened.state;
+        let writes = !params.dry_run && opened.mode != Mode::Verify;
+        let same_source = st.source_id.as_deref() == Some(params.source_id.as_str());
+        // How the target applies, as it decides in `target::Session::open`:
+        // a thin-LV snapshot, in place, or a journal (which goes on in
+        // place once a delta outgrows it).
+        let snapshot =
+            params.target_snapshot && st.consistent && same_source && opened.start_block == 0;
+        let in_place = !snapshot
+            && (opened.start_block > 0
+                || !st.consistent
+                || !same_source
+                || params.journal_max == 0
+                || data > params.journal_max);
+        let wrote = writes && data + zeroed > 0;
+        Self {
+            inconsistent: !st.consistent || (wrote && (in_place || snapshot)),
+            resume: st.resume.is_some() || (wrote && in_place),
+        }
+    }
+}
+
+/// Runs one session against the target behind `conn`. After a failure
+/// once the target opened the volume, `after` tells what the replica is.
 pub fn run(
     source: Arc<dyn Volume>,
     conn: Connection,
@@ -310,6 +352,7 @@ pub fn run(
     progress: &Progress,
     cancel: &Cancel,
     changes: Option<Box<dyn Iterator<Item = Result<Change, VolumeError>> + Send>>,
+    after: &mut Option<ReplicaAfter>,
 ) -> Result<Report, SyncError> {
     let started = Instant::now();
     let mut key = [0u8; 32];
@@ -372,6 +415,10 @@ pub fn run(
             journal_max: params.journal_max,
             resume: params.resume,
             target_snapshot: params.target_snapshot,
+            source_data_bytes: params
+                .data_bytes
+                .or_else(|| source.data_bytes_in(0, size))
+                .map(|b| b.min(size)),
         }),
         &[],
     )?;
@@ -536,6 +583,12 @@ pub fn run(
     drop(out);
     drop(incoming);
     if let Err(e) = result {
+        *after = Some(ReplicaAfter::after_failure(
+            &opened,
+            params,
+            report.data_bytes,
+            report.zero_bytes,
+        ));
         // A writer stuck on a peer that stopped reading (or a reader on one
         // that stopped writing) ends when the caller kills the peer; don't
         // wait for it here.
@@ -1177,5 +1230,65 @@ impl Comparer<'_> {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::{Generation, ReplicaState};
+
+    #[test]
+    fn the_replica_after_a_failure_follows_what_the_target_reported() {
+        let params = SessionParams::new(
+            "/dst".into(),
+            BlockSize::default(),
+            "src".into(),
+            "snap".into(),
+            Duration::from_secs(1),
+        );
+        let gen = Generation {
+            number: 3,
+            snapshot: "s3".into(),
+        };
+        let opened = |consistent: bool| Opened {
+            target_size: 0,
+            state: ReplicaState {
+                source_id: Some("src".into()),
+                generation: consistent.then(|| gen.clone()),
+                consistent,
+                resume: None,
+                recovered: None,
+            },
+            start_block: 0,
+            window_blocks: 64,
+            mode: Mode::FullScan,
+            resizable: true,
+            target_identity: "file:1:2".into(),
+            target_strong: true,
+        };
+        let after = |o: &Opened, p: &SessionParams, data, zeroed| {
+            let a = ReplicaAfter::after_failure(o, p, data, zeroed);
+            (a.inconsistent, a.resume)
+        };
+        // A first copy (or a new volume) that failed midway: torn, resumable.
+        assert_eq!(after(&opened(false), &params, 1 << 20, 0), (true, true));
+        // A consistent replica behind a journal: untouched.
+        assert_eq!(after(&opened(true), &params, 1 << 20, 0), (false, false));
+        // Without a journal it is written in place, zeroes too.
+        let mut no_journal = params.clone();
+        no_journal.journal_max = 0;
+        assert_eq!(after(&opened(true), &no_journal, 0, 4096), (true, true));
+        // Nothing sent yet: as it was.
+        assert_eq!(after(&opened(true), &no_journal, 0, 0), (false, false));
+        // A thin-LV target with its rollback snapshot: torn until the next
+        // open rolls it back, nothing to resume.
+        let mut snap = params.clone();
+        snap.target_snapshot = true;
+        assert_eq!(after(&opened(true), &snap, 4096, 0), (true, false));
+        // A dry run changes nothing.
+        let mut dry = params.clone();
+        dry.dry_run = true;
+        assert_eq!(after(&opened(false), &dry, 4096, 0), (true, false));
     }
 }

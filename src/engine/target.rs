@@ -427,6 +427,10 @@ struct Session {
     _lock: Option<Arc<VolumeLock>>,
     applier: Applier,
     bytes_written: u64,
+    /// Bytes written in place since free space was last looked at, and
+    /// what it was then.
+    unchecked_room: u64,
+    last_free: Option<u64>,
     recovered: Option<String>,
 }
 
@@ -538,9 +542,13 @@ impl Session {
                 }
             }
         }
-        if open.target_snapshot && !open.dry_run && open.mode != Mode::Verify {
-            thin_target(&path)?;
-        }
+        // The LV snapshotted is the one opened, by its identity.
+        let thin_origin = if open.target_snapshot && !open.dry_run && open.mode != Mode::Verify {
+            let device = resolved.as_ref().and_then(|r| r.device());
+            Some(thin_target(&Lvm::new(), &path, &identity, device, &sys)?)
+        } else {
+            None
+        };
         let id = identity.id();
         if !identity.strong && !missing_dry {
             notices.push(format!(
@@ -707,9 +715,11 @@ impl Session {
 
         let applier = if open.dry_run || mode == Mode::Verify {
             Applier::DryRun
-        } else if open.target_snapshot && state.consistent && same_source && start_block == 0 {
+        } else if let Some(origin) =
+            thin_origin.filter(|_| state.consistent && same_source && start_block == 0)
+        {
             Applier::Snapshot {
-                origin: thin_target(&path)?,
+                origin,
                 taken: false,
             }
         } else if start_block > 0 || !state.consistent || !same_source || open.journal_max == 0 {
@@ -772,6 +782,8 @@ impl Session {
             _lock: lock,
             applier,
             bytes_written: 0,
+            unchecked_room: 0,
+            last_free: None,
             recovered,
         };
         Ok((session, opened))
@@ -787,7 +799,7 @@ impl Session {
         if let Applier::Journal(j) = &mut self.applier {
             j.limit(cfg.journal_max);
         }
-        if let Err(e) = self.check_fits() {
+        if let Err(e) = self.check_fits().and_then(|()| self.check_room()) {
             let _ = send_error(&mut wr, &e);
             self.abort();
             return Err(e);
@@ -879,17 +891,76 @@ impl Session {
         }
     }
 
+    /// Before an in-place copy into a file (a first copy, a resumed one, a
+    /// torn replica): its file system must have room for what the copy
+    /// may still allocate, plus [`FREE_MARGIN`]. Sparse-aware on both
+    /// sides: at most the source's data (when the source can tell), and
+    /// only where the file has holes now. Nothing was written yet, so a
+    /// refused copy stays resumable from its last mark.
+    fn check_room(&self) -> Result<(), TargetError> {
+        if !matches!(self.applier, Applier::InPlace { .. }) {
+            return Ok(());
+        }
+        let v = self.shared.volume.as_ref();
+        let Some(free) = v.free_space() else {
+            return Ok(());
+        };
+        let size = self.shared.new_size;
+        let from = self
+            .start_block
+            .saturating_mul(self.shared.block.bytes() as u64)
+            .min(size);
+        let holes = (size - from).saturating_sub(v.data_bytes_in(from, size).unwrap_or(0));
+        // Unknown source data: the margin alone here; the copy watches the
+        // free space as it writes (see `watch_room`). Nothing to allocate
+        // (no holes, or no data for them): no margin needed either.
+        let need = self
+            .open
+            .source_data_bytes
+            .map_or(holes.min(1), |d| d.min(holes));
+        if need > 0 && free < need.saturating_add(FREE_MARGIN) {
+            return Err(TargetError::new(
+                ErrorCode::TargetIo,
+                format!(
+                    "the file system of target {} has {free} bytes free; this copy may allocate {need} more, plus a margin of {FREE_MARGIN}; make room and run again (an interrupted copy resumes where it stopped)",
+                    self.open.path
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// While writing in place: stop before the file system of a file
+    /// target runs out (below half the margin while our writes take
+    /// space), rather than fill it for everything else on it. The copy
+    /// keeps its last mark (resumable).
+    fn watch_room(&mut self, written: u64) -> Result<(), TargetError> {
+        self.unchecked_room += written;
+        if self.unchecked_room < FREE_MARGIN / 4 {
+            return Ok(());
+        }
+        self.unchecked_room = 0;
+        let free = self.shared.volume.free_space();
+        let shrinking = matches!((free, self.last_free), (Some(f), Some(l)) if f < l);
+        self.last_free = free;
+        match free {
+            Some(free) if shrinking && free < FREE_MARGIN / 2 => Err(TargetError::new(
+                ErrorCode::TargetIo,
+                format!(
+                    "the file system of target {} is down to {free} bytes free; stopped before filling it; make room and run again (the copy resumes from its last mark)",
+                    self.open.path
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Before sealing: a file target's file system must have room for the
     /// journal's data plus a margin (a full one would fail the apply).
     fn check_free_space(&self, data_bytes: u64) -> Result<(), TargetError> {
-        if !self.shared.volume.resizable() {
-            return Ok(());
-        }
-        let path = Path::new(&self.open.path);
-        let Ok(st) = rustix::fs::statvfs(path) else {
+        let Some(free) = self.shared.volume.free_space() else {
             return Ok(());
         };
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
         let need = data_bytes.saturating_add(FREE_MARGIN);
         if free < need {
             return Err(TargetError::new(
@@ -1095,6 +1166,9 @@ impl Session {
                 *dirty += len;
                 if self.state.in_progress.is_none() {
                     self.begin_in_place(self.start_block)?;
+                }
+                if matches!(op, Op::Data(..)) {
+                    self.watch_room(len)?;
                 }
             }
             Applier::Snapshot { origin, taken } => {
@@ -1315,8 +1389,18 @@ enum Op<'a> {
     Zero(u64, u64),
 }
 
-/// The thin LV behind a target path, for `--target-snapshot`.
-fn thin_target(path: &Path) -> Result<LvName, TargetError> {
+/// The thin LV that was opened, for `--target-snapshot`: named by the
+/// opened device's dm name (sysfs of its device number, not the path the
+/// peer gave) and checked against the opened volume's identity (its dm
+/// UUID), so an LV replaced at the same name is never the one
+/// snapshotted.
+fn thin_target(
+    lvm: &Lvm,
+    path: &Path,
+    identity: &snapshot::VolumeIdentity,
+    device: Option<(u32, u32)>,
+    sys: &Path,
+) -> Result<LvName, TargetError> {
     let usage = |why: String| {
         TargetError::new(
             ErrorCode::Usage,
@@ -1326,13 +1410,32 @@ fn thin_target(path: &Path) -> Result<LvName, TargetError> {
             ),
         )
     };
-    let info = Lvm::new()
-        .resolve(&path.to_string_lossy())
-        .map_err(|e| usage(e.to_string()))?;
+    let lvm_volume = identity.kind == snapshot::identity::IdKind::DeviceMapper
+        && identity.key.starts_with("LVM-");
+    let Some((major, minor)) = device.filter(|_| lvm_volume) else {
+        return Err(usage(format!(
+            "not an LVM logical volume (identity {identity})"
+        )));
+    };
+    let name = snapshot::identity::dm_name(major, minor, sys)
+        .ok_or_else(|| usage(format!("device {major}:{minor} has no device-mapper name")))?;
+    let lv = LvName::parse(&format!("/dev/mapper/{name}")).map_err(|e| usage(e.to_string()))?;
+    let info = lvm.lv(&lv).map_err(|e| usage(e.to_string()))?;
+    if info.dm_uuid().as_deref() != Some(identity.key.as_str()) {
+        return Err(TargetError::new(
+            ErrorCode::TargetIo,
+            format!(
+                "target {}: the LV {lv} is no longer the volume opened (dm UUID {}, the LV's {}); it was replaced meanwhile, run again",
+                path.display(),
+                identity.key,
+                info.dm_uuid().as_deref().unwrap_or("unknown")
+            ),
+        ));
+    }
     if !info.is_thin() {
         return Err(usage("not a thin logical volume".into()));
     }
-    Ok(info.lv_name())
+    Ok(lv)
 }
 
 /// What [`rollback_pending`] did.
@@ -1582,5 +1685,66 @@ mod tests {
         assert!(rollback_pending(&own, &a, Path::new("/dev/a"))
             .unwrap()
             .is_none());
+    }
+
+    /// `--target-snapshot` snapshots the LV that was opened: found by the
+    /// opened device's dm name, checked by its dm UUID. An LV replaced at
+    /// the same name (another UUID) is refused, never snapshotted.
+    #[test]
+    fn target_snapshot_checks_the_opened_volume_not_the_name() {
+        use snapshot::identity::IdKind;
+        use snapshot::VolumeIdentity;
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("sys");
+        let dm = sys.join("dev/block/253:7/dm");
+        std::fs::create_dir_all(&dm).unwrap();
+        std::fs::write(dm.join("name"), "vg0-thin\n").unwrap();
+        // A fake `lvm` answering `lvs` with vg0/thin of the given attr.
+        let lvm_bin = d.path().join("lvm");
+        let report = d.path().join("report.json");
+        std::fs::write(&lvm_bin, format!("#!/bin/sh\ncat {}\n", report.display())).unwrap();
+        std::fs::set_permissions(&lvm_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let lvm = Lvm::with_programs(&lvm_bin, "/bin/false", "/bin/false");
+        let answer = |attr: &str, pool: &str| {
+            std::fs::write(
+                &report,
+                format!(
+                    r#"{{"report":[{{"lv":[{{"lv_name":"thin","vg_name":"vg0","lv_attr":"{attr}",
+                    {pool}
+                    "lv_uuid":"LvLvLv-0000-0000-0000-0000-0000-000001",
+                    "vg_uuid":"VgVgVg-0000-0000-0000-0000-0000-000002"}}]}}]}}"#
+                ),
+            )
+            .unwrap();
+        };
+        let uuid = "LVM-VgVgVg00000000000000000000000002LvLvLv00000000000000000000000001";
+        let id = |key: &str| VolumeIdentity {
+            kind: IdKind::DeviceMapper,
+            key: key.into(),
+            strong: true,
+        };
+        // The peer's name is any alias: the LV comes from the device.
+        let path = Path::new("/srv/replica");
+        answer("Vwi-a-tz--", r#""pool_lv":"pool","thin_id":"1","#);
+        let lv = thin_target(&lvm, path, &id(uuid), Some((253, 7)), &sys).unwrap();
+        assert_eq!(lv.to_string(), "vg0/thin");
+        // The LV now at that name is another volume than the one opened.
+        let replaced = uuid.replace("000001", "000009");
+        let e = thin_target(&lvm, path, &id(&replaced), Some((253, 7)), &sys).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TargetIo, "{e}");
+        assert!(e.message.contains("no longer the volume opened"), "{e}");
+        // Not an LVM volume at all (a file, a loop device).
+        let file = VolumeIdentity {
+            kind: IdKind::File,
+            key: "fs1:2".into(),
+            strong: true,
+        };
+        let e = thin_target(&lvm, path, &file, None, &sys).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Usage, "{e}");
+        // The opened LV, but thick.
+        answer("-wi-a-----", "");
+        let e = thin_target(&lvm, path, &id(uuid), Some((253, 7)), &sys).unwrap_err();
+        assert!(e.message.contains("not a thin logical volume"), "{e}");
     }
 }

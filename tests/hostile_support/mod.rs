@@ -166,23 +166,7 @@ impl FakeTarget {
         let mut rd = FrameReader::new(stream.try_clone().unwrap());
         let raw = stream.try_clone().unwrap();
         let mut wr = FrameWriter::new(stream);
-        wr.write_preamble().unwrap();
-        rd.read_preamble().unwrap();
-        let Msg::Hello(hello) = rd.read().unwrap().0 else {
-            panic!("expected Hello")
-        };
-        wr.send(
-            &Msg::HelloAck(HelloAck {
-                features: 0,
-                software: "fake-target".into(),
-            }),
-            &[],
-        )
-        .unwrap();
-        wr.flush().unwrap();
-        let Msg::Open(open) = rd.read().unwrap().0 else {
-            panic!("expected Open")
-        };
+        let (hello, open) = target_handshake(&mut rd, &mut wr, "fake-target");
         SourcePeer {
             stream: raw,
             rd: Some(rd),
@@ -191,21 +175,76 @@ impl FakeTarget {
             open,
         }
     }
+
+    /// Starts `snapsync sync SRC` against this target with `extra` options,
+    /// plays `script` as the target once the source connected, and
+    /// measures the source until it ends (at most `deadline`); returns
+    /// what the script returned too.
+    pub fn play<T: Send + 'static>(
+        self,
+        src: &Path,
+        extra: &[&str],
+        deadline: Duration,
+        script: impl FnOnce(SourcePeer) -> T + Send + 'static,
+    ) -> (Measured, T) {
+        let child = self.spawn_source(src, extra);
+        let target = thread::spawn(move || script(self.accept()));
+        let m = measure(child, deadline);
+        (m, target.join().unwrap())
+    }
+}
+
+/// The target's side of the handshake: preambles, the source's `Hello`
+/// answered with a `HelloAck` of no features, then the source's `Open`.
+pub fn target_handshake<R: Read, W: Write>(
+    rd: &mut FrameReader<R>,
+    wr: &mut FrameWriter<W>,
+    software: &str,
+) -> (Hello, Open) {
+    wr.write_preamble().unwrap();
+    rd.read_preamble().unwrap();
+    let Msg::Hello(hello) = rd.read().unwrap().0 else {
+        panic!("expected Hello")
+    };
+    wr.send(
+        &Msg::HelloAck(HelloAck {
+            features: 0,
+            software: software.into(),
+        }),
+        &[],
+    )
+    .unwrap();
+    wr.flush().unwrap();
+    let Msg::Open(open) = rd.read().unwrap().0 else {
+        panic!("expected Open")
+    };
+    (hello, open)
+}
+
+/// The answer an honest target gives a first full scan of a file.
+pub fn first_scan_opened(target_size: u64, window_blocks: u64) -> Opened {
+    Opened {
+        target_size,
+        state: ReplicaState::default(),
+        start_block: 0,
+        window_blocks,
+        mode: Mode::FullScan,
+        resizable: true,
+        target_identity: "file:1:2".into(),
+        target_strong: true,
+    }
 }
 
 impl SourcePeer {
     /// The answer an honest target would give a first full scan.
     pub fn honest_opened(&self) -> Opened {
-        Opened {
-            target_size: 0,
-            state: ReplicaState::default(),
-            start_block: 0,
-            window_blocks: 1 << 16,
-            mode: Mode::FullScan,
-            resizable: true,
-            target_identity: "file:1:2".into(),
-            target_strong: true,
-        }
+        first_scan_opened(0, 1 << 16)
+    }
+
+    /// Sends `opened`, then reads and drops what the source sends.
+    pub fn open_and_drain(&mut self, opened: Opened) {
+        self.send(Msg::Opened(opened), &[]).unwrap();
+        self.drain_in_background();
     }
 
     pub fn send(&mut self, msg: Msg, payload: &[u8]) -> Result<(), wire::WireError> {
@@ -360,6 +399,7 @@ pub fn open_msg(path: &Path, size: u64, block: u64) -> Open {
         journal_max: 1 << 40,
         resume: false,
         target_snapshot: false,
+        source_data_bytes: None,
     }
 }
 

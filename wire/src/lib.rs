@@ -48,7 +48,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// First bytes each side sends.
 pub const MAGIC: [u8; 8] = *b"SNAPSYNC";
 /// Bumped on any incompatible change of frames or their meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest header accepted (a batch of digests travels as payload).
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest payload: a whole maximal block plus compression slack.
@@ -228,6 +228,11 @@ pub struct Open {
     /// A thin-LV target snapshots itself as the rollback point and applies
     /// in place, instead of journaling (no double write).
     pub target_snapshot: bool,
+    /// How many bytes of the source may hold data (a sparse file's
+    /// allocated extents, a thin LV's mapped space); `None`: not known. A
+    /// file target checks its free space against it before writing in
+    /// place (protocol 3).
+    pub source_data_bytes: Option<u64>,
 }
 
 /// What the target knows about its replica.
@@ -840,6 +845,7 @@ mod tests {
                     journal_max: 77,
                     resume: true,
                     target_snapshot: true,
+                    source_data_bytes: Some(1 << 20),
                 }),
                 vec![],
             ),
