@@ -58,6 +58,7 @@ fn late_refine_target(stream: UnixStream, data: Vec<u8>) -> u64 {
             resizable: true,
             target_identity: "file:1:2".into(),
             target_strong: true,
+            unvouched: None,
         }),
         &[],
     )

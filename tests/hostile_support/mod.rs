@@ -205,6 +205,7 @@ impl SourcePeer {
             resizable: true,
             target_identity: "file:1:2".into(),
             target_strong: true,
+            unvouched: None,
         }
     }
 
@@ -360,6 +361,7 @@ pub fn open_msg(path: &Path, size: u64, block: u64) -> Open {
         journal_max: 1 << 40,
         resume: false,
         target_snapshot: false,
+        map_target: None,
     }
 }
 

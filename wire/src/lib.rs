@@ -48,7 +48,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// First bytes each side sends.
 pub const MAGIC: [u8; 8] = *b"SNAPSYNC";
 /// Bumped on any incompatible change of frames or their meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest header accepted (a batch of digests travels as payload).
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest payload: a whole maximal block plus compression slack.
@@ -175,6 +175,11 @@ pub enum Mode {
     Delta,
     /// Compare only; the target writes nothing.
     Verify,
+    /// The source compares against its digest map of `Open::base`; the
+    /// target streams no digests and answers `Refine` only for the blocks
+    /// the source asks about (protocol 3). Valid only if the target holds
+    /// the base and vouches that nothing wrote the replica since.
+    Mapped,
 }
 
 /// Identity of a generation: which source volume, which snapshot of it.
@@ -228,6 +233,10 @@ pub struct Open {
     /// A thin-LV target snapshots itself as the rollback point and applies
     /// in place, instead of journaling (no double write).
     pub target_snapshot: bool,
+    /// [`Mode::Mapped`]: the target identity the source's digest map was
+    /// made against; the target runs the mode only if it is its own
+    /// (protocol 3).
+    pub map_target: Option<String>,
 }
 
 /// What the target knows about its replica.
@@ -266,6 +275,10 @@ pub struct Opened {
     /// Whether that identity is strong (unique and persistent); a weak
     /// one never gets a delta.
     pub target_strong: bool,
+    /// Why a requested [`Mode::Mapped`] became a full scan: the target
+    /// does not hold the base, or cannot vouch that nothing wrote the
+    /// replica since (protocol 3).
+    pub unvouched: Option<String>,
 }
 
 /// target → source: digests of blocks `first..first+n`, n digests in the payload.
@@ -840,6 +853,7 @@ mod tests {
                     journal_max: 77,
                     resume: true,
                     target_snapshot: true,
+                    map_target: Some("file:1:2".into()),
                 }),
                 vec![],
             ),
@@ -859,6 +873,7 @@ mod tests {
                     resizable: true,
                     target_identity: "file:1:2".into(),
                     target_strong: true,
+                    unvouched: Some("changed".into()),
                 }),
                 vec![],
             ),
