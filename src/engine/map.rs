@@ -655,3 +655,183 @@ pub fn map_name(kind: &str, a: &str, b: &str) -> String {
         .collect();
     format!("{kind}-{hex}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockdiff::{decide, Decision, HashKey, Signer};
+    use proptest::prelude::*;
+
+    const BS: u32 = 4096;
+
+    fn header(size: u64) -> MapHeader {
+        MapHeader {
+            block_size: BlockSize::new(BS as u64).unwrap(),
+            volume_size: size,
+            generation: Generation {
+                number: 7,
+                snapshot: "live:1".into(),
+            },
+            source_id: "id:file:1:2".into(),
+            target_identity: "file:3:4".into(),
+        }
+    }
+
+    /// Writes the map of `data` and returns its bytes.
+    fn make(store: &MapStore, data: &[u8]) -> Vec<u8> {
+        let h = header(data.len() as u64);
+        let mut w = store.writer("m", h.block_size, h.volume_size).unwrap();
+        let signer = store.key().signer();
+        for b in data.chunks(BS as usize) {
+            w.push(&signer.block_digest(b)).unwrap();
+        }
+        w.commit(&h).unwrap();
+        fs::read(store.dir().join("m.map")).unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, MapStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = MapStore::open(&d.path().join("state")).unwrap();
+        (d, s)
+    }
+
+    /// Blocks a full scan against a target holding `old` finds changed.
+    fn full_scan_plan(old: &[u8], new: &[u8]) -> Vec<(usize, Decision)> {
+        let s = Signer::new(HashKey([5; 32]));
+        old.chunks(BS as usize)
+            .zip(new.chunks(BS as usize))
+            .enumerate()
+            .map(|(i, (o, n))| (i, decide(&s, n, Some(&s.block_digest(o))).0))
+            .filter(|(_, d)| *d != Decision::Same)
+            .collect()
+    }
+
+    /// The same, from the map of `old` alone.
+    fn map_plan(store: &MapStore, map: &[u8], new: &[u8]) -> Vec<(usize, Decision)> {
+        let (_, digests) = decode(map, store.key()).unwrap();
+        let s = store.key().signer();
+        new.chunks(BS as usize)
+            .zip(digests)
+            .enumerate()
+            .map(|(i, (n, d))| (i, decide(&s, n, Some(&d)).0))
+            .filter(|(_, d)| *d != Decision::Same)
+            .collect()
+    }
+
+    fn volume() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        (1usize..40, any::<u64>()).prop_flat_map(|(blocks, _)| {
+            let len = blocks * BS as usize - 100;
+            (
+                prop::collection::vec(any::<u8>(), len),
+                prop::collection::vec((0..len, any::<u8>(), 0usize..3), 0..12),
+            )
+                .prop_map(|(old, edits)| {
+                    let mut new = old.clone();
+                    for (at, byte, kind) in edits {
+                        match kind {
+                            0 => new[at] = byte,
+                            // A zeroed block: the plan says Zero.
+                            1 => {
+                                let b = at / BS as usize * BS as usize;
+                                let e = (b + BS as usize).min(new.len());
+                                new[b..e].fill(0);
+                            }
+                            _ => new[at] = new[at].wrapping_add(1),
+                        }
+                    }
+                    (old, new)
+                })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn map_planning_equals_full_scan_planning((old, new) in volume()) {
+            let (_d, store) = store();
+            let map = make(&store, &old);
+            prop_assert_eq!(map_plan(&store, &map, &new), full_scan_plan(&old, &new));
+        }
+
+        #[test]
+        fn any_damage_is_refused(seed in prop::collection::vec(any::<u8>(), 1..9000), at in any::<usize>(), flip in 1u8..=255, cut in any::<usize>()) {
+            let (_d, store) = store();
+            let map = make(&store, &seed);
+            prop_assert!(decode(&map, store.key()).is_ok());
+            let mut bad = map.clone();
+            let i = at % bad.len();
+            bad[i] ^= flip;
+            prop_assert!(decode(&bad, store.key()).is_err(), "flipped byte {}", i);
+            let short = &map[..cut % map.len()];
+            prop_assert!(decode(short, store.key()).is_err());
+        }
+
+        #[test]
+        fn decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes, &MapKey([1; 32]));
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_another_key_is_named() {
+        let (_d, store) = store();
+        let data = vec![3u8; 5 * BS as usize + 1];
+        let map = make(&store, &data);
+        let (h, digests) = decode(&map, store.key()).unwrap();
+        assert_eq!(h, header(data.len() as u64));
+        assert_eq!(digests.len(), 6);
+        assert_eq!(decode(&map, &MapKey([9; 32])), Err(Unusable::KeyChanged));
+        // A map is bound to its key: the same bytes under another key's id
+        // fail the checksum.
+        let mut forged = map.clone();
+        forged[24..40].copy_from_slice(&MapKey([9; 32]).id());
+        assert_eq!(
+            decode(&forged, &MapKey([9; 32])),
+            Err(Unusable::Corrupt("checksum mismatch".into()))
+        );
+    }
+
+    #[test]
+    fn take_moves_the_map_aside_until_commit() {
+        let (_d, store) = store();
+        let data = vec![1u8; 3 * BS as usize];
+        make(&store, &data);
+        let (h, _) = store.take("m").unwrap();
+        assert_eq!(h.generation.number, 7);
+        assert!(!store.dir().join("m.map").exists());
+        // A session that never commits leaves no map: the next one knows.
+        assert_eq!(store.take("m").unwrap_err(), Unusable::Interrupted);
+        assert_eq!(store.take("m").unwrap_err(), Unusable::Missing);
+        // An uncommitted writer leaves only its temporary file.
+        let w = store.writer("m", h.block_size, h.volume_size).unwrap();
+        drop(w);
+        assert_eq!(store.take("m").unwrap_err(), Unusable::Missing);
+        assert_eq!(store.names(), vec!["m".to_string()]);
+        store.remove("m");
+        assert!(store.names().is_empty());
+    }
+
+    #[test]
+    fn files_are_private_and_the_key_is_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let a = MapStore::open(&d.path().join("s")).unwrap();
+        let b = MapStore::open(&d.path().join("s")).unwrap();
+        assert_eq!(a.key().id(), b.key().id());
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(a.dir()), 0o700);
+        assert_eq!(mode(&a.dir().join(KEY_FILE)), 0o600);
+        make(&a, &[1; 100]);
+        assert_eq!(mode(&a.dir().join("m.map")), 0o600);
+        // A symlink planted as the map is never followed.
+        let outside = d.path().join("outside");
+        fs::write(&outside, b"x").unwrap();
+        fs::remove_file(a.dir().join("m.map")).unwrap();
+        std::os::unix::fs::symlink(&outside, a.dir().join("m.map")).unwrap();
+        assert!(matches!(a.take("m"), Err(Unusable::Io(_))));
+        std::os::unix::fs::symlink(&outside, a.dir().join("m.tmp")).unwrap();
+        make(&a, &[1; 100]);
+        assert_eq!(fs::read(&outside).unwrap(), b"x");
+    }
+}
