@@ -1609,8 +1609,12 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
     let mut payload = Vec::new();
     for block in rx {
         let len = s.block.len_of(block, s.new_size) as usize;
-        s.read_virtual(&mut buf[..len], s.block.offset_of(block))
-            .map_err(volume_err)?;
+        // A hole is not read: the buffer still holds the last block.
+        if s.read_virtual(&mut buf[..len], s.block.offset_of(block))
+            .map_err(volume_err)?
+        {
+            buf[..len].fill(0);
+        }
         subs.clear();
         s.signer.sub_digests(&buf[..len], &mut subs);
         wire::digests_to_payload(&subs, &mut payload);
