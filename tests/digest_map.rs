@@ -67,8 +67,8 @@ fn fallback(r: &Report) -> String {
 fn map_generation(map: &Path, key_file: &Path) -> u64 {
     let key: [u8; 32] = std::fs::read(key_file).unwrap().try_into().unwrap();
     let f = std::fs::File::open(map).unwrap();
-    let (h, _) = MapReader::new(f, &MapKey::new(key))
-        .unwrap_or_else(|e| panic!("{}: {e}", map.display()));
+    let (h, _) =
+        MapReader::new(f, &MapKey::new(key)).unwrap_or_else(|e| panic!("{}: {e}", map.display()));
     h.generation.number
 }
 
@@ -94,7 +94,10 @@ fn repeated_syncs_with_random_changes_read_only_the_source() {
     let f = Fixture::new(size, 1);
     let first = f.sync(&[]);
     assert_eq!(first.s("mode"), "full-scan", "{first}");
-    assert!(first.is_null("fallback"), "a first copy has no map to miss: {first}");
+    assert!(
+        first.is_null("fallback"),
+        "a first copy has no map to miss: {first}"
+    );
 
     // Nothing changed: the target reads nothing, nothing is sent.
     let r = f.sync(&[]);
@@ -288,7 +291,10 @@ fn remote_target_vouches_through_the_protocol() {
     let r = sync(&[]);
     assert_eq!(r.s("mode"), "digest-map", "{r}");
     assert_scattered_delta(&r, size, &changed);
-    assert!(r.u("target_bytes_read") <= r.u("blocks_changed") * BLOCK, "{r}");
+    assert!(
+        r.u("target_bytes_read") <= r.u("blocks_changed") * BLOCK,
+        "{r}"
+    );
 }
 
 /// A loop device over a file, detached on drop.
@@ -416,7 +422,11 @@ fn kill_9_never_leaves_a_map_claiming_a_generation_the_target_lacks() {
     for trial in 0..12u64 {
         let _ = scatter_writes(&f.src, size, 500 + trial, 600 + trial);
         if trial % 4 == 1 {
-            write_at(&f.src, rng.below(size - 2 * MIB), &random_bytes(trial, 2 * MIB as usize));
+            write_at(
+                &f.src,
+                rng.below(size - 2 * MIB),
+                &random_bytes(trial, 2 * MIB as usize),
+            );
         }
         // Half the trials through a separate serving process.
         let dst = if trial % 2 == 0 {
@@ -429,7 +439,11 @@ fn kill_9_never_leaves_a_map_claiming_a_generation_the_target_lacks() {
         if trial % 2 == 1 {
             c.args(&remote);
         }
-        let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(rng.range(0, 600)));
         let _ = child.kill();
         let _ = child.wait();

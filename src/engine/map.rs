@@ -234,14 +234,10 @@ impl MapStore {
     }
 
     /// Starts the map of this session's generation, as `name.tmp`.
-    pub fn writer(
-        &self,
-        name: &str,
-        block_size: BlockSize,
-        volume_size: u64,
-    ) -> Result<MapWriter> {
+    pub fn writer(&self, name: &str, block_size: BlockSize, volume_size: u64) -> Result<MapWriter> {
         let tmp = self.file(name, "tmp");
-        let f = state::create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let f =
+            state::create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut fixed = Vec::with_capacity(FIXED);
         fixed.extend_from_slice(&MAGIC);
         fixed.extend_from_slice(&MAP_FORMAT.to_le_bytes());
@@ -286,21 +282,20 @@ fn load_or_create_key(path: &Path) -> Result<MapKey> {
     match read(path) {
         Ok(k) => return Ok(k),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "reading digest map key {}; remove it to start over (the next syncs do full scans)",
-                    path.display()
-                )
-            })
-        }
+        Err(e) => return Err(e).with_context(|| {
+            format!(
+                "reading digest map key {}; remove it to start over (the next syncs do full scans)",
+                path.display()
+            )
+        }),
     }
     let mut k = [0u8; 32];
     getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
     // Written aside and linked in place: of two runs making a key at once,
     // one wins and both use its key.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = state::create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        state::create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(&k)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -347,10 +342,12 @@ impl<R: Read + Seek> MapReader<R> {
         let u32_at = |o: usize| u32::from_le_bytes(fixed[o..o + 4].try_into().expect("4"));
         let format = u32_at(8);
         if format != MAP_FORMAT {
-            return Err(corrupt(format!("format {format}, this build reads {MAP_FORMAT}")));
+            return Err(corrupt(format!(
+                "format {format}, this build reads {MAP_FORMAT}"
+            )));
         }
-        let block_size = BlockSize::new(u32_at(12) as u64)
-            .map_err(|e| corrupt(format!("block size: {e}")))?;
+        let block_size =
+            BlockSize::new(u32_at(12) as u64).map_err(|e| corrupt(format!("block size: {e}")))?;
         let volume_size = u64::from_le_bytes(fixed[16..24].try_into().expect("8"));
         if fixed[24..40] != key.id() {
             return Err(Unusable::KeyChanged);
@@ -392,9 +389,7 @@ impl<R: Read + Seek> MapReader<R> {
             source_id: t.1,
             target_identity: t.2,
         };
-        inner
-            .seek(SeekFrom::Start(FIXED as u64))
-            .map_err(io_err)?;
+        inner.seek(SeekFrom::Start(FIXED as u64)).map_err(io_err)?;
         Ok((
             header,
             Self {
@@ -507,8 +502,9 @@ impl MapWriter {
             .map_err(|e| e.into_error())
             .with_context(|| ctx("writing"))?;
         f.sync_all().with_context(|| ctx("flushing"))?;
-        fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))?;
+        fs::rename(&self.tmp, &self.path).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.path.display())
+        })?;
         state::sync_dir(&self.dir)
     }
 }
@@ -566,7 +562,9 @@ impl MapSession {
                 if let Some(why) = &s.plan.scrub {
                     Some(why.clone())
                 } else if h.source_id != source_id {
-                    Some(Unusable::Mismatch(format!("another source ({})", h.source_id)).to_string())
+                    Some(
+                        Unusable::Mismatch(format!("another source ({})", h.source_id)).to_string(),
+                    )
                 } else if h.block_size != block {
                     Some(
                         Unusable::Mismatch(format!("block size {}", h.block_size.bytes()))

@@ -364,12 +364,8 @@ pub fn run(
     let mut map_target = None;
     let mut map = match &params.digest_map {
         Some(plan) if mode == Mode::FullScan && !params.dry_run => {
-            let (m, usable) = MapSession::prepare(
-                plan.clone(),
-                &params.source_id,
-                params.block_size,
-                size,
-            );
+            let (m, usable) =
+                MapSession::prepare(plan.clone(), &params.source_id, params.block_size, size);
             if let Some((g, t)) = usable {
                 mode = Mode::Mapped;
                 base = Some(g);
