@@ -130,6 +130,13 @@ pub struct SyncArgs {
     /// (textfile-collector format, replaced atomically).
     #[arg(long, value_name = "FILE")]
     pub metrics_file: Option<PathBuf>,
+    /// Where this host keeps its digest maps of what it sent (for the next
+    /// sync of the same source to the same target).
+    #[arg(long, value_name = "DIR", default_value = crate::state::DEFAULT_STATE_DIR)]
+    pub source_state_dir: PathBuf,
+    /// Neither use nor keep a digest map: every sync reads both volumes.
+    #[arg(long)]
+    pub no_digest_map: bool,
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,9 @@ pub struct VolumeDefaults {
     pub target_snapshot: Option<bool>,
     /// Bytes per second each side may send, rsync's units ("20M", "500").
     pub bwlimit: Option<String>,
+    /// Keep a digest map of what was sent and compare against it (default
+    /// true; volumes with thin changed-block tracking do not use it).
+    pub digest_map: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +117,8 @@ pub struct Volume {
     pub target_snapshot: bool,
     /// Bytes per second each side may send (0: no limit).
     pub bwlimit: u64,
+    /// Use the source's digest map (see `engine::map`).
+    pub digest_map: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -225,6 +230,7 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         target_snapshot: s.target_snapshot.or(d.target_snapshot).unwrap_or(false),
         bwlimit: crate::bwlimit::parse_rate(&pick(&s.bwlimit, &d.bwlimit, "0"))
             .map_err(|e| anyhow::anyhow!("bwlimit: {e}"))?,
+        digest_map: s.digest_map.or(d.digest_map).unwrap_or(true),
     })
 }
 

@@ -311,6 +311,7 @@ fn run_cycle(
             let v = open_source(&src, true)?;
             let mut p = params(vol, &dest, source_id, format!("live:{}", now()))?;
             p.force = force;
+            p.digest_map = digest_map(state_dir, vol, st);
             run_session(v, &dest, &t, &p, cancel, None, after)
         }
         _ => {
@@ -333,10 +334,64 @@ fn run_cycle(
                 format!("reflink:{}:{}", now(), st.cycles),
             )?;
             p.force = force;
+            p.digest_map = digest_map(state_dir, vol, st);
             let r = run_session(v, &dest, &t, &p, cancel, None, after);
             snap.finish()
                 .with_context(|| format!("removing snapshot {}", snap_path.display()))?;
             r
+        }
+    }
+}
+
+/// The digest map of a volume without thin changed-block tracking; every
+/// `scrub_every`th cycle ignores it (and makes a new one).
+fn digest_map(
+    state_dir: &Path,
+    vol: &config::Volume,
+    st: &SourceState,
+) -> Option<crate::engine::map::MapPlan> {
+    if !vol.digest_map {
+        return None;
+    }
+    let scrub = (vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every))
+        .then(|| format!("scrub cycle (scrub_every = {})", vol.scrub_every));
+    let store = match crate::engine::map::MapStore::open(state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("volume {}: no digest map: {e:#}", vol.name);
+            return None;
+        }
+    };
+    Some(crate::engine::map::MapPlan {
+        name: run_map_name(vol),
+        store,
+        scrub,
+    })
+}
+
+fn run_map_name(vol: &config::Volume) -> String {
+    crate::engine::map::map_name("run", &vol.name, &vol.target)
+}
+
+/// Removes the digest maps of `run` whose volume or target is no longer
+/// configured (or has `digest_map = false`).
+fn prune_maps(state_dir: &Path, volumes: &[config::Volume]) {
+    let dir = state_dir.join(crate::engine::map::MAP_DIR);
+    if !dir.is_dir() {
+        return;
+    }
+    let Ok(store) = crate::engine::map::MapStore::open(state_dir) else {
+        return;
+    };
+    let keep: std::collections::HashSet<String> = volumes
+        .iter()
+        .filter(|v| v.digest_map)
+        .map(run_map_name)
+        .collect();
+    for name in store.names() {
+        if name.starts_with("run-") && !keep.contains(&name) {
+            tracing::info!("removing the digest map {name} of a volume no longer configured");
+            store.remove(&name);
         }
     }
 }
@@ -500,6 +555,7 @@ fn lvm_cycle(
     };
     let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
     p.force = force;
+    p.digest_map = digest_map(state_dir, vol, st);
     // Watch the snapshot while it is read: once its COW space overflows
     // it is invalid and what we read from it is garbage.
     let session_cancel = Cancel::new();
@@ -638,6 +694,7 @@ pub fn run(
         ))
         .into());
     }
+    prune_maps(&cfg.state_dir, &volumes);
     let mut worst = Exit::Ok;
     loop {
         let t = now();

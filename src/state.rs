@@ -65,6 +65,36 @@ pub struct VolumeState {
     /// The path last used for the volume, for people reading the file.
     #[serde(default)]
     pub path: Option<String>,
+    /// A file replica as it was when `generation` was committed: while it
+    /// is unchanged the target vouches that nothing wrote the replica
+    /// since (a source's digest map may then be trusted).
+    #[serde(default)]
+    pub stamp: Option<FileStamp>,
+}
+
+/// What changes whenever anything writes a file: `cp` over it, an
+/// editor, `dd`, a truncation (each changes ctime), or a replacement
+/// (the inode). Times in nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        let m = fs::metadata(path)?;
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        Ok(Self {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

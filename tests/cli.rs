@@ -55,14 +55,15 @@ impl Fixture {
         s(&self.dst)
     }
 
-    /// Local sync; expects exit 0.
+    /// Local sync; expects exit 0. These are the full-scan engine's tests:
+    /// no digest map (tests/digest_map.rs covers that mode).
     fn sync(&self, extra: &[&str]) -> Report {
-        sync_json(&self.src, self.dst_str(), &self.state, extra)
+        sync_json(&self.src, self.dst_str(), &self.state, &full_scan(extra))
     }
 
     /// Local sync, any exit.
     fn sync_run(&self, extra: &[&str]) -> Run {
-        sync_run(&self.src, self.dst_str(), &self.state, extra)
+        sync_run(&self.src, self.dst_str(), &self.state, &full_scan(extra))
     }
 
     /// The options that reach a remote target through the local remote
@@ -85,6 +86,12 @@ impl Fixture {
     fn assert_exact(&self) {
         assert_same_content(&self.src, &self.dst);
     }
+}
+
+fn full_scan<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--no-digest-map"];
+    v.extend_from_slice(extra);
+    v
 }
 
 /// The counts every successful full scan must get right.
@@ -139,6 +146,7 @@ fn identical_volumes_send_nothing() {
 
 /// First copy, then 20 scattered 4 KiB changes; `extra` selects the target.
 fn scattered_case(f: &Fixture, dst: &str, extra: &[&str]) {
+    let extra = &full_scan(extra)[..];
     let size = 16 * MIB;
     write_random_file(&f.src, size, 2);
 

@@ -33,6 +33,9 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
         params.resume = !a.no_resume;
         params.journal_max = a.journal_max;
         params.target_snapshot = a.target_snapshot;
+        if !a.no_digest_map && !a.dry_run {
+            params.digest_map = digest_map(&a.source_state_dir, &a.src, &dest, None);
+        }
         let report = run_session(
             source.clone(),
             &dest,
@@ -164,6 +167,37 @@ fn differs(r: &Report) -> Coded {
             r.differing.len()
         ),
     }
+}
+
+/// The digest map of `src` synced to `dest`, kept in `state_dir`; `None`
+/// (with a warning) when the directory cannot be used: the sync then
+/// scans both volumes.
+pub fn digest_map(
+    state_dir: &Path,
+    src: &Path,
+    dest: &Destination,
+    scrub: Option<String>,
+) -> Option<crate::engine::map::MapPlan> {
+    let store = match crate::engine::map::MapStore::open(state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no digest map: {e:#}");
+            return None;
+        }
+    };
+    let src = transport::absolute(src).unwrap_or_else(|_| src.to_owned());
+    let target = match dest {
+        Destination::Local(p) => transport::absolute(p)
+            .unwrap_or_else(|_| p.clone())
+            .to_string_lossy()
+            .into_owned(),
+        Destination::Remote { host, path } => format!("{host}:{path}"),
+    };
+    Some(crate::engine::map::MapPlan {
+        store,
+        name: crate::engine::map::map_name("sync", &src.to_string_lossy(), &target),
+        scrub,
+    })
 }
 
 /// Opens a source volume for a sequential scan; `drop_behind` lets the

@@ -33,6 +33,7 @@ use wire::{
     Heartbeat, Hello, Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
+use super::map::{MapHeader, MapReader, MapSession, MapWriter};
 use super::{Cancel, Chunk, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::progress::Progress;
 
@@ -83,6 +84,8 @@ pub struct SessionParams {
     /// better than the volume (a thin LV's mapped space); else the
     /// volume's allocated extents, if it can tell.
     pub data_bytes: Option<u64>,
+    /// Compare against (and keep) the source's digest map, if any.
+    pub digest_map: Option<super::map::MapPlan>,
 }
 
 impl SessionParams {
@@ -111,6 +114,7 @@ impl SessionParams {
             target_snapshot: false,
             bwlimit: 0,
             data_bytes: None,
+            digest_map: None,
         }
     }
 }
@@ -391,12 +395,28 @@ pub fn run(
         .compress
         .filter(|_| ack.features & features::ZSTD != 0);
     let size = source.size();
-    let mode = if changes.is_some() {
+    let mut mode = if changes.is_some() {
         params.mode
     } else if params.mode == Mode::Verify {
         Mode::Verify
     } else {
         Mode::FullScan
+    };
+    // A full scan that writes may use (and always renews) the digest map.
+    let mut base = params.base.clone();
+    let mut map_target = None;
+    let mut map = match &params.digest_map {
+        Some(plan) if mode == Mode::FullScan && !params.dry_run => {
+            let (m, usable) =
+                MapSession::prepare(plan.clone(), &params.source_id, params.block_size, size);
+            if let Some((g, t)) = usable {
+                mode = Mode::Mapped;
+                base = Some(g);
+                map_target = Some(t);
+            }
+            Some(m)
+        }
+        _ => None,
     };
     wr.send(
         &Msg::Open(Open {
@@ -405,7 +425,7 @@ pub fn run(
             block_size: params.block_size,
             source_id: params.source_id.clone(),
             mode,
-            base: params.base.clone(),
+            base: base.clone(),
             target_generation: Generation {
                 number: 0,
                 snapshot: params.snapshot_id.clone(),
@@ -419,6 +439,7 @@ pub fn run(
                 .data_bytes
                 .or_else(|| source.data_bytes_in(0, size))
                 .map(|b| b.min(size)),
+            map_target: map_target.clone(),
         }),
         &[],
     )?;
@@ -435,6 +456,25 @@ pub fn run(
     };
 
     check_opened(&opened, params.block_size.blocks_in(size), mode)?;
+    if opened.mode == Mode::Mapped
+        && (map_target.as_deref() != Some(&opened.target_identity)
+            || !opened.target_strong
+            || opened.state.generation != base)
+    {
+        return Err(violation(
+            "the target runs the digest map's mode for another volume or generation",
+        ));
+    }
+    let mut map_old = map
+        .as_mut()
+        .and_then(|m| m.opened(opened.mode == Mode::Mapped, opened.unvouched.as_deref()));
+    // The new map needs every block: not for a resumed copy, nor for a
+    // target that could never vouch for it.
+    let map_new = map
+        .as_ref()
+        .filter(|_| opened.start_block == 0 && opened.target_strong)
+        .and_then(|m| m.writer(params.block_size, size));
+    let map_signer = map.as_ref().map(|m| m.signer());
 
     let mut report = Report {
         volume_bytes: size,
@@ -443,6 +483,7 @@ pub fn run(
             Mode::FullScan => "full-scan",
             Mode::Delta => "delta",
             Mode::Verify => "verify",
+            Mode::Mapped => "digest-map",
         }
         .into(),
         start_block: opened.start_block,
@@ -459,6 +500,9 @@ pub fn run(
             None => "target holds no complete generation; full scan instead".into(),
         });
     }
+    if let Some(m) = &map {
+        report.fallback = report.fallback.take().or(m.fallback.clone());
+    }
 
     // From here four helper threads run.
     let clock = Clock::new();
@@ -473,7 +517,7 @@ pub fn run(
         total,
         window: opened.window_blocks,
         // Delta: the target reads nothing, so no digest may come.
-        next_hash: if opened.mode == Mode::Delta {
+        next_hash: if matches!(opened.mode, Mode::Delta | Mode::Mapped) {
             total
         } else {
             opened.start_block
@@ -552,6 +596,9 @@ pub fn run(
         // Often enough that the target never waits long for it and its
         // resume marks stay fine-grained.
         credit_step: (opened.window_blocks / 4).clamp(1, 64),
+        map_old: map_old.take(),
+        map_new,
+        map_signer,
     };
     // A file replica longer than the source differs in its tail (a sync
     // truncates it at commit; a verify or dry run must say so).
@@ -565,6 +612,18 @@ pub fn run(
     let result = result.and_then(|()| cmp.finish());
     let result = result.and_then(|()| cmp.check_committed(params, &opened));
     let committed = cmp.committed.take();
+    let map_new = cmp.map_new.take();
+    if let (Ok(()), Some(m), Some(c)) = (&result, &map, &committed) {
+        // Only now may the map claim the generation the target holds.
+        let header = c.state.generation.clone().map(|generation| MapHeader {
+            block_size: params.block_size,
+            volume_size: size,
+            generation,
+            source_id: params.source_id.clone(),
+            target_identity: opened.target_identity.clone(),
+        });
+        m.commit(map_new, header);
+    }
     drop(beat_stop);
     let _ = beat.join();
     let Comparer { out, incoming, .. } = cmp;
@@ -617,6 +676,14 @@ pub fn run(
     Ok(report)
 }
 
+fn map_error(source: &Arc<dyn Volume>, e: std::io::Error) -> SyncError {
+    SyncError::Source(VolumeError::Other {
+        op: "reading the digest map of",
+        path: source.path().to_owned(),
+        source: e,
+    })
+}
+
 /// Checks the target's answer to `Open` against what we asked.
 fn check_opened(o: &Opened, total: u64, asked: Mode) -> Result<(), SyncError> {
     if o.start_block > total {
@@ -631,7 +698,8 @@ fn check_opened(o: &Opened, total: u64, asked: Mode) -> Result<(), SyncError> {
             o.window_blocks
         )));
     }
-    let mode_ok = o.mode == asked || (asked == Mode::Delta && o.mode == Mode::FullScan);
+    let mode_ok = o.mode == asked
+        || (matches!(asked, Mode::Delta | Mode::Mapped) && o.mode == Mode::FullScan);
     if !mode_ok {
         return Err(violation(format!(
             "asked for {asked:?}, the target runs {:?}",
@@ -796,6 +864,12 @@ struct Comparer<'a> {
     /// The last credit sent, and how far it moves before the next.
     credited: u64,
     credit_step: u64,
+    /// Digest-map mode: the map of the base, compared instead of the
+    /// target's digests.
+    map_old: Option<MapReader<std::fs::File>>,
+    /// The map of this generation being written, and its signer.
+    map_new: Option<MapWriter>,
+    map_signer: Option<Signer>,
 }
 
 impl Comparer<'_> {
@@ -928,9 +1002,13 @@ impl Comparer<'_> {
             let chunk = chunk?;
             self.compare_chunk(&chunk, &zero_block)?;
             self.report.source_bytes_read = reader.bytes_read();
-            self.counters
-                .blocks
-                .store(self.report.blocks_compared, Ordering::Relaxed);
+            // The target checks this against the blocks it hashed: none
+            // in digest-map mode.
+            if self.map_old.is_none() {
+                self.counters
+                    .blocks
+                    .store(self.report.blocks_compared, Ordering::Relaxed);
+            }
             self.counters
                 .read
                 .store(self.report.source_bytes_read, Ordering::Relaxed);
@@ -975,8 +1053,18 @@ impl Comparer<'_> {
             } else {
                 &chunk.data[i as usize * bs..i as usize * bs + len]
             };
-            let theirs = self.target_digest(b)?;
-            let (decision, _) = decide(&self.signer, data, Some(&theirs));
+            let (decision, digest) = match (&mut self.map_old, &self.map_signer) {
+                (Some(r), Some(ms)) => {
+                    let theirs = r.next_digest().map_err(|e| map_error(&self.source, e))?;
+                    decide(ms, data, Some(&theirs))
+                }
+                _ => {
+                    let theirs = self.target_digest(b)?;
+                    let (d, _) = decide(&self.signer, data, Some(&theirs));
+                    (d, [0; 16])
+                }
+            };
+            self.record_map(data, digest);
             self.report.blocks_compared += 1;
             let offset = self.block.offset_of(b);
             match decision {
@@ -1081,6 +1169,24 @@ impl Comparer<'_> {
                 }
                 Ok(true)
             }
+        }
+    }
+
+    /// Appends block's map digest (already computed in digest-map mode)
+    /// to the new map. A map that cannot be written is dropped, never the
+    /// session: the next one does a full scan.
+    fn record_map(&mut self, data: &[u8], digest: Digest) {
+        let (Some(w), Some(ms)) = (&mut self.map_new, &self.map_signer) else {
+            return;
+        };
+        let d = if self.map_old.is_some() {
+            digest
+        } else {
+            ms.block_digest(data)
+        };
+        if let Err(e) = w.push(&d) {
+            tracing::warn!("writing the digest map: {e}; the next sync does a full scan");
+            self.map_new = None;
         }
     }
 
@@ -1266,6 +1372,7 @@ mod tests {
             resizable: true,
             target_identity: "file:1:2".into(),
             target_strong: true,
+            unvouched: None,
         };
         let after = |o: &Opened, p: &SessionParams, data, zeroed| {
             let a = ReplicaAfter::after_failure(o, p, data, zeroed);

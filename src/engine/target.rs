@@ -695,6 +695,16 @@ impl Session {
                 mode = Mode::FullScan;
             }
         }
+        // A digest-map session trusts the source's map of the base: only
+        // if the target holds it and vouches nothing wrote it since.
+        let mut unvouched = None;
+        if mode == Mode::Mapped {
+            let file = identity.kind == snapshot::identity::IdKind::File;
+            if let Err(why) = vouch(&open, &state, &identity, &id, same_source, file, &path) {
+                unvouched = Some(why);
+                mode = Mode::FullScan;
+            }
+        }
         // Resume an interrupted in-place copy of the very same snapshot.
         let mut start_block = 0;
         if let Some(ip) = &state.in_progress {
@@ -754,6 +764,7 @@ impl Session {
             resizable: volume.resizable(),
             target_identity: id,
             target_strong: identity.strong,
+            unvouched,
         };
         let shared = Arc::new(Shared {
             volume,
@@ -817,7 +828,7 @@ impl Session {
         let shared = self.shared.clone();
         rd.shared = Some(shared.clone());
 
-        let scanner = (self.mode != Mode::Delta).then(|| {
+        let scanner = (!matches!(self.mode, Mode::Delta | Mode::Mapped)).then(|| {
             let (s, tx, start) = (shared.clone(), out_tx.clone(), self.start_block);
             thread::Builder::new()
                 .name("serve-scan".into())
@@ -1360,6 +1371,12 @@ impl Session {
             v.set_size(self.shared.new_size).map_err(volume_err)?;
         }
         v.sync().map_err(volume_err)?;
+        // Stamped after the last write: any later write changes it.
+        self.state.stamp = if v.resizable() {
+            state::FileStamp::of(Path::new(&self.open.path)).ok()
+        } else {
+            None
+        };
         self.state.source_id = Some(self.open.source_id.clone());
         self.state.generation = Some(self.next_generation.clone());
         self.state.consistent = true;
@@ -1382,6 +1399,57 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether the target vouches that its replica is exactly `open.base`
+/// as the source's digest map recorded it; `Err` says why not.
+fn vouch(
+    open: &Open,
+    state: &VolumeState,
+    identity: &snapshot::VolumeIdentity,
+    id: &str,
+    same_source: bool,
+    file: bool,
+    path: &Path,
+) -> Result<(), String> {
+    if !identity.strong {
+        return Err(format!(
+            "the target's identity is weak ({identity}): it is never vouched for"
+        ));
+    }
+    if open.map_target.as_deref() != Some(id) {
+        return Err(format!(
+            "the map was made against another target volume ({}), this one is {id}",
+            wire::escape(open.map_target.as_deref().unwrap_or("none"))
+        ));
+    }
+    let holds = same_source && state.consistent && open.base.is_some();
+    if !holds || state.generation != open.base {
+        return Err(format!(
+            "the map is of generation {}, the target holds {}",
+            open.base.as_ref().map_or(0, |g| g.number),
+            match (&state.generation, state.consistent && same_source) {
+                (Some(g), true) => format!("generation {}", g.number),
+                _ => "no complete generation of this source".into(),
+            }
+        ));
+    }
+    if file {
+        // A block device: nothing cheap tells whether something wrote it;
+        // trusted like changed-block tracking, the scrub is the net.
+        let now = state::FileStamp::of(path).ok();
+        match state.stamp {
+            None => return Err("no record of the replica file at its commit".into()),
+            Some(s) if Some(s) != now => {
+                return Err(
+                    "the replica file changed since its commit (inode, size, mtime or ctime)"
+                        .into(),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 enum Op<'a> {
@@ -1644,8 +1712,12 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
     let mut payload = Vec::new();
     for block in rx {
         let len = s.block.len_of(block, s.new_size) as usize;
-        s.read_virtual(&mut buf[..len], s.block.offset_of(block))
-            .map_err(volume_err)?;
+        // A hole is not read: the buffer still holds the last block.
+        if s.read_virtual(&mut buf[..len], s.block.offset_of(block))
+            .map_err(volume_err)?
+        {
+            buf[..len].fill(0);
+        }
         subs.clear();
         s.signer.sub_digests(&buf[..len], &mut subs);
         wire::digests_to_payload(&subs, &mut payload);

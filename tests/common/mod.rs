@@ -507,6 +507,10 @@ pub fn sync_run(src: &Path, dst: &str, state: &Path, extra: &[&str]) -> Run {
 pub fn volume_cmd(what: &str, src: &Path, dst: &str, state: &Path) -> Command {
     let mut c = snapsync();
     c.arg(what).arg(src).arg(dst).arg("--state-dir").arg(state);
+    if what == "sync" {
+        // This host's digest maps stay with the test, not in /var/lib.
+        c.arg("--source-state-dir").arg(state.join("source"));
+    }
     c
 }
 

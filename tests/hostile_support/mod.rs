@@ -232,6 +232,7 @@ pub fn first_scan_opened(target_size: u64, window_blocks: u64) -> Opened {
         resizable: true,
         target_identity: "file:1:2".into(),
         target_strong: true,
+        unvouched: None,
     }
 }
 
@@ -400,6 +401,7 @@ pub fn open_msg(path: &Path, size: u64, block: u64) -> Open {
         resume: false,
         target_snapshot: false,
         source_data_bytes: None,
+        map_target: None,
     }
 }
 

@@ -175,6 +175,11 @@ pub enum Mode {
     Delta,
     /// Compare only; the target writes nothing.
     Verify,
+    /// The source compares against its digest map of `Open::base`; the
+    /// target streams no digests and answers `Refine` only for the blocks
+    /// the source asks about (protocol 3). Valid only if the target holds
+    /// the base and vouches that nothing wrote the replica since.
+    Mapped,
 }
 
 /// Identity of a generation: which source volume, which snapshot of it.
@@ -233,6 +238,10 @@ pub struct Open {
     /// file target checks its free space against it before writing in
     /// place (protocol 3).
     pub source_data_bytes: Option<u64>,
+    /// [`Mode::Mapped`]: the target identity the source's digest map was
+    /// made against; the target runs the mode only if it is its own
+    /// (protocol 3).
+    pub map_target: Option<String>,
 }
 
 /// What the target knows about its replica.
@@ -271,6 +280,10 @@ pub struct Opened {
     /// Whether that identity is strong (unique and persistent); a weak
     /// one never gets a delta.
     pub target_strong: bool,
+    /// Why a requested [`Mode::Mapped`] became a full scan: the target
+    /// does not hold the base, or cannot vouch that nothing wrote the
+    /// replica since (protocol 3).
+    pub unvouched: Option<String>,
 }
 
 /// target → source: digests of blocks `first..first+n`, n digests in the payload.
@@ -846,6 +859,7 @@ mod tests {
                     resume: true,
                     target_snapshot: true,
                     source_data_bytes: Some(1 << 20),
+                    map_target: Some("file:1:2".into()),
                 }),
                 vec![],
             ),
@@ -865,6 +879,7 @@ mod tests {
                     resizable: true,
                     target_identity: "file:1:2".into(),
                     target_strong: true,
+                    unvouched: Some("changed".into()),
                 }),
                 vec![],
             ),

@@ -1,0 +1,479 @@
+//! The digest map end to end, with the real binary: repeated syncs that
+//! read only the source, every fallback to a full scan and why, what the
+//! target vouches for (a file: unchanged since its commit; a block
+//! device: trusted, the scrub and `verify` are the net), and kill -9 at
+//! random moments never leaving a map that claims a generation the target
+//! does not hold.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use snapsync::engine::map::{MapKey, MapReader};
+
+const BLOCK: u64 = 64 * KIB;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    src: PathBuf,
+    dst: PathBuf,
+    state: PathBuf,
+}
+
+impl Fixture {
+    fn new(size: u64, seed: u64) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("snapsync-map-")
+            .tempdir()
+            .unwrap();
+        let src = dir.path().join("src.img");
+        write_random_file(&src, size, seed);
+        Fixture {
+            src,
+            dst: dir.path().join("dst.img"),
+            state: dir.path().join("state"),
+            dir,
+        }
+    }
+
+    fn sync(&self, extra: &[&str]) -> Report {
+        let r = sync_json(&self.src, s(&self.dst), &self.state, extra);
+        assert_same_content(&self.src, &self.dst);
+        r
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.state.join("source/digest-maps")
+    }
+
+    /// The one map file of this fixture (`.map`), if any.
+    fn map_file(&self) -> Option<PathBuf> {
+        std::fs::read_dir(self.maps())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "map"))
+    }
+}
+
+fn fallback(r: &Report) -> String {
+    r.opt_s("fallback").unwrap_or_default()
+}
+
+/// The generation a map claims, checked with its key as the source would.
+fn map_generation(map: &Path, key_file: &Path) -> u64 {
+    let key: [u8; 32] = std::fs::read(key_file).unwrap().try_into().unwrap();
+    let f = std::fs::File::open(map).unwrap();
+    let (h, _) =
+        MapReader::new(f, &MapKey::new(key)).unwrap_or_else(|e| panic!("{}: {e}", map.display()));
+    h.generation.number
+}
+
+/// The generation the target's state says its replica holds, if complete.
+fn target_generation(state: &Path) -> Option<u64> {
+    for e in std::fs::read_dir(state).ok()?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("vol-") && n.ends_with(".state.json") {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            if v["consistent"] != serde_json::Value::Bool(true) {
+                return None;
+            }
+            return v["generation"]["number"].as_u64();
+        }
+    }
+    None
+}
+
+#[test]
+fn repeated_syncs_with_random_changes_read_only_the_source() {
+    let size = 24 * MIB + 5000;
+    let f = Fixture::new(size, 1);
+    let first = f.sync(&[]);
+    assert_eq!(first.s("mode"), "full-scan", "{first}");
+    assert!(
+        first.is_null("fallback"),
+        "a first copy has no map to miss: {first}"
+    );
+
+    // Nothing changed: the target reads nothing, nothing is sent.
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert_eq!(r.u("target_bytes_read"), 0, "{r}");
+    assert_eq!(r.u("blocks_changed"), 0, "{r}");
+    assert_eq!(r.u("data_bytes") + r.u("zero_bytes"), 0, "{r}");
+    assert_eq!(r.u("source_bytes_read"), size, "{r}");
+    assert_eq!(r.opt_u("generation"), Some(2), "{r}");
+
+    let mut rng = Rng::new(7);
+    for cycle in 0..6u64 {
+        let mut ranges = Vec::new();
+        match cycle % 3 {
+            // Scattered 4 KiB writes.
+            0 => ranges = scatter_writes(&f.src, size, 100 + cycle, 1000 * cycle),
+            // A region, unaligned.
+            1 => {
+                let off = rng.below(size - MIB);
+                let len = rng.range(1, MIB);
+                write_at(&f.src, off, &random_bytes(cycle, len as usize));
+                ranges.push((off, len));
+            }
+            // A zeroed region and one changed byte in the short last block.
+            _ => {
+                let off = rng.below(size / BLOCK - 4) * BLOCK;
+                write_at(&f.src, off, &vec![0u8; 3 * BLOCK as usize]);
+                write_at(&f.src, size - 1, &[cycle as u8 ^ 0x5a]);
+                ranges.push((off, 3 * BLOCK));
+                ranges.push((size - 1, 1));
+            }
+        }
+        let r = f.sync(&[]);
+        assert_eq!(r.s("mode"), "digest-map", "cycle {cycle}: {r}");
+        assert!(r.is_null("fallback"), "{r}");
+        let touched = blocks_touched(&ranges, BLOCK);
+        assert!(r.u("blocks_changed") <= touched, "cycle {cycle}: {r}");
+        // The target reads only the blocks it is asked to refine.
+        assert!(
+            r.u("target_bytes_read") <= r.u("blocks_changed") * BLOCK,
+            "cycle {cycle}: {r}"
+        );
+        if cycle % 3 == 0 {
+            // Exactly the 4 KiB blocks written, nothing around them.
+            assert_eq!(r.u("data_bytes"), 20 * 4 * KIB, "{r}");
+            assert_eq!(r.u("blocks_changed"), touched, "{r}");
+        }
+    }
+}
+
+/// Regression: the target answered a refinement of a block that is a
+/// hole in its file with the sub-digests of the block it refined before
+/// (its buffer was not cleared), so whole blocks of data went out for one
+/// changed sub-block; had the stale bytes equalled the source's, a
+/// change would have been missed.
+#[test]
+fn refine_of_a_hole_block_hashes_zeros_not_the_previous_block() {
+    for extra in [&["--no-digest-map"][..], &[][..]] {
+        let size = 4 * MIB;
+        let f = Fixture::new(size, 12);
+        // Blocks 10..20 zero: the target punches them.
+        write_at(&f.src, 10 * BLOCK, &vec![0u8; 10 * BLOCK as usize]);
+        f.sync(extra);
+        f.sync(extra);
+        // Block 5 changes in one sub-block, then block 12 (a hole on the
+        // target) gets one sub-block of data.
+        write_at(&f.src, 5 * BLOCK, &random_bytes(77, 4096));
+        write_at(&f.src, 12 * BLOCK + 8192, &random_bytes(78, 4096));
+        let r = f.sync(extra);
+        assert_eq!(r.u("data_bytes"), 8192, "{extra:?}: {r}");
+    }
+}
+
+#[test]
+fn every_reason_not_to_trust_the_map_falls_back_and_says_why() {
+    let size = 4 * MIB;
+    let f = Fixture::new(size, 2);
+    f.sync(&[]);
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+    let key = f.maps().join("key");
+
+    // Corrupt: one flipped bit.
+    let map = f.map_file().expect("a map after a sync");
+    let mut bytes = std::fs::read(&map).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&map, &bytes).unwrap();
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("corrupt"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // Truncated.
+    let map = f.map_file().unwrap();
+    let len = file_len(&map);
+    set_len(&map, len - 7);
+    let r = f.sync(&[]);
+    assert!(fallback(&r).contains("corrupt"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // Another key.
+    std::fs::write(&key, [3u8; 32]).unwrap();
+    let r = f.sync(&[]);
+    assert!(fallback(&r).contains("another key"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // Stale: a sync without the map moved the target on.
+    f.sync(&["--no-digest-map"]);
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("the target holds generation"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // A cycle that fails after taking the map (here: the target is
+    // busy) leaves none: the next one scans in full and says why.
+    {
+        let _held = snapsync::state::VolumeLock::acquire(&lock_path(&f.state, &f.dst)).unwrap();
+        sync_run(&f.src, s(&f.dst), &f.state, &[]).assert_code(6);
+    }
+    assert!(f.map_file().is_none());
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("failed or was interrupted"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // The source changed size.
+    append_random(&f.src, 100, 3);
+    let r = f.sync(&[]);
+    assert!(fallback(&r).contains("a volume of"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // The replica replaced by a copy of itself (another inode: another
+    // target volume).
+    let copy = f.dir.path().join("copy.img");
+    std::fs::copy(&f.dst, &copy).unwrap();
+    std::fs::rename(&copy, &f.dst).unwrap();
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(!fallback(&r).is_empty(), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
+    // --no-digest-map neither uses nor keeps one.
+    let r = f.sync(&["--no-digest-map"]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(r.is_null("fallback"), "{r}");
+}
+
+#[test]
+fn a_file_replica_written_out_of_band_is_not_vouched_for() {
+    let size = 4 * MIB;
+    let f = Fixture::new(size, 4);
+    f.sync(&[]);
+    // Same size, one byte, as an editor or dd would.
+    let old = read_at(&f.dst, 70_000, 1);
+    write_at(&f.dst, 70_000, &[old[0] ^ 0xff]);
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("changed since its commit"), "{r}");
+    assert!(r.u("data_bytes") >= 1, "the byte was put back: {r}");
+
+    // Written and its times put back: ctime still tells.
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    let mtime = std::fs::metadata(&f.dst).unwrap().modified().unwrap();
+    write_at(&f.dst, 0, &[0]);
+    std::fs::File::options()
+        .write(true)
+        .open(&f.dst)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let r = f.sync(&[]);
+    assert!(fallback(&r).contains("changed since its commit"), "{r}");
+}
+
+#[test]
+fn remote_target_vouches_through_the_protocol() {
+    let size = 8 * MIB;
+    let f = Fixture::new(size, 5);
+    let rsh = local_rsh(f.dir.path());
+    let args = remote_args(&rsh);
+    let dst = format!("localhost:{}", s(&f.dst));
+    let sync = |extra: &[&str]| {
+        let mut a = strs(&args);
+        a.extend_from_slice(extra);
+        let r = sync_json(&f.src, &dst, &f.state, &a);
+        assert_same_content(&f.src, &f.dst);
+        r
+    };
+    sync(&[]);
+    let changed = scatter_writes(&f.src, size, 11, 12);
+    let r = sync(&[]);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert_scattered_delta(&r, size, &changed);
+    assert!(
+        r.u("target_bytes_read") <= r.u("blocks_changed") * BLOCK,
+        "{r}"
+    );
+}
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    fn new(backing: &Path) -> Option<Self> {
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .ok()?;
+        o.status.success().then(|| {
+            LoopDevice(PathBuf::from(
+                String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            ))
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// The one thing a map cannot see, like changed-block tracking: a block
+/// device written behind snapsync's back. `verify` sees it, and so does
+/// `run`'s next scrub cycle, which repairs it.
+#[test]
+fn a_block_device_written_out_of_band_is_caught_by_verify_and_the_scrub() {
+    let size = 8 * MIB;
+    let f = Fixture::new(size, 6);
+    let backing = f.dir.path().join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let Some(lo) = LoopDevice::new(&backing) else {
+        skip_root_test("no loop device here (root needed)");
+        return;
+    };
+    let cfg = f.dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[[volume]]\nname = \"v\"\nsource = {:?}\ntarget = {:?}\nsnapshot = \"none\"\ninterval = \"1s\"\nscrub_every = 3\ntarget_state_dir = {:?}\n",
+            s(&f.state.join("run")),
+            s(&f.src),
+            s(&lo.0),
+            s(&f.state),
+        ),
+    )
+    .unwrap();
+    let cycle = || {
+        let mut c = snapsync();
+        c.args(["run", "--once", "--json", "--config"]).arg(&cfg);
+        let r = run_with_deadline(&mut c, DEFAULT_DEADLINE);
+        r.assert_ok();
+        let line: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        Report(line["report"].clone())
+    };
+    let verify = || {
+        let mut c = volume_cmd("verify", &f.src, s(&lo.0), &f.state);
+        run_with_deadline(&mut c, DEFAULT_DEADLINE)
+    };
+    let first = cycle();
+    assert_eq!(first.s("mode"), "full-scan", "{first}");
+    let r = cycle();
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert_eq!(r.u("target_bytes_read"), 0, "{r}");
+    verify().assert_ok();
+
+    // Behind snapsync's back.
+    write_at(&lo.0, 3 * MIB + 5, b"out of band");
+    verify().assert_code(7);
+    // Cycle 3 is a scrub: a full scan, which repairs the replica.
+    let r = cycle();
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("scrub cycle"), "{r}");
+    assert!(r.u("data_bytes") >= 11, "{r}");
+    verify().assert_ok();
+    let r = cycle();
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+
+    // A volume no longer configured loses its map.
+    let maps = f.state.join("run/digest-maps");
+    let count = |ext: &str| {
+        std::fs::read_dir(&maps)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|e| e == ext))
+            .count()
+    };
+    assert_eq!(count("map"), 1);
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[[volume]]\nname = \"w\"\nsource = {:?}\ntarget = {:?}\nsnapshot = \"none\"\ndigest_map = false\ntarget_state_dir = {:?}\n",
+            s(&f.state.join("run")),
+            s(&f.src),
+            s(&lo.0),
+            s(&f.state),
+        ),
+    )
+    .unwrap();
+    let r = cycle();
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert_eq!(count("map"), 0, "the map of volume v is gone");
+}
+
+/// kill -9 of the syncing process (source and, for a local target, the
+/// target with it) at random moments: a map is either absent or claims
+/// exactly the generation the target holds; the next sync is exact.
+#[test]
+fn kill_9_never_leaves_a_map_claiming_a_generation_the_target_lacks() {
+    let size = 24 * MIB;
+    let f = Fixture::new(size, 8);
+    let rsh = local_rsh(f.dir.path());
+    let remote = remote_args(&rsh);
+    f.sync(&[]);
+    let key = f.maps().join("key");
+    let mut rng = Rng::new(99);
+    for trial in 0..12u64 {
+        let _ = scatter_writes(&f.src, size, 500 + trial, 600 + trial);
+        if trial % 4 == 1 {
+            write_at(
+                &f.src,
+                rng.below(size - 2 * MIB),
+                &random_bytes(trial, 2 * MIB as usize),
+            );
+        }
+        // Half the trials through a separate serving process.
+        let dst = if trial % 2 == 0 {
+            s(&f.dst).to_owned()
+        } else {
+            format!("localhost:{}", s(&f.dst))
+        };
+        let mut c = volume_cmd("sync", &f.src, &dst, &f.state);
+        c.arg("--json");
+        if trial % 2 == 1 {
+            c.args(&remote);
+        }
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.range(0, 600)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // A remote target may still be finishing: wait for its lock.
+        let lock = lock_path(&f.state, &f.dst);
+        for _ in 0..200 {
+            if snapsync::state::VolumeLock::acquire(&lock).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(map) = f.map_file() {
+            let claimed = map_generation(&map, &key);
+            let held = target_generation(&f.state);
+            // Held may be ahead (killed between the target's commit and
+            // the map's rename): then the next sync scans in full.
+            assert!(
+                held.is_some_and(|h| h >= claimed),
+                "trial {trial}: the map claims generation {claimed}, the target holds {held:?}"
+            );
+            if held != Some(claimed) {
+                let r = f.sync(&[]);
+                assert_eq!(r.s("mode"), "full-scan", "trial {trial}: {r}");
+                continue;
+            }
+        }
+        let r = f.sync(&[]);
+        assert!(
+            ["full-scan", "digest-map"].contains(&r.s("mode").as_str()),
+            "{r}"
+        );
+    }
+}
