@@ -68,6 +68,11 @@ pub struct VolumeDefaults {
     pub target_snapshot: Option<bool>,
     /// Bytes per second each side may send, rsync's units ("20M", "500").
     pub bwlimit: Option<String>,
+    /// ceph.conf and cephx id for `rbd:` targets (on the gateway for
+    /// `host:rbd:…`), and the generation snapshots they keep.
+    pub ceph_conf: Option<PathBuf>,
+    pub ceph_id: Option<String>,
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +119,9 @@ pub struct Volume {
     pub target_snapshot: bool,
     /// Bytes per second each side may send (0: no limit).
     pub bwlimit: u64,
+    pub ceph_conf: Option<PathBuf>,
+    pub ceph_id: Option<String>,
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -225,6 +233,12 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         target_snapshot: s.target_snapshot.or(d.target_snapshot).unwrap_or(false),
         bwlimit: crate::bwlimit::parse_rate(&pick(&s.bwlimit, &d.bwlimit, "0"))
             .map_err(|e| anyhow::anyhow!("bwlimit: {e}"))?,
+        ceph_conf: s.ceph_conf.clone().or(d.ceph_conf.clone()),
+        ceph_id: s.ceph_id.clone().or(d.ceph_id.clone()),
+        keep_generations: match s.keep_generations.or(d.keep_generations) {
+            Some(0) => anyhow::bail!("keep_generations must be at least 1"),
+            k => k,
+        },
     })
 }
 

@@ -47,7 +47,13 @@ pub struct ServeConfig {
     pub timeout: Option<Duration>,
     /// Largest journal, in bytes of records; the source may only lower it.
     pub journal_max: u64,
+    /// How `rbd:` targets reach their cluster.
+    pub ceph: CephOptions,
 }
+
+#[path = "rbd_target.rs"]
+mod rbd_target;
+pub use rbd_target::{CephOptions, DEFAULT_KEEP_GENERATIONS};
 
 /// Default of `serve --timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -428,6 +434,8 @@ struct Session {
     applier: Applier,
     bytes_written: u64,
     recovered: Option<String>,
+    /// An `rbd:` target: its state is image-meta, its generations snapshots.
+    rbd: Option<Box<rbd_target::Replica>>,
 }
 
 impl Session {
@@ -437,6 +445,9 @@ impl Session {
         feats: u32,
         cfg: &ServeConfig,
     ) -> Result<(Self, Opened), TargetError> {
+        if rbd::RbdSpec::is_rbd(&open.path) {
+            return rbd_target::open(open, key, feats, cfg);
+        }
         let path = checked_path(&open.path)?;
         if !allowed(cfg, &path) {
             return Err(TargetError::new(
@@ -773,6 +784,7 @@ impl Session {
             applier,
             bytes_written: 0,
             recovered,
+            rbd: None,
         };
         Ok((session, opened))
     }
@@ -911,7 +923,11 @@ impl Session {
         use std::io::{Seek, SeekFrom};
         let v = &self.shared.volume;
         let new = self.shared.new_size;
-        if matches!(self.applier, Applier::DryRun) || !v.resizable() || new <= v.size() {
+        if matches!(self.applier, Applier::DryRun)
+            || !v.resizable()
+            || new <= v.size()
+            || self.rbd.is_some()
+        {
             return Ok(());
         }
         let probe = std::fs::File::open(&self.open.path)
@@ -1134,6 +1150,10 @@ impl Session {
             block_size: self.shared.block.bytes(),
             mark_block,
         });
+        if self.rbd.is_some() {
+            // Its snapshot existing after a crash means it committed.
+            self.state.applying = Some(self.next_generation.clone());
+        }
         self.save_state()
     }
 
@@ -1156,6 +1176,9 @@ impl Session {
     }
 
     fn save_state(&self) -> Result<(), TargetError> {
+        if let Some(r) = &self.rbd {
+            return r.save(&self.state);
+        }
         state::save(&self.paths.state, &self.state)
             .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))
     }
@@ -1282,10 +1305,14 @@ impl Session {
     /// The volume holds generation n: shrink a longer file, flush, record.
     fn finish_generation(&mut self) -> Result<(), TargetError> {
         let v = self.shared.volume.as_ref();
-        if v.resizable() && v.size() > self.shared.new_size {
+        if v.resizable() && v.size() > self.shared.new_size && self.rbd.is_none() {
             v.set_size(self.shared.new_size).map_err(volume_err)?;
         }
         v.sync().map_err(volume_err)?;
+        if let Some(r) = &self.rbd {
+            // The generation is complete once its snapshot exists.
+            r.snapshot_generation(&self.next_generation, self.shared.new_size)?;
+        }
         self.state.source_id = Some(self.open.source_id.clone());
         self.state.generation = Some(self.next_generation.clone());
         self.state.consistent = true;
@@ -1296,7 +1323,11 @@ impl Session {
             .duration_since(UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs());
-        self.save_state()
+        self.save_state()?;
+        if let Some(r) = &self.rbd {
+            r.prune();
+        }
+        Ok(())
     }
 
     /// Session failed: an unsealed journal is thrown away (the replica is
