@@ -26,7 +26,10 @@ pub enum Destination {
     Local(PathBuf),
     /// `rbd:POOL[/NAMESPACE]/IMAGE`: an RBD image this host reaches.
     Rbd(String),
-    Remote { host: String, path: String },
+    Remote {
+        host: String,
+        path: String,
+    },
 }
 
 impl Destination {
@@ -325,6 +328,33 @@ mod tests {
             Destination::Remote {
                 host: "root@h".into(),
                 path: "/dev/vg/x".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rbd_is_a_reserved_prefix() {
+        assert_eq!(
+            Destination::parse("rbd:backup/data").unwrap(),
+            Destination::Rbd("rbd:backup/data".into())
+        );
+        assert!(Destination::parse("rbd:backup").is_err());
+        // The host named rbd is reached as user@rbd: or rbd.:
+        for (d, host) in [("root@rbd:/dev/x", "root@rbd"), ("rbd.:/dev/x", "rbd.")] {
+            assert_eq!(
+                Destination::parse(d).unwrap(),
+                Destination::Remote {
+                    host: host.into(),
+                    path: "/dev/x".into()
+                }
+            );
+        }
+        // Through a gateway, the rbd: name is the path serve opens there.
+        assert_eq!(
+            Destination::parse("gw:rbd:backup/ns/data").unwrap(),
+            Destination::Remote {
+                host: "gw".into(),
+                path: "rbd:backup/ns/data".into()
             }
         );
     }

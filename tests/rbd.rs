@@ -178,7 +178,7 @@ fn first_copy_and_five_delta_cycles_are_byte_exact_generations() {
         assert_eq!(s, want_snaps);
     }
     // The kept previous generation is still exactly what it was.
-    assert!(f.generation(5) == expected[3]);
+    assert!(f.generation(5) == expected[4]);
     let meta = rbd(&["image-meta", "get", &f.image, "snapsync.state"]);
     let st: serde_json::Value = serde_json::from_slice(&meta).unwrap();
     assert_eq!(st["generation"]["number"], 6, "{st}");
@@ -244,7 +244,7 @@ fn an_interrupted_apply_is_rolled_back_to_the_previous_generation() {
     let gen1 = std::fs::read(&f.src).unwrap();
     // The whole source changes; a slow session is interrupted mid-apply.
     write_random_file(&f.src, 16 * MIB, 4);
-    let mut child = snapsync()
+    let child = snapsync()
         .args(["sync", s(&f.src), &f.dst(), "--state-dir", s(&f.state)])
         .args(["--json", "--bwlimit", "2M", "--quiet"])
         .stdout(Stdio::piped())
@@ -272,7 +272,10 @@ fn an_interrupted_apply_is_rolled_back_to_the_previous_generation() {
     assert!(term.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "interrupted");
-    assert!(f.head() != gen1, "the interrupted apply wrote part of gen 2");
+    assert!(
+        f.head() != gen1,
+        "the interrupted apply wrote part of gen 2"
+    );
 
     // The next open (here a dry run) rolls it back first.
     let r = f.sync(&["--dry-run"]).assert_ok().json();
@@ -341,7 +344,8 @@ fn an_image_in_use_elsewhere_is_refused() {
         .args(["-TERM", &bench.id().to_string()])
         .status();
     bench.wait().unwrap();
-    r.assert_code(4).assert_says("is in use", "watchers refuse it");
+    r.assert_code(4)
+        .assert_says("is in use", "watchers refuse it");
     // Nothing was recorded: the next run (image free) goes on from gen 1.
     let r = f.sync(&[]).assert_ok().json();
     assert_eq!(r.u("generation"), 2, "{r}");
@@ -360,17 +364,26 @@ fn a_gateway_serves_rbd_targets_its_allow_list_permits() {
     let dst = format!("gw:rbd:{}", f.image);
     let mut args = remote_args(&rsh);
     args.push("--json".into());
-    let r = run(&[vec!["sync".into(), s(&f.src).into(), dst.clone()], args.clone()].concat());
+    let r = run(&[
+        vec!["sync".into(), s(&f.src).into(), dst.clone()],
+        args.clone(),
+    ]
+    .concat());
     r.assert_ok();
     assert_eq!(r.json().u("generation"), 1);
     assert!(f.generation(1) == std::fs::read(&f.src).unwrap());
     // verify through the gateway too.
-    let v = run(&[vec!["verify".into(), s(&f.src).into(), dst], remote_args(&rsh)].concat());
+    let v = run(&[
+        vec!["verify".into(), s(&f.src).into(), dst],
+        remote_args(&rsh),
+    ]
+    .concat());
     v.assert_ok();
     // An image of a namespace is not matched by `rbd:POOL/*`.
     let other = format!("gw:rbd:{}/ns/x", pool());
     let r = run(&[vec!["sync".into(), s(&f.src).into(), other], args].concat());
-    r.assert_code(4).assert_says("allow", "not on the allow list");
+    r.assert_code(4)
+        .assert_says("allow", "not on the allow list");
 }
 
 #[test]
@@ -380,5 +393,6 @@ fn rbd_names_are_checked_before_anything_connects() {
     let src = dir.path().join("src");
     write_random_file(&src, MIB, 1);
     let r = sync_run(&src, "rbd:pool-only", &dir.path().join("state"), &[]);
-    r.assert_code(2).assert_says("rbd:POOL/IMAGE", "names the form");
+    r.assert_code(2)
+        .assert_says("rbd:POOL/IMAGE", "names the form");
 }

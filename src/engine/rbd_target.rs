@@ -78,8 +78,7 @@ pub fn snap_name(n: u64) -> String {
 /// The generation number of a `snapsync-N` snapshot name.
 pub fn snap_number(name: &str) -> Option<u64> {
     let digits = name.strip_prefix(SNAP_PREFIX)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0')
-    {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0') {
         return None;
     }
     digits.parse().ok()
@@ -205,26 +204,24 @@ fn allowed(cfg: &ServeConfig, name: &str) -> bool {
     cfg.allow.iter().any(|p| p.matches_with(name, opts))
 }
 
+/// Decodes the replica state an image's [`STATE_KEY`] holds (text anyone
+/// with access to the pool may have written): bounded, and any text is
+/// either a state or an error.
+pub fn decode_state(text: &str) -> Result<VolumeState, String> {
+    if text.len() > MAX_STATE_LEN {
+        return Err(format!("it is oversized ({} bytes)", text.len()));
+    }
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
 fn load_state(img: &Image, notices: &mut Vec<String>) -> Result<VolumeState, TargetError> {
-    let Some(json) = img.meta_get(STATE_KEY).map_err(io)? else {
+    let Some(text) = img.meta_get(STATE_KEY).map_err(io)? else {
         return Ok(VolumeState::default());
     };
-    if json.len() > MAX_STATE_LEN {
-        notices.push(format!(
-            "ignored an oversized {STATE_KEY} ({} bytes); a full scan follows",
-            json.len()
-        ));
-        return Ok(VolumeState::default());
-    }
-    match serde_json::from_str(&json) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            notices.push(format!(
-                "ignored an unreadable {STATE_KEY} ({e}); a full scan follows"
-            ));
-            Ok(VolumeState::default())
-        }
-    }
+    decode_state(&text).or_else(|e| {
+        notices.push(format!("ignored {STATE_KEY}: {e}; a full scan follows"));
+        Ok(VolumeState::default())
+    })
 }
 
 /// [`Session::open`] for an `rbd:` target.
@@ -510,14 +507,12 @@ fn shared(
 
 /// A dry run or verify of an image that does not exist: it compares
 /// against nothing (all zeros), creating nothing.
-fn missing_for_reading(
-    open: Open,
-    key: HashKey,
-    feats: u32,
-    spec: RbdSpec,
-) -> (Session, Opened) {
-    let volume: Arc<dyn Volume> =
-        Arc::new(snapshot::MemVolume::new(&spec.to_string(), Vec::new(), true));
+fn missing_for_reading(open: Open, key: HashKey, feats: u32, spec: RbdSpec) -> (Session, Opened) {
+    let volume: Arc<dyn Volume> = Arc::new(snapshot::MemVolume::new(
+        &spec.to_string(),
+        Vec::new(),
+        true,
+    ));
     let mode = if open.mode == Mode::Delta {
         Mode::FullScan
     } else {
@@ -580,6 +575,21 @@ mod tests {
         ] {
             assert_eq!(snap_number(other), None, "{other:?}");
         }
+    }
+
+    #[test]
+    fn image_meta_state_is_decoded_within_bounds() {
+        let st = VolumeState {
+            consistent: true,
+            source_id: Some("id:x".into()),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&st).unwrap();
+        assert_eq!(decode_state(&text).unwrap(), st);
+        assert!(decode_state("{").is_err());
+        assert!(decode_state("[]").is_err());
+        let huge = format!("{{\"path\":\"{}\"}}", "x".repeat(MAX_STATE_LEN));
+        assert!(decode_state(&huge).unwrap_err().contains("oversized"));
     }
 
     #[test]

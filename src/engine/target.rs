@@ -53,7 +53,7 @@ pub struct ServeConfig {
 
 #[path = "rbd_target.rs"]
 mod rbd_target;
-pub use rbd_target::{CephOptions, DEFAULT_KEEP_GENERATIONS};
+pub use rbd_target::{decode_state as decode_rbd_state, CephOptions, DEFAULT_KEEP_GENERATIONS};
 
 /// Default of `serve --timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
