@@ -248,6 +248,14 @@ pub(super) fn open(
     let cluster = Cluster::connect(&ConnectOptions {
         conf: cfg.ceph.conf.clone(),
         id: cfg.ceph.id.clone(),
+        // librbd's cache stays write-through until the first flush (a
+        // guard for guests that never flush): snapsync flushes before
+        // every generation snapshot and state change that needs it, so
+        // writes may be acknowledged from the cache at once.
+        options: vec![(
+            "rbd_cache_writethrough_until_flush".into(),
+            "false".into(),
+        )],
         ..Default::default()
     })
     .map_err(io)?;
