@@ -396,3 +396,42 @@ fn rbd_names_are_checked_before_anything_connects() {
     r.assert_code(2)
         .assert_says("rbd:POOL/IMAGE", "names the form");
 }
+
+/// The caps the README lists are enough: `mon 'profile rbd'` and
+/// `osd 'profile rbd pool=POOL'`, given by `--ceph-id` and `--ceph-conf`.
+#[test]
+fn a_least_privilege_cephx_user_is_enough() {
+    if !have_cluster("rbd caps") {
+        return;
+    }
+    let f = Fix::new("caps");
+    let user = format!("snapsync-t{}", std::process::id());
+    let keyring = f.dir.path().join("keyring");
+    let ok = Command::new("ceph")
+        .args(["auth", "get-or-create", &format!("client.{user}")])
+        .args([
+            "mon",
+            "profile rbd",
+            "osd",
+            &format!("profile rbd pool={}", pool()),
+        ])
+        .arg("-o")
+        .arg(&keyring)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let conf = f.dir.path().join("ceph.conf");
+    let mut text = std::fs::read_to_string(std::env::var("CEPH_CONF").unwrap()).unwrap();
+    text.push_str(&format!("\n[client.{user}]\nkeyring = {}\n", s(&keyring)));
+    std::fs::write(&conf, text).unwrap();
+    write_random_file(&f.src, 4 * MIB, 10);
+    let args = ["--ceph-conf", s(&conf), "--ceph-id", &user];
+    f.sync(&args).assert_ok();
+    write_at(&f.src, MIB, &random_bytes(11, 5000));
+    let r = f.sync(&args).assert_ok().json();
+    assert_eq!(r.u("generation"), 2, "{r}");
+    assert!(f.generation(2) == std::fs::read(&f.src).unwrap());
+    let _ = Command::new("ceph")
+        .args(["auth", "del", &format!("client.{user}")])
+        .status();
+}

@@ -252,10 +252,7 @@ pub(super) fn open(
         // guard for guests that never flush): snapsync flushes before
         // every generation snapshot and state change that needs it, so
         // writes may be acknowledged from the cache at once.
-        options: vec![(
-            "rbd_cache_writethrough_until_flush".into(),
-            "false".into(),
-        )],
+        options: vec![("rbd_cache_writethrough_until_flush".into(), "false".into())],
         ..Default::default()
     })
     .map_err(io)?;
