@@ -247,6 +247,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rbd_targets_and_their_ceph_keys() {
+        let (_, vols) = parse(
+            r#"
+            [defaults]
+            ceph_conf = "/etc/ceph/backup.conf"
+            ceph_id = "snapsync"
+            [[volume]]
+            name = "a"
+            source = "/img/a"
+            target = "rbd:backup/a"
+            keep_generations = 3
+            [[volume]]
+            name = "b"
+            source = "/img/b"
+            target = "gw:rbd:backup/ns/b"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            vols[0].ceph_conf.as_deref(),
+            Some(Path::new("/etc/ceph/backup.conf"))
+        );
+        assert_eq!(vols[0].ceph_id.as_deref(), Some("snapsync"));
+        assert_eq!(vols[0].keep_generations, Some(3));
+        assert_eq!(vols[1].keep_generations, None);
+        for bad in [
+            "target = \"rbd:backup\"",
+            "target = \"rbd:b/a\"\nkeep_generations = 0",
+        ] {
+            let text = format!("[[volume]]\nname = \"a\"\nsource = \"/a\"\n{bad}\n");
+            assert!(parse(&text).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn defaults_apply_and_volumes_override() {
         let (cfg, vols) = parse(
             r#"
