@@ -435,3 +435,67 @@ fn a_least_privilege_cephx_user_is_enough() {
         .args(["auth", "del", &format!("client.{user}")])
         .status();
 }
+
+/// Through a gateway, the source is killed (SIGKILL) mid-apply: `serve`
+/// there sees the connection end, closes the image, and the next session
+/// rolls the replica back to the previous generation before it goes on.
+#[test]
+fn a_killed_source_leaves_a_gateway_replica_that_rolls_back() {
+    if !have_cluster("rbd killed") {
+        return;
+    }
+    let f = Fix::new("killed");
+    let rsh = forced_rsh(f.dir.path(), &format!("rbd:{}/*", pool()), &f.state);
+    let dst = format!("gw:rbd:{}", f.image);
+    let sync = |extra: &[&str]| {
+        let mut args: Vec<String> = vec!["sync".into(), s(&f.src).into(), dst.clone()];
+        args.extend(remote_args(&rsh));
+        args.push("--json".into());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        run(&args)
+    };
+    write_random_file(&f.src, 16 * MIB, 12);
+    sync(&[]).assert_ok();
+    let gen1 = std::fs::read(&f.src).unwrap();
+    write_random_file(&f.src, 16 * MIB, 13);
+    let mut child = snapsync()
+        .args(["sync", s(&f.src), &dst, "--quiet", "--bwlimit", "2M"])
+        .args(remote_args(&rsh))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let meta = rbd_out(&["image-meta", "get", &f.image, "snapsync.state"]);
+        if String::from_utf8_lossy(&meta.stdout).contains("\"consistent\":false") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the apply never began");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // serve on the gateway ends on its own and lets the image go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while String::from_utf8_lossy(&rbd(&["status", "--format", "json", &f.image]))
+        .contains("\"address\"")
+    {
+        assert!(Instant::now() < deadline, "serve kept the image open");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(f.head() != gen1, "the killed apply wrote part of gen 2");
+    let r = sync(&[]);
+    r.assert_ok();
+    let r = r.json();
+    assert!(
+        r.opt_s("recovered")
+            .unwrap_or_default()
+            .contains("rolled an interrupted apply back to generation 1"),
+        "{r}"
+    );
+    assert_eq!(r.u("generation"), 2, "{r}");
+    assert!(f.generation(1) == gen1, "generation 1 kept");
+    assert!(f.generation(2) == std::fs::read(&f.src).unwrap());
+}

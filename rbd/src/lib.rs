@@ -538,8 +538,11 @@ pub struct RbdVolume {
     /// allocated extents (`diff` since creation; with fast-diff the object
     /// map, not the data), merged, plus everything written since.
     /// `Some(None)`: the cluster could not tell; assume data everywhere.
-    allocated: std::sync::Mutex<Option<Option<Vec<(u64, u64)>>>>,
+    allocated: std::sync::Mutex<Option<Option<Extents>>>,
 }
+
+/// Sorted, disjoint, merged `(offset, len)` ranges.
+type Extents = Vec<(u64, u64)>;
 
 impl RbdVolume {
     pub fn new(image: Image) -> Result<RbdVolume> {
