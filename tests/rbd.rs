@@ -244,7 +244,7 @@ fn an_interrupted_apply_is_rolled_back_to_the_previous_generation() {
     let gen1 = std::fs::read(&f.src).unwrap();
     // The whole source changes; a slow session is interrupted mid-apply.
     write_random_file(&f.src, 16 * MIB, 4);
-    let child = snapsync()
+    let mut child = snapsync()
         .args(["sync", s(&f.src), &f.dst(), "--state-dir", s(&f.state)])
         .args(["--json", "--bwlimit", "2M", "--quiet"])
         .stdout(Stdio::piped())
@@ -253,11 +253,19 @@ fn an_interrupted_apply_is_rolled_back_to_the_previous_generation() {
         .unwrap();
     // Wait until the apply has begun (the state says inconsistent), then
     // interrupt it.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let meta = rbd_out(&["image-meta", "get", &f.image, "snapsync.state"]);
         if String::from_utf8_lossy(&meta.stdout).contains("\"consistent\":false") {
             break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the sync ended before its apply began: {:?}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         assert!(Instant::now() < deadline, "the apply never began");
         std::thread::sleep(Duration::from_millis(100));
@@ -465,7 +473,7 @@ fn a_killed_source_leaves_a_gateway_replica_that_rolls_back() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let meta = rbd_out(&["image-meta", "get", &f.image, "snapsync.state"]);
         if String::from_utf8_lossy(&meta.stdout).contains("\"consistent\":false") {

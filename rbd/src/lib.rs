@@ -512,6 +512,15 @@ impl Image {
         self.raw.watchers().map_err(self.err("listing watchers of"))
     }
 
+    /// Takes the exclusive lock and keeps it until the image is closed:
+    /// librbd hands it to no other client meanwhile (their writes fail or
+    /// wait). Needs the exclusive-lock feature.
+    pub fn lock_exclusive(&self) -> Result<()> {
+        self.raw
+            .lock_exclusive()
+            .map_err(self.err("taking the exclusive lock of"))
+    }
+
     /// Owners of the exclusive lock; empty when nobody holds it.
     pub fn lock_owners(&self) -> Result<Vec<String>> {
         self.raw

@@ -455,3 +455,21 @@ fn volume_knows_holes_and_what_it_wrote() {
     drop(vol);
     remove_all(&pool, &name, img);
 }
+
+/// An exclusive lock taken with `lock_exclusive` shows as owned to other
+/// clients and stays with its holder until the image is closed.
+#[test]
+fn exclusive_lock_is_held_until_close() {
+    let Some((_c, pool)) = cluster("exclusive") else {
+        return;
+    };
+    let name = fresh(&pool, "exclusive");
+    pool.create(&name, MIB).unwrap();
+    let holder = pool.open(&name).unwrap().unwrap();
+    holder.lock_exclusive().unwrap();
+    let other = pool.open(&name).unwrap().unwrap();
+    assert_eq!(other.lock_owners().unwrap().len(), 1);
+    drop(holder);
+    assert!(other.lock_owners().unwrap().is_empty());
+    remove_all(&pool, &name, other);
+}

@@ -47,6 +47,7 @@ pub const SNAP_PREFIX: &str = "snapsync-";
 pub const DEFAULT_KEEP_GENERATIONS: u32 = 2;
 /// Largest image-meta state value read back (it is a few hundred bytes).
 const MAX_STATE_LEN: usize = 64 << 10;
+const EINVAL: i32 = 22;
 /// Bytes copied per request when rolling back.
 const ROLLBACK_CHUNK: usize = 4 << 20;
 
@@ -291,6 +292,21 @@ pub(super) fn open(
                 if owners.is_empty() { "none".into() } else { owners.join(", ") }
             ),
         ));
+    }
+    // Held for the session: no other client gets the lock handed over
+    // while we write (an image without the exclusive-lock feature cannot
+    // be locked; the watcher check above is then all there is).
+    if let Err(e) = image.lock_exclusive() {
+        if e.errno() == Some(EINVAL) {
+            notices.push(format!(
+                "{spec} has no exclusive-lock feature: it is not locked while written"
+            ));
+        } else {
+            return Err(TargetError::new(
+                ErrorCode::TargetIo,
+                format!("target {spec}: {e}; refused"),
+            ));
+        }
     }
     let image_id = image.id().map_err(io)?;
     let id = format!("rbd:{}:{image_id}", spec_pool(&spec));
