@@ -92,13 +92,24 @@ pub struct TransferArgs {
     /// bare number is KiB/s; K, M, G suffixes (e.g. 500, 20M). 0: no limit.
     #[arg(long, value_name = "RATE", value_parser = crate::bwlimit::parse_rate)]
     pub bwlimit: Option<u64>,
+    /// ceph.conf of the cluster of an `rbd:` target (default: $CEPH_CONF,
+    /// then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// cephx id (without `client.`) for an `rbd:` target (default: admin).
+    #[arg(long, value_name = "ID")]
+    pub ceph_id: Option<String>,
+    /// Generation snapshots (`snapsync-N`) an `rbd:` target keeps (default 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     /// Source volume: image file or block device.
     pub src: PathBuf,
-    /// Replica: /path, or [user@]host:/path.
+    /// Replica: /path, [user@]host:/path, rbd:POOL[/NAMESPACE]/IMAGE or
+    /// host:rbd:POOL/IMAGE (through `serve` on that host).
     pub dst: String,
     #[command(flatten)]
     pub transfer: TransferArgs,
@@ -164,6 +175,16 @@ pub struct ServeArgs {
     /// asks (it may only ask less); a larger delta is applied in place.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub journal_max: u64,
+    /// ceph.conf of the cluster of an `rbd:` target (default: $CEPH_CONF,
+    /// then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// cephx id (without `client.`) for an `rbd:` target (default: admin).
+    #[arg(long, value_name = "ID")]
+    pub ceph_id: Option<String>,
+    /// Generation snapshots (`snapsync-N`) an `rbd:` target keeps (default 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Args)]

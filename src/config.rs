@@ -71,6 +71,11 @@ pub struct VolumeDefaults {
     /// Keep a digest map of what was sent and compare against it (default
     /// true; volumes with thin changed-block tracking do not use it).
     pub digest_map: Option<bool>,
+    /// ceph.conf and cephx id for `rbd:` targets (on the gateway for
+    /// `host:rbd:…`), and the generation snapshots they keep.
+    pub ceph_conf: Option<PathBuf>,
+    pub ceph_id: Option<String>,
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +124,9 @@ pub struct Volume {
     pub bwlimit: u64,
     /// Use the source's digest map (see `engine::map`).
     pub digest_map: bool,
+    pub ceph_conf: Option<PathBuf>,
+    pub ceph_id: Option<String>,
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -231,12 +239,53 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
         bwlimit: crate::bwlimit::parse_rate(&pick(&s.bwlimit, &d.bwlimit, "0"))
             .map_err(|e| anyhow::anyhow!("bwlimit: {e}"))?,
         digest_map: s.digest_map.or(d.digest_map).unwrap_or(true),
+        ceph_conf: s.ceph_conf.clone().or(d.ceph_conf.clone()),
+        ceph_id: s.ceph_id.clone().or(d.ceph_id.clone()),
+        keep_generations: match s.keep_generations.or(d.keep_generations) {
+            Some(0) => anyhow::bail!("keep_generations must be at least 1"),
+            k => k,
+        },
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rbd_targets_and_their_ceph_keys() {
+        let (_, vols) = parse(
+            r#"
+            [defaults]
+            ceph_conf = "/etc/ceph/backup.conf"
+            ceph_id = "snapsync"
+            [[volume]]
+            name = "a"
+            source = "/img/a"
+            target = "rbd:backup/a"
+            keep_generations = 3
+            [[volume]]
+            name = "b"
+            source = "/img/b"
+            target = "gw:rbd:backup/ns/b"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            vols[0].ceph_conf.as_deref(),
+            Some(Path::new("/etc/ceph/backup.conf"))
+        );
+        assert_eq!(vols[0].ceph_id.as_deref(), Some("snapsync"));
+        assert_eq!(vols[0].keep_generations, Some(3));
+        assert_eq!(vols[1].keep_generations, None);
+        for bad in [
+            "target = \"rbd:backup\"",
+            "target = \"rbd:b/a\"\nkeep_generations = 0",
+        ] {
+            let text = format!("[[volume]]\nname = \"a\"\nsource = \"/a\"\n{bad}\n");
+            assert!(parse(&text).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn defaults_apply_and_volumes_override() {

@@ -24,7 +24,12 @@ pub const DEFAULT_RSH: &str =
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
     Local(PathBuf),
-    Remote { host: String, path: String },
+    /// `rbd:POOL[/NAMESPACE]/IMAGE`: an RBD image this host reaches.
+    Rbd(String),
+    Remote {
+        host: String,
+        path: String,
+    },
 }
 
 impl Destination {
@@ -33,6 +38,7 @@ impl Destination {
     pub fn target_path(&self) -> Result<String> {
         Ok(match self {
             Destination::Local(p) => absolute(p)?.to_string_lossy().into_owned(),
+            Destination::Rbd(name) => name.clone(),
             Destination::Remote { path, .. } => path.clone(),
         })
     }
@@ -40,7 +46,13 @@ impl Destination {
     /// `[user@]host:/path` is remote (a ':' before the first '/'), like rsync.
     /// A host that could pass for an option of the remote shell (leading
     /// '-') or that holds whitespace or control characters is a usage error.
+    /// `rbd:` is a reserved prefix: never a host named `rbd` (write
+    /// `user@rbd:` or `rbd.:` for that host).
     pub fn parse(s: &str) -> Result<Self, UsageError> {
+        if rbd::RbdSpec::is_rbd(s) {
+            rbd::RbdSpec::parse(s).map_err(|e| UsageError(e.to_string()))?;
+            return Ok(Destination::Rbd(s.to_owned()));
+        }
         Ok(match s.split_once(':') {
             Some((host, path)) if !host.is_empty() && !host.contains('/') => {
                 check_host(host)?;
@@ -81,15 +93,28 @@ pub enum Peer {
 
 /// Serves `path` in a thread of this process.
 pub fn local(path: PathBuf, state_dir: PathBuf, cancel: Cancel) -> Result<(Connection, Peer)> {
+    let name = absolute(&path)?.to_string_lossy().into_owned();
+    local_target(name, state_dir, Default::default(), cancel)
+}
+
+/// Serves the target `name` (an absolute path or an `rbd:` name) in a
+/// thread of this process.
+pub fn local_target(
+    name: String,
+    state_dir: PathBuf,
+    ceph: target::CephOptions,
+    cancel: Cancel,
+) -> Result<(Connection, Peer)> {
     let (to_target_r, to_target_w) = std::io::pipe().context("creating a pipe")?;
     let (to_source_r, to_source_w) = std::io::pipe().context("creating a pipe")?;
-    let pattern = glob::Pattern::new(&glob::Pattern::escape(&absolute(&path)?.to_string_lossy()))?;
+    let pattern = glob::Pattern::new(&glob::Pattern::escape(&name))?;
     let cfg = ServeConfig {
         allow: vec![pattern],
         state_dir,
         cancel,
         timeout: None,
         journal_max: u64::MAX,
+        ceph,
     };
     let handle = thread::Builder::new()
         .name("local-target".into())
@@ -303,6 +328,33 @@ mod tests {
             Destination::Remote {
                 host: "root@h".into(),
                 path: "/dev/vg/x".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rbd_is_a_reserved_prefix() {
+        assert_eq!(
+            Destination::parse("rbd:backup/data").unwrap(),
+            Destination::Rbd("rbd:backup/data".into())
+        );
+        assert!(Destination::parse("rbd:backup").is_err());
+        // The host named rbd is reached as user@rbd: or rbd.:
+        for (d, host) in [("root@rbd:/dev/x", "root@rbd"), ("rbd.:/dev/x", "rbd.")] {
+            assert_eq!(
+                Destination::parse(d).unwrap(),
+                Destination::Remote {
+                    host: host.into(),
+                    path: "/dev/x".into()
+                }
+            );
+        }
+        // Through a gateway, the rbd: name is the path serve opens there.
+        assert_eq!(
+            Destination::parse("gw:rbd:backup/ns/data").unwrap(),
+            Destination::Remote {
+                host: "gw".into(),
+                path: "rbd:backup/ns/data".into()
             }
         );
     }

@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         cancel: Cancel::new(),
         timeout: Some(Duration::from_secs(2)),
         journal_max: 1 << 20,
+        ceph: Default::default(),
     };
     let mut input = wire::MAGIC.to_vec();
     input.extend_from_slice(&wire::PROTOCOL_VERSION.to_le_bytes());

@@ -64,6 +64,8 @@ struct Fns {
     rbd_discard: unsafe extern "C" fn(ImageT, u64, u64) -> c_int,
     rbd_write_zeroes: unsafe extern "C" fn(ImageT, u64, usize, c_int, c_int) -> isize,
     rbd_flush: unsafe extern "C" fn(ImageT) -> c_int,
+    /// `rbd_lock_mode_t` is a C enum (an int); 0 is RBD_LOCK_MODE_EXCLUSIVE.
+    rbd_lock_acquire: unsafe extern "C" fn(ImageT, c_int) -> c_int,
     rbd_get_id: unsafe extern "C" fn(ImageT, *mut c_char, usize) -> c_int,
     rbd_snap_create: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
     rbd_snap_remove: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
@@ -155,6 +157,7 @@ impl Lib {
             rbd_discard: sym!(rbd, b, rbd_discard),
             rbd_write_zeroes: sym!(rbd, b, rbd_write_zeroes),
             rbd_flush: sym!(rbd, b, rbd_flush),
+            rbd_lock_acquire: sym!(rbd, b, rbd_lock_acquire),
             rbd_get_id: sym!(rbd, b, rbd_get_id),
             rbd_snap_create: sym!(rbd, b, rbd_snap_create),
             rbd_snap_remove: sym!(rbd, b, rbd_snap_remove),
@@ -452,6 +455,15 @@ impl RawImage {
     pub(crate) fn flush(&self) -> Result<(), i32> {
         // SAFETY: open image.
         check(unsafe { (self.fns().rbd_flush)(self.handle) }).map(drop)
+    }
+
+    /// Takes the exclusive lock and keeps it (no transfer to another
+    /// client) until the image is closed.
+    pub(crate) fn lock_exclusive(&self) -> Result<(), i32> {
+        const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+        // SAFETY: open image; the mode is a valid rbd_lock_mode_t value.
+        check(unsafe { (self.fns().rbd_lock_acquire)(self.handle, RBD_LOCK_MODE_EXCLUSIVE) })
+            .map(drop)
     }
 
     pub(crate) fn id(&self) -> Result<String, i32> {

@@ -512,6 +512,15 @@ impl Image {
         self.raw.watchers().map_err(self.err("listing watchers of"))
     }
 
+    /// Takes the exclusive lock and keeps it until the image is closed:
+    /// librbd hands it to no other client meanwhile (their writes fail or
+    /// wait). Needs the exclusive-lock feature.
+    pub fn lock_exclusive(&self) -> Result<()> {
+        self.raw
+            .lock_exclusive()
+            .map_err(self.err("taking the exclusive lock of"))
+    }
+
     /// Owners of the exclusive lock; empty when nobody holds it.
     pub fn lock_owners(&self) -> Result<Vec<String>> {
         self.raw
@@ -534,7 +543,15 @@ pub struct RbdVolume {
     image: Image,
     path: PathBuf,
     size: std::sync::atomic::AtomicU64,
+    /// Where the image may hold data: `None` until first asked, then the
+    /// allocated extents (`diff` since creation; with fast-diff the object
+    /// map, not the data), merged, plus everything written since.
+    /// `Some(None)`: the cluster could not tell; assume data everywhere.
+    allocated: std::sync::Mutex<Option<Option<Extents>>>,
 }
+
+/// Sorted, disjoint, merged `(offset, len)` ranges.
+type Extents = Vec<(u64, u64)>;
 
 impl RbdVolume {
     pub fn new(image: Image) -> Result<RbdVolume> {
@@ -543,7 +560,16 @@ impl RbdVolume {
             path: PathBuf::from(image.name()),
             image,
             size: size.into(),
+            allocated: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Records that `[offset, offset+len)` may hold data, before it does.
+    fn mark_data(&self, offset: u64, len: u64) {
+        let mut a = self.allocated.lock().expect("allocated lock");
+        if let Some(Some(v)) = a.as_mut() {
+            add_extent(v, offset, len);
+        }
     }
 
     pub fn image(&self) -> &Image {
@@ -588,18 +614,45 @@ impl snapshot::Volume for RbdVolume {
                 },
             ));
         }
-        self.image
-            .read_exact_at(buf, offset)
-            .map_err(|e| self.io_err("read", offset, len, e))
+        // One request at a time leaves the OSDs idle between round trips:
+        // a large read goes out as several requests in flight (measured:
+        // 1 in flight reads at ~0.5-0.8x `rbd export`, 4 at ~1.5-1.8x).
+        let pieces = (buf.len() / PARALLEL_READ_MIN).clamp(1, PARALLEL_READS);
+        if pieces == 1 {
+            return self
+                .image
+                .read_exact_at(buf, offset)
+                .map_err(|e| self.io_err("read", offset, len, e));
+        }
+        let per = buf.len().div_ceil(pieces);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = buf
+                .chunks_mut(per)
+                .enumerate()
+                .map(|(i, part)| {
+                    let at = offset + (i * per) as u64;
+                    let image = &self.image;
+                    scope.spawn(move || image.read_exact_at(part, at))
+                })
+                .collect();
+            for h in handles {
+                h.join()
+                    .expect("rbd read thread panicked")
+                    .map_err(|e| self.io_err("read", offset, len, e))?;
+            }
+            Ok(())
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> snapshot::volume::Result<()> {
+        self.mark_data(offset, buf.len() as u64);
         self.image
             .write_all_at(buf, offset)
             .map_err(|e| self.io_err("write", offset, buf.len() as u64, e))
     }
 
     fn zero(&self, offset: u64, len: u64) -> snapshot::volume::Result<()> {
+        self.mark_data(offset, len);
         self.image
             .write_zeroes(offset, len)
             .map_err(|e| self.io_err("zero", offset, len, e))
@@ -632,13 +685,68 @@ impl snapshot::Volume for RbdVolume {
     fn resizable(&self) -> bool {
         true
     }
+
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        let mut a = self.allocated.lock().expect("allocated lock");
+        let extents = a.get_or_insert_with(|| {
+            self.image.diff(None).ok().map(|d| {
+                let mut v = Vec::new();
+                for e in d {
+                    add_extent(&mut v, e.offset, e.len);
+                }
+                v
+            })
+        });
+        let Some(v) = extents else {
+            return Some(offset);
+        };
+        let i = v.partition_point(|&(start, len)| start + len <= offset);
+        v.get(i).map(|&(start, _)| start.max(offset))
+    }
+}
+
+/// Adds `[offset, offset+len)` to sorted, disjoint, merged extents.
+fn add_extent(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let (mut start, mut end) = (offset, offset + len);
+    // First extent that ends at or after our start (touching ones merge).
+    let i = v.partition_point(|&(s, l)| s + l < start);
+    let mut j = i;
+    while j < v.len() && v[j].0 <= end {
+        start = start.min(v[j].0);
+        end = end.max(v[j].0 + v[j].1);
+        j += 1;
+    }
+    v.splice(i..j, [(start, end - start)]);
 }
 
 const EINVAL: i32 = 22;
 
+/// Requests in flight for one large read, at most.
+const PARALLEL_READS: usize = 4;
+/// Smallest piece a read is split into.
+const PARALLEL_READ_MIN: usize = 256 << 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extents_merge() {
+        let mut v = Vec::new();
+        add_extent(&mut v, 100, 10);
+        add_extent(&mut v, 0, 10);
+        add_extent(&mut v, 200, 0);
+        assert_eq!(v, [(0, 10), (100, 10)]);
+        add_extent(&mut v, 10, 5);
+        assert_eq!(v, [(0, 15), (100, 10)]);
+        add_extent(&mut v, 50, 55);
+        assert_eq!(v, [(0, 15), (50, 60)]);
+        add_extent(&mut v, 5, 200);
+        assert_eq!(v, [(0, 205)]);
+    }
 
     #[test]
     fn parses_pool_and_image() {

@@ -419,3 +419,49 @@ fn missing_pool_and_bad_conf_are_clear_errors() {
         "{err}"
     );
 }
+
+/// `next_data` knows the image's holes (its allocated extents, from the
+/// object map) and what was written through the volume since, so a scan
+/// of a new image reads nothing from the cluster.
+#[test]
+fn volume_knows_holes_and_what_it_wrote() {
+    let Some((_c, pool)) = cluster("holes") else {
+        return;
+    };
+    let name = fresh(&pool, "holes");
+    pool.create(&name, 16 * MIB).unwrap();
+    let vol = RbdVolume::new(pool.open(&name).unwrap().unwrap()).unwrap();
+    assert_eq!(vol.next_data(0), None, "a new image is all hole");
+    vol.write_at(&pattern(4096, 9), 8 * MIB).unwrap();
+    assert_eq!(vol.next_data(0), Some(8 * MIB), "a write is data at once");
+    assert_eq!(vol.next_data(8 * MIB + 100), Some(8 * MIB + 100));
+    assert_eq!(vol.next_data(8 * MIB + 4096), None);
+    vol.sync().unwrap();
+    drop(vol);
+    // Opened again: the cluster's own view.
+    let vol = RbdVolume::new(pool.open(&name).unwrap().unwrap()).unwrap();
+    let first = vol.next_data(0).expect("data is found");
+    assert!(first <= 8 * MIB, "{first}");
+    assert_eq!(vol.next_data(12 * MIB), None);
+    let img = pool.open(&name).unwrap().unwrap();
+    drop(vol);
+    remove_all(&pool, &name, img);
+}
+
+/// An exclusive lock taken with `lock_exclusive` shows as owned to other
+/// clients and stays with its holder until the image is closed.
+#[test]
+fn exclusive_lock_is_held_until_close() {
+    let Some((_c, pool)) = cluster("exclusive") else {
+        return;
+    };
+    let name = fresh(&pool, "exclusive");
+    pool.create(&name, MIB).unwrap();
+    let holder = pool.open(&name).unwrap().unwrap();
+    holder.lock_exclusive().unwrap();
+    let other = pool.open(&name).unwrap().unwrap();
+    assert_eq!(other.lock_owners().unwrap().len(), 1);
+    drop(holder);
+    assert!(other.lock_owners().unwrap().is_empty());
+    remove_all(&pool, &name, other);
+}

@@ -47,7 +47,13 @@ pub struct ServeConfig {
     pub timeout: Option<Duration>,
     /// Largest journal, in bytes of records; the source may only lower it.
     pub journal_max: u64,
+    /// How `rbd:` targets reach their cluster.
+    pub ceph: CephOptions,
 }
+
+#[path = "rbd_target.rs"]
+mod rbd_target;
+pub use rbd_target::{decode_state as decode_rbd_state, CephOptions, DEFAULT_KEEP_GENERATIONS};
 
 /// Default of `serve --timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -432,6 +438,8 @@ struct Session {
     unchecked_room: u64,
     last_free: Option<u64>,
     recovered: Option<String>,
+    /// An `rbd:` target: its state is image-meta, its generations snapshots.
+    rbd: Option<Box<rbd_target::Replica>>,
 }
 
 impl Session {
@@ -441,6 +449,9 @@ impl Session {
         feats: u32,
         cfg: &ServeConfig,
     ) -> Result<(Self, Opened), TargetError> {
+        if rbd::RbdSpec::is_rbd(&open.path) {
+            return rbd_target::open(open, key, feats, cfg);
+        }
         let path = checked_path(&open.path)?;
         if !allowed(cfg, &path) {
             return Err(TargetError::new(
@@ -796,6 +807,7 @@ impl Session {
             unchecked_room: 0,
             last_free: None,
             recovered,
+            rbd: None,
         };
         Ok((session, opened))
     }
@@ -993,7 +1005,11 @@ impl Session {
         use std::io::{Seek, SeekFrom};
         let v = &self.shared.volume;
         let new = self.shared.new_size;
-        if matches!(self.applier, Applier::DryRun) || !v.resizable() || new <= v.size() {
+        if matches!(self.applier, Applier::DryRun)
+            || !v.resizable()
+            || new <= v.size()
+            || self.rbd.is_some()
+        {
             return Ok(());
         }
         let probe = std::fs::File::open(&self.open.path)
@@ -1219,6 +1235,10 @@ impl Session {
             block_size: self.shared.block.bytes(),
             mark_block,
         });
+        if self.rbd.is_some() {
+            // Its snapshot existing after a crash means it committed.
+            self.state.applying = Some(self.next_generation.clone());
+        }
         self.save_state()
     }
 
@@ -1241,6 +1261,9 @@ impl Session {
     }
 
     fn save_state(&self) -> Result<(), TargetError> {
+        if let Some(r) = &self.rbd {
+            return r.save(&self.state);
+        }
         state::save(&self.paths.state, &self.state)
             .map_err(|e| TargetError::new(ErrorCode::TargetIo, format!("{e:#}")))
     }
@@ -1367,7 +1390,7 @@ impl Session {
     /// The volume holds generation n: shrink a longer file, flush, record.
     fn finish_generation(&mut self) -> Result<(), TargetError> {
         let v = self.shared.volume.as_ref();
-        if v.resizable() && v.size() > self.shared.new_size {
+        if v.resizable() && v.size() > self.shared.new_size && self.rbd.is_none() {
             v.set_size(self.shared.new_size).map_err(volume_err)?;
         }
         v.sync().map_err(volume_err)?;
@@ -1377,6 +1400,10 @@ impl Session {
         } else {
             None
         };
+        if let Some(r) = &self.rbd {
+            // The generation is complete once its snapshot exists.
+            r.snapshot_generation(&self.next_generation, self.shared.new_size)?;
+        }
         self.state.source_id = Some(self.open.source_id.clone());
         self.state.generation = Some(self.next_generation.clone());
         self.state.consistent = true;
@@ -1387,7 +1414,11 @@ impl Session {
             .duration_since(UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs());
-        self.save_state()
+        self.save_state()?;
+        if let Some(r) = &self.rbd {
+            r.prune();
+        }
+        Ok(())
     }
 
     /// Session failed: an unsealed journal is thrown away (the replica is
