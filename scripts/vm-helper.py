@@ -15,6 +15,10 @@
                                         4 KiB-aligned offsets in [LO, HI) of
                                         DEV (fsynced); prints how many
                                         distinct CHUNK-sized chunks they hit
+    vm-helper.py writeblocks DEV COUNT SEED CHUNK [LO HI]
+                                        the same writes; prints "CHUNKS
+                                        BLOCKS": distinct chunks and distinct
+                                        4 KiB blocks written
     vm-helper.py writechunks DEV COUNT SEED CHUNK
                                         COUNT distinct random whole chunks
                                         (fsynced); prints COUNT
@@ -93,7 +97,7 @@ def main(argv):
             show(walk(first_json(argv[2]), argv[3:]))
         except (OSError, ValueError) as e:
             print(f"unreadable: {e}")
-    elif cmd == "write":
+    elif cmd in ("write", "writeblocks"):
         dev, count, seed, chunk = argv[2], int(argv[3]), int(argv[4]), int(argv[5])
         fd = os.open(dev, os.O_RDWR)
         try:
@@ -101,15 +105,16 @@ def main(argv):
             lo = int(argv[6]) if len(argv) > 6 else 0
             hi = int(argv[7]) if len(argv) > 7 else size
             rnd = random.Random(seed)
-            chunks = set()
+            chunks, blocks = set(), set()
             for _ in range(count):
                 off = rnd.randrange(lo // 4096, hi // 4096) * 4096
                 os.pwrite(fd, rnd.randbytes(4096), off)
                 chunks.add(off // chunk)
+                blocks.add(off)
             os.fsync(fd)
         finally:
             os.close(fd)
-        print(len(chunks))
+        print(len(chunks) if cmd == "write" else f"{len(chunks)} {len(blocks)}")
     elif cmd == "writechunks":
         dev, count, seed, chunk = argv[2], int(argv[3]), int(argv[4]), int(argv[5])
         fd = os.open(dev, os.O_RDWR)

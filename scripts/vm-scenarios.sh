@@ -143,6 +143,14 @@ rnd() {
     $H write "$dev" "$count" "$seed" "$CHUNK" "$@"
 }
 
+# rndb DEV COUNT SEED [LO HI]: the same; prints "CHUNKS BLOCKS" (distinct
+# chunks and distinct 4 KiB blocks written).
+rndb() {
+    local dev=$1 count=$2 seed=$3
+    shift 3
+    $H writeblocks "$dev" "$count" "$seed" "$CHUNK" "$@"
+}
+
 # wait_for DESCRIPTION SECONDS CMD...: polls CMD every 0.1 s.
 wait_for() {
     local what=$1 limit=$2 i=0
@@ -211,8 +219,13 @@ s_vm_unit() {
 }
 
 # a. Thin source, file target: full scan, CBT deltas, discards, scrub.
+#    CBT deltas are refined to 4 KiB against the base snapshot: the wire
+#    carries about the differing 4 KiB blocks, not whole pool chunks; the
+#    source reads at most twice the changed chunks, the target nothing.
+#    Before cycle 3 the base is deactivated (as after a reboot: thin
+#    snapshots skip activation), so the refinement must activate it.
 s_thin_cbt() {
-    local cfg=$W/a.toml dev=/dev/$VG/ta img=$W/a.img vsize=$((32 << 20)) n c r base
+    local cfg=$W/a.toml dev=/dev/$VG/ta img=$W/a.img vsize=$((32 << 20)) n c d r base x y w
     lvcreate -q -V 32M -T "$VG/pool" -n ta || die "lvcreate"
     # The last 8 MiB stay unmapped (they read as zeros).
     dd if=/dev/urandom of="$dev" bs=1M count=24 oflag=direct status=none || die "dd"
@@ -225,17 +238,22 @@ s_thin_cbt() {
     same "$dev" "$img" "after cycle 1 (origin)"
 
     for n in 2 3 4 5; do
-        c=0
+        c=0 d=0
         case $n in
             2)  # scattered writes, some into the unmapped tail (right_only)
-                c=$(rnd "$dev" 40 "$n") || die "writes"
-                c=$((c + $(rnd "$dev" 5 102 $((24 << 20)) "$vsize"))) || die "writes"
+                read -r x y < <(rndb "$dev" 40 "$n") && [ -n "$y" ] || die "writes"
+                c=$x d=$y
+                read -r x y < <(rndb "$dev" 5 102 $((24 << 20)) "$vsize") && [ -n "$y" ] || die "writes"
+                c=$((c + x)) d=$((d + y))
                 ;;
             3)  # a discard of whole chunks (left_only: zeroed on the
                 # target), zeros written over two chunks, a few writes
+                lvchange -an "$(j a2 status a base_snapshot)" || die "deactivating the base"
                 blkdiscard -o $((4 * CHUNK)) -l $((3 * CHUNK)) "$dev" || die "blkdiscard"
                 dd if=/dev/zero of="$dev" bs="$CHUNK" seek=100 count=2 oflag=direct status=none || die "dd zero"
-                c=$(($(rnd "$dev" 10 "$n") + 2)) || die "writes"
+                read -r x y < <(rndb "$dev" 10 "$n") && [ -n "$y" ] || die "writes"
+                # The zeroed chunks' sub-blocks all differ (sent as zeros).
+                c=$((x + 2)) d=$((y + 2 * CHUNK / 4096))
                 ;;
             4)  # scrub cycle: a full scan although CBT is possible
                 c=$(rnd "$dev" 20 "$n") || die "writes"
@@ -257,6 +275,18 @@ s_thin_cbt() {
             [ "$n" != 5 ] || [ "$r" = 0 ] || die "cycle a5 read $r bytes with nothing changed"
             [ "$n" != 3 ] || [ "$(j a3 report zero_bytes)" -ge $((3 * CHUNK)) ] ||
                 die "cycle a3 zeroed only $(j a3 report zero_bytes) bytes after a discard of 3 chunks"
+            # Exact deltas: the base is read at most once per changed
+            # chunk, the target not at all, and the wire carries at most
+            # 1.1x the differing 4 KiB blocks plus 0.1% of the volume.
+            x=$(j "a$n" report base_bytes_read)
+            [ "$x" -le $((c * CHUNK)) ] || die "cycle a$n read $x bytes of the base for $c changed chunks"
+            [ "$n" = 5 ] || [ "$x" -gt 0 ] || die "cycle a$n did not refine against the base"
+            [ "$(j "a$n" report target_bytes_read)" = 0 ] ||
+                die "cycle a$n: the target read $(j "a$n" report target_bytes_read) bytes"
+            w=$(($(j "a$n" report wire_bytes_sent) + $(j "a$n" report wire_bytes_received)))
+            echo "cycle a$n: $d differing 4 KiB blocks, $w bytes on the wire, $x bytes of the base read"
+            [ "$w" -le $((d * 4096 * 11 / 10 + vsize / 1000)) ] ||
+                die "cycle a$n: $w bytes on the wire for $d differing 4 KiB blocks"
         fi
         [ "$(j "a$n" report fallback)" = null ] || die "a$n: fallback $(j "a$n" report fallback)"
         [ "$(j "a$n" report generation)" = "$n" ] || die "a$n: generation $(j "a$n" report generation)"

@@ -5,6 +5,10 @@
 //! ranges go to a spill file in the state directory (merged, 17 bytes a
 //! range), so memory stays flat for millions of ranges and the hold does
 //! not last as long as the transfer.
+//!
+//! The changed chunks are then refined to 4 KiB against the base snapshot
+//! (see [`crate::engine::cbt_refine`]), unless the hidden environment
+//! variable `SNAPSYNC_CBT_CHUNKS=1` asks for whole chunks (for benchmarks).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -15,6 +19,7 @@ use snapshot::lvm::{LvInfo, Lvm};
 use snapshot::thin_delta::DeltaKind;
 use snapshot::VolumeError;
 
+use crate::engine::cbt_refine::{Refiner, Span};
 use crate::engine::source::Change;
 
 /// Counts of a computed delta.
@@ -25,8 +30,12 @@ pub struct DeltaStats {
     pub ranges: u64,
 }
 
+/// Mapped in both snapshots, differently (`different`).
 const KIND_DATA: u8 = 1;
+/// Mapped only in the base (`left_only`).
 const KIND_ZERO: u8 = 2;
+/// Mapped only in the new snapshot (`right_only`).
+const KIND_NEW: u8 = 3;
 
 /// Runs `thin_delta` between `base` and `new` (thin snapshots in the same
 /// pool) and writes the changed byte ranges to `spill`.
@@ -59,7 +68,9 @@ fn write_ranges(
     let mut out = RangeWriter::create(spill)?;
     for r in run.by_ref() {
         let r = r?;
-        if r.kind.needs_data() {
+        if r.kind == DeltaKind::RightOnly {
+            out.push(KIND_NEW, r.byte_range(block)?)?;
+        } else if r.kind.needs_data() {
             out.push(KIND_DATA, r.byte_range(block)?)?;
         } else if r.kind.is_zeroed() {
             out.push(KIND_ZERO, r.byte_range(block)?)?;
@@ -105,7 +116,7 @@ impl RangeWriter {
 
     fn emit(&mut self, kind: u8, r: std::ops::Range<u64>) -> Result<()> {
         let len = r.end - r.start;
-        if kind == KIND_DATA {
+        if kind != KIND_ZERO {
             self.stats.data_bytes += len;
         } else {
             self.stats.zero_bytes += len;
@@ -128,8 +139,64 @@ impl RangeWriter {
     }
 }
 
-/// Streams the ranges of a spill file.
+/// Streams the ranges of a spill file as whole changed chunks.
 pub fn read_spill(path: &Path) -> Result<impl Iterator<Item = Result<Change, VolumeError>> + Send> {
+    Ok(read_spans(path)?.map(|s| {
+        s.map(|s| match s {
+            Span::Changed(r) | Span::New(r) => Change::Data(r),
+            Span::Zeroed(r) => Change::Zero(r),
+        })
+    }))
+}
+
+/// The changes of a spill file for a session reading `new`: refined to
+/// 4 KiB against the `base` snapshot, or whole chunks when the base cannot
+/// be read or `SNAPSYNC_CBT_CHUNKS=1`.
+pub fn changes(
+    lvm: &Lvm,
+    base: &LvInfo,
+    new: std::sync::Arc<dyn snapshot::Volume>,
+    block: blockdiff::BlockSize,
+    spill: &Path,
+) -> Result<Box<dyn Iterator<Item = Result<Change, VolumeError>> + Send>> {
+    if std::env::var_os("SNAPSYNC_CBT_CHUNKS").is_some_and(|v| v == "1") {
+        return Ok(Box::new(read_spill(spill)?));
+    }
+    match open_base(lvm, base) {
+        Ok(b) => Ok(Box::new(Refiner::spawn(
+            b,
+            new,
+            Box::new(read_spans(spill)?),
+            block,
+        ))),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the base snapshot {}, shipping whole changed chunks: {e:#}",
+                base.lv_name()
+            );
+            Ok(Box::new(read_spill(spill)?))
+        }
+    }
+}
+
+/// Opens the base snapshot, activating it first if it is not (thin
+/// snapshots skip activation at boot).
+fn open_base(lvm: &Lvm, base: &LvInfo) -> Result<std::sync::Arc<dyn snapshot::Volume>> {
+    let mut info = base.clone();
+    if info.attr.state() != Some('a') {
+        lvm.activate(&base.lv_name())
+            .context("activating the base snapshot")?;
+        info = lvm.lv(&base.lv_name())?;
+    }
+    let path = info
+        .path
+        .as_deref()
+        .context("the base snapshot has no device path")?;
+    crate::commands::sync::open_source(path, true)
+}
+
+/// Streams the ranges of a spill file.
+pub fn read_spans(path: &Path) -> Result<impl Iterator<Item = Result<Span, VolumeError>> + Send> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut r = BufReader::new(f);
     let p = path.to_owned();
@@ -148,10 +215,10 @@ pub fn read_spill(path: &Path) -> Result<impl Iterator<Item = Result<Change, Vol
         }
         let start = u64::from_le_bytes(rec[1..9].try_into().expect("8"));
         let end = u64::from_le_bytes(rec[9..].try_into().expect("8"));
-        Some(Ok(if rec[0] == KIND_DATA {
-            Change::Data(start..end)
-        } else {
-            Change::Zero(start..end)
+        Some(Ok(match rec[0] {
+            KIND_DATA => Span::Changed(start..end),
+            KIND_NEW => Span::New(start..end),
+            _ => Span::Zeroed(start..end),
         }))
     }))
 }
@@ -169,15 +236,19 @@ mod tests {
         w.push(KIND_DATA, 10..20).unwrap();
         w.push(KIND_ZERO, 20..30).unwrap();
         w.push(KIND_DATA, 40..50).unwrap();
+        w.push(KIND_NEW, 50..60).unwrap();
         let st = w.finish().unwrap();
-        assert_eq!((st.data_bytes, st.zero_bytes, st.ranges), (30, 10, 3));
+        assert_eq!((st.data_bytes, st.zero_bytes, st.ranges), (40, 10, 4));
+        let spans: Vec<_> = read_spans(&p).unwrap().map(Result::unwrap).collect();
+        assert_eq!(spans[3], Span::New(50..60));
         let got: Vec<_> = read_spill(&p).unwrap().map(Result::unwrap).collect();
         assert_eq!(
             got,
             vec![
                 Change::Data(0..20),
                 Change::Zero(20..30),
-                Change::Data(40..50)
+                Change::Data(40..50),
+                Change::Data(50..60)
             ]
         );
     }

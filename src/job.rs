@@ -509,6 +509,12 @@ fn lvm_cycle(
             .data_percent
             .map(|pct| (snap.size as f64 * pct / 100.0).ceil() as u64 + snap.size / 10_000);
         let spill = state_dir.join(format!("volume-{}.delta", vol.name));
+        let v = open_source(
+            snap.path
+                .as_deref()
+                .context("thin snapshot has no device path")?,
+            true,
+        )?;
         let mut changes = None;
         if let (Some(base), false) = (&st.base, scrub) {
             let base_lv = lvm.lv(&LvName::parse(&base.snapshot)?)?;
@@ -516,16 +522,16 @@ fn lvm_cycle(
             drop(_pool_lock);
             p.mode = Mode::Delta;
             p.base = Some(base.generation.clone());
-            changes = Some(Box::new(crate::cbt::read_spill(&spill)?) as _);
+            changes = Some(crate::cbt::changes(
+                &lvm,
+                &base_lv,
+                v.clone(),
+                p.block_size,
+                &spill,
+            )?);
         } else {
             drop(_pool_lock);
         }
-        let v = open_source(
-            snap.path
-                .as_deref()
-                .context("thin snapshot has no device path")?,
-            true,
-        )?;
         let result = run_session(v, dest, &t, &p, cancel, changes, after);
         let _ = std::fs::remove_file(&spill);
         let report = result?;

@@ -1310,6 +1310,18 @@ impl Lvm {
         self.lv(&snap)
     }
 
+    /// Activates `lv`, even a thin snapshot that skips activation (`-K`).
+    pub fn activate(&self, lv: &LvName) -> Result<(), LvmError> {
+        self.run_lvm(vec![
+            os("lvchange"),
+            os("-ay"),
+            os("-K"),
+            os("--"),
+            os(lv.to_string()),
+        ])
+        .map(drop)
+    }
+
     /// Creates a thick (copy-on-write) snapshot `name` of `origin` with
     /// `size_bytes` of COW space (LVM rounds it up to whole extents).
     /// Watch it with [`Lvm::snapshot_fill_percent`]: once full it becomes

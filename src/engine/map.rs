@@ -282,12 +282,14 @@ fn load_or_create_key(path: &Path) -> Result<MapKey> {
     match read(path) {
         Ok(k) => return Ok(k),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| {
-            format!(
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
                 "reading digest map key {}; remove it to start over (the next syncs do full scans)",
                 path.display()
             )
-        }),
+            })
+        }
     }
     let mut k = [0u8; 32];
     getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;

@@ -2,6 +2,7 @@
 //! against the target side ([`target`], what `snapsync serve` runs) over
 //! any byte stream (see the `wire` crate for the protocol).
 
+pub mod cbt_refine;
 pub mod map;
 pub mod source;
 pub mod target;

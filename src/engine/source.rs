@@ -148,6 +148,9 @@ pub struct Report {
     /// Byte ranges that differ (verify and dry runs).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub differing: Vec<(u64, u64)>,
+    /// Of `source_bytes_read`, the bytes read from the base snapshot to
+    /// refine changed-block tracking's chunks to 4 KiB.
+    pub base_bytes_read: u64,
 }
 
 /// A session's byte streams and whatever must be waited for at the end.
@@ -167,6 +170,9 @@ impl std::fmt::Debug for Connection {
 pub enum Change {
     Data(Range<u64>),
     Zero(Range<u64>),
+    /// A changed range already read and refined to 4 KiB against the
+    /// base (see [`super::cbt_refine`]): shipped as is.
+    Refined(super::cbt_refine::Refined),
 }
 
 enum Incoming {
@@ -1223,7 +1229,10 @@ impl Comparer<'_> {
                 return Err(SyncError::Interrupted);
             }
             let change = change?;
-            let (Change::Zero(r) | Change::Data(r)) = &change;
+            let r = match &change {
+                Change::Zero(r) | Change::Data(r) => r,
+                Change::Refined(p) => &p.range,
+            };
             // The target takes ops only in increasing offset order.
             if r.start < done && r.start < self.size {
                 return Err(SyncError::Source(VolumeError::Other {
@@ -1251,6 +1260,11 @@ impl Comparer<'_> {
                         Vec::new(),
                     )?;
                     done = done.max(r.end);
+                }
+                Change::Refined(p) => {
+                    done = done.max(p.range.end);
+                    self.send_refined(p)?;
+                    self.progress.update(done, self.report.data_bytes);
                 }
                 Change::Data(r) => {
                     let mut off = r.start.min(self.size);
@@ -1295,6 +1309,35 @@ impl Comparer<'_> {
             }),
             Vec::new(),
         )
+    }
+
+    /// Ships a refined piece's ops and counts what it took.
+    fn send_refined(&mut self, p: super::cbt_refine::Refined) -> Result<(), SyncError> {
+        use super::cbt_refine::Op;
+        self.report.source_bytes_read += p.new_bytes_read + p.base_bytes_read;
+        self.report.base_bytes_read += p.base_bytes_read;
+        self.report.blocks_changed += p.blocks_changed;
+        self.counters
+            .read
+            .store(self.report.source_bytes_read, Ordering::Relaxed);
+        for op in p.ops {
+            match op {
+                Op::Data { offset, data } => {
+                    self.report.data_bytes += data.len() as u64;
+                    let d = Data {
+                        offset,
+                        len: data.len() as u32,
+                        codec: Codec::Raw,
+                    };
+                    self.send(Msg::Data(d), data)?;
+                }
+                Op::Zero { offset, len } => {
+                    self.report.zero_bytes += len;
+                    self.send(Msg::Zero(Zero { offset, len }), Vec::new())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Waits for the target's verdict.
