@@ -25,7 +25,9 @@
 //!    target → `Opened` (its size and replica state) or `Error`.
 //! 3. In [`Mode::FullScan`] and [`Mode::Verify`] the target streams
 //!    `BlockHashes` of its volume, at most a credit window ahead of the
-//!    source's `Credit`; the source answers differing blocks with `Refine`
+//!    source's `Credit`, and `Holes` for runs of blocks that read as zeros
+//!    (no digest needed: a hole meets a hole for free, source data meets
+//!    a target hole without a refinement); the source answers differing blocks with `Refine`
 //!    and gets `SubHashes`. Data, zero and copy ops flow source → target in
 //!    volume order. In [`Mode::Delta`] the target reads nothing and only
 //!    receives ops.
@@ -48,7 +50,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// First bytes each side sends.
 pub const MAGIC: [u8; 8] = *b"SNAPSYNC";
 /// Bumped on any incompatible change of frames or their meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest header accepted (a batch of digests travels as payload).
 pub const MAX_HEADER: usize = 64 * 1024;
 /// Largest payload: a whole maximal block plus compression slack.
@@ -139,6 +141,7 @@ pub enum Kind {
     Committed = 13,
     Error = 14,
     Heartbeat = 15,
+    Holes = 16,
 }
 
 impl Kind {
@@ -160,6 +163,7 @@ impl Kind {
             13 => Committed,
             14 => Error,
             15 => Heartbeat,
+            16 => Holes,
             _ => return None,
         })
     }
@@ -281,6 +285,16 @@ pub struct Credit {
     pub through: u64,
 }
 
+/// target → source, in place of `BlockHashes`: blocks `first..first+count`
+/// read as zeros on the target (a hole, past its old end, or zeros found
+/// while reading), so they cost no digests (protocol 3). Like digests they
+/// come in block order, within the credit window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holes {
+    pub first: u64,
+    pub count: u64,
+}
+
 /// source → target: send sub-block digests of `block`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refine {
@@ -396,6 +410,7 @@ pub enum Msg {
     Committed(Committed),
     Error(RemoteError),
     Heartbeat(Heartbeat),
+    Holes(Holes),
 }
 
 impl Msg {
@@ -416,6 +431,7 @@ impl Msg {
             Msg::Committed(_) => Kind::Committed,
             Msg::Error(_) => Kind::Error,
             Msg::Heartbeat(_) => Kind::Heartbeat,
+            Msg::Holes(_) => Kind::Holes,
         }
     }
 
@@ -441,6 +457,7 @@ impl Msg {
             Msg::Committed(m) => enc(m, out),
             Msg::Error(m) => enc(m, out),
             Msg::Heartbeat(m) => enc(m, out),
+            Msg::Holes(m) => enc(m, out),
         }
     }
 
@@ -472,6 +489,7 @@ impl Msg {
             Kind::Committed => Msg::Committed(dec(header)?),
             Kind::Error => Msg::Error(dec(header)?),
             Kind::Heartbeat => Msg::Heartbeat(dec(header)?),
+            Kind::Holes => Msg::Holes(dec(header)?),
         })
     }
 }
@@ -864,6 +882,13 @@ mod tests {
             ),
             (Msg::BlockHashes(BlockHashes { first: 12 }), vec![1; 32]),
             (Msg::Credit(Credit { through: u64::MAX }), vec![]),
+            (
+                Msg::Holes(Holes {
+                    first: 7,
+                    count: u64::MAX,
+                }),
+                vec![],
+            ),
             (Msg::Refine(Refine { block: 3 }), vec![]),
             (Msg::SubHashes(SubHashes { block: 3 }), vec![2; 256]),
             (
