@@ -81,6 +81,11 @@ impl Announcer {
         }
     }
 
+    /// Blocks in the pending hole run.
+    pub fn pending_hole(&self) -> u64 {
+        self.hole.map_or(0, |(_, c)| c)
+    }
+
     /// Sends everything pending: before the scanner waits for credit (the
     /// source may be waiting for exactly these blocks) and at the end.
     pub fn flush(&mut self, out: &mut Vec<(Msg, Vec<u8>)>) {
