@@ -325,9 +325,7 @@ pub fn plan_with_holes(
             .entry(len)
             .or_insert_with(|| signer.block_digest(&zeros[..len]));
         let mine = (!source_holes.get(i).copied().unwrap_or(false)).then_some(src);
-        let theirs = if start + len > target.len() && start >= target.len()
-            || target_holes.get(i).copied().unwrap_or(false)
-        {
+        let theirs = if start >= target.len() || target_holes.get(i).copied().unwrap_or(false) {
             Theirs::Hole
         } else {
             let mut t = target[start..(start + len).min(target.len())].to_vec();
