@@ -10,7 +10,7 @@ Subcommands:
   gen-random PATH SIZE            random image (fallback when openssl is missing)
   mutate PATH KIND SIZE           apply workload KIND to PATH, print changed bytes
   revert PATH KIND SIZE SRC       copy the ranges KIND touches back from SRC
-  sparse-source PATH SIZE         sparse file with a few MiB of random data
+  sparse-source PATH SIZE [KIND]  sparse file with a few MiB of random data
   same A B                        byte-exact compare that skips holes both files share
   size SPEC                       "64M" / "4G" / "1.5G" -> bytes
   record RESULTS key=value...     parse the raw output of one run, append a JSON line
@@ -33,7 +33,8 @@ SCATTER_FRACTION = 0.01  # 1% of the 4 KiB blocks
 CONTIGUOUS_LEN = 40 * MIB
 # One seed per workload: re-applying a mutation must write exactly the same
 # bytes, because that is how the target is restored between contenders.
-SEEDS = {"scattered": 0x5CA77E, "contiguous": 0xC0471, "sparse": 0x59A125E}
+SEEDS = {"scattered": 0x5CA77E, "contiguous": 0xC0471, "sparse": 0x59A125E,
+         "sparse-new": 0x5EED14}
 
 
 # --------------------------------------------------------------------------
@@ -74,6 +75,15 @@ def ranges(kind, size):
                 size - chunk]
         for off in sorted(set(offs)):
             yield off, chunk, rng
+    elif kind == "sparse-new":
+        # issue 14: five 1 MiB islands (5 MiB) spread over the volume, two
+        # of them off any 64 KiB block boundary
+        for i in range(5):
+            off = (size - MIB) * i // 4
+            off -= off % SUB
+            if i in (1, 3):
+                off = min(off + 3 * SUB, size - MIB)
+            yield off, MIB, rng
     else:
         raise SystemExit(f"unknown workload kind {kind!r}")
 
@@ -110,11 +120,11 @@ def cmd_revert(path, kind, size, src):
         os.close(dfd)
 
 
-def cmd_sparse_source(path, size):
+def cmd_sparse_source(path, size, kind="sparse"):
     size = parse_size(size)
     with open(path, "wb") as f:
         f.truncate(size)
-    print(write_ranges(path, "sparse", size))
+    print(write_ranges(path, kind, size))
 
 
 def cmd_gen_random(path, size):

@@ -15,7 +15,7 @@ use blockdiff::Signer;
 use common::*;
 use hostile_support::*;
 use wire::{
-    BlockHashes, Codec, Committed, Credit, Data, Finish, Generation, Heartbeat, Msg, Opened,
+    BlockHashes, Codec, Committed, Credit, Data, Finish, Generation, Heartbeat, Holes, Msg, Opened,
     Refine, RemoteError, ReplicaState, SubHashes, Zero,
 };
 
@@ -187,6 +187,35 @@ fn a_target_trickling_frames_without_progress_is_cut_off() {
             m.run
                 .assert_says("no progress", "the progress timeout fired");
         }
+    }
+}
+
+/// Hole runs (protocol 3) are checked like digests: an empty one, or one
+/// that reaches past the volume or the credit window, is a protocol
+/// violation, never a skip of blocks the target did not scan.
+#[test]
+fn a_target_announcing_holes_out_of_bounds_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, 2 * MIB, 4);
+    for count in [0, 33, u64::MAX] {
+        let t = FakeTarget::new(dir.path());
+        let child = t.spawn_source(&src, &["--timeout", "20s"]);
+        let target = thread::spawn(move || {
+            let mut p = t.accept();
+            let o = p.honest_opened();
+            p.send(Msg::Opened(o), &[]).unwrap();
+            p.drain_in_background();
+            let _ = p.send(Msg::Holes(Holes { first: 0, count }), &[]);
+            thread::sleep(Duration::from_secs(2));
+        });
+        let m = measure(child, Duration::from_secs(60));
+        m.run.assert_code(5);
+        m.run.assert_says(
+            "expected them from block 0",
+            "a hole run outside the volume is refused",
+        );
+        target.join().unwrap();
     }
 }
 

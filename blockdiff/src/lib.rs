@@ -17,6 +17,16 @@
 //!    sub-blocks that differ, so a scattered 4 KiB write costs about 4 KiB on
 //!    the wire while the first level hashes whole blocks.
 //!
+//! Holes are ranges, not blocks. Either end may know, without reading or
+//! hashing, that a block reads as zeros (a file's hole, the target's tail
+//! past its old end, a new target). [`decide_holes`] decides such blocks
+//! without digests: hole against hole costs nothing, source data against a
+//! target hole ships the non-zero sub-blocks ([`nonzero_runs`]) with no
+//! refinement round trip, a source hole against target data is a Zero op
+//! (or nothing, when the target's digest is the zero digest).
+//! [`plan_with_holes`] plans exactly what [`plan`] plans over the same
+//! bytes, which the property tests check.
+//!
 //! [`decide`] and [`changed_runs`] are the decisions the replication engine
 //! makes per block; [`plan`] strings them together over two in-memory
 //! volumes and [`apply`] carries a plan out, which is how the property
@@ -216,6 +226,143 @@ pub fn changed_runs(signer: &Signer, source: &[u8], target: &[Digest]) -> Vec<(u
         }
     }
     runs
+}
+
+/// Runs of non-zero sub-blocks of `source`, as [`changed_runs`] would
+/// find them against a target that reads as zeros (whose sub-digests are
+/// the digests of zero sub-blocks), without hashing anything.
+pub fn nonzero_runs(source: &[u8]) -> Vec<(u32, u32)> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for (i, chunk) in source.chunks(SUB_BLOCK as usize).enumerate() {
+        if is_zero(chunk) {
+            continue;
+        }
+        let off = i as u32 * SUB_BLOCK;
+        let len = chunk.len() as u32;
+        match runs.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += len,
+            _ => runs.push((off, len)),
+        }
+    }
+    runs
+}
+
+/// What the target announced about one block in a full scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Theirs {
+    /// The block reads as zeros on the target (no digest sent).
+    Hole,
+    /// The target's digest of the block.
+    Digest(Digest),
+}
+
+/// What the source does with a block once hole maps are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoleDecision {
+    /// Nothing to send.
+    Same,
+    /// Zero the block on the target.
+    Zero,
+    /// The target reads as zeros there: send these runs (offset within
+    /// block, length) of the source block, no refinement needed.
+    SendRuns(Vec<(u32, u32)>),
+    /// Both ends hold data that differs: refine as [`decide`] does.
+    Refine,
+}
+
+/// Decides a block where the source's block is `source` (`None`: a hole
+/// of `len` bytes, known zeros, never read) and the target announced
+/// `theirs`. `zero_digest` is the block digest of `len` zero bytes. Only
+/// source data against target data costs a block digest.
+pub fn decide_holes(
+    signer: &Signer,
+    zero_digest: &Digest,
+    source: Option<&[u8]>,
+    theirs: &Theirs,
+) -> HoleDecision {
+    match (source, theirs) {
+        (None, Theirs::Hole) => HoleDecision::Same,
+        (None, Theirs::Digest(d)) if d == zero_digest => HoleDecision::Same,
+        (None, Theirs::Digest(_)) => HoleDecision::Zero,
+        (Some(src), Theirs::Hole) => {
+            let runs = nonzero_runs(src);
+            if runs.is_empty() {
+                HoleDecision::Same
+            } else {
+                HoleDecision::SendRuns(runs)
+            }
+        }
+        (Some(src), Theirs::Digest(d)) => match decide(signer, src, Some(d)).0 {
+            Decision::Same => HoleDecision::Same,
+            Decision::Zero => HoleDecision::Zero,
+            Decision::Refine | Decision::SendWhole => HoleDecision::Refine,
+        },
+    }
+}
+
+/// The plan [`plan`] makes of `source` against `target` padded with zeros
+/// to the source's length (as the engine sees a shorter target), made the
+/// way the engine makes it with hole maps: `source_holes[i]` and
+/// `target_holes[i]` say block `i` is known to read as zeros on that end
+/// (each must be true of the bytes; blocks past the target's end are
+/// holes whatever the map says). Holes are never hashed.
+pub fn plan_with_holes(
+    signer: &Signer,
+    block: BlockSize,
+    source: &[u8],
+    source_holes: &[bool],
+    target: &[u8],
+    target_holes: &[bool],
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let bs = block.bytes() as usize;
+    let mut zero_digests = std::collections::HashMap::new();
+    let zeros = vec![0u8; bs];
+    for (i, src) in source.chunks(bs).enumerate() {
+        let start = i * bs;
+        let len = src.len();
+        let zero_digest = *zero_digests
+            .entry(len)
+            .or_insert_with(|| signer.block_digest(&zeros[..len]));
+        let mine = (!source_holes.get(i).copied().unwrap_or(false)).then_some(src);
+        let theirs = if start >= target.len() || target_holes.get(i).copied().unwrap_or(false) {
+            Theirs::Hole
+        } else {
+            let mut t = target[start..(start + len).min(target.len())].to_vec();
+            t.resize(len, 0);
+            Theirs::Digest(signer.block_digest(&t))
+        };
+        match decide_holes(signer, &zero_digest, mine, &theirs) {
+            HoleDecision::Same => {}
+            HoleDecision::Zero => ops.push(Op::Zero {
+                offset: start as u64,
+                len: len as u64,
+            }),
+            HoleDecision::SendRuns(runs) => {
+                for (off, l) in runs {
+                    let (off, l) = (off as usize, l as usize);
+                    ops.push(Op::Data {
+                        offset: (start + off) as u64,
+                        data: src[off..off + l].to_vec(),
+                    });
+                }
+            }
+            HoleDecision::Refine => {
+                let mut t = target[start..(start + len).min(target.len())].to_vec();
+                t.resize(len, 0);
+                let mut subs = Vec::new();
+                signer.sub_digests(&t, &mut subs);
+                for (off, l) in changed_runs(signer, src, &subs) {
+                    let (off, l) = (off as usize, l as usize);
+                    ops.push(Op::Data {
+                        offset: (start + off) as u64,
+                        data: src[off..off + l].to_vec(),
+                    });
+                }
+            }
+        }
+    }
+    ops
 }
 
 /// One step of a diff plan, in byte offsets of the volume.
@@ -422,6 +569,59 @@ mod tests {
             let mut t = b.clone();
             apply(&ops, &mut t, a.len());
             prop_assert_eq!(t, a);
+        }
+
+        #[test]
+        fn hole_maps_plan_what_block_comparison_plans(
+            a in volume(),
+            b in volume(),
+            a_mask in prop::collection::vec(any::<bool>(), 0..40),
+            b_mask in prop::collection::vec(any::<bool>(), 0..40),
+            shift in 0u32..3,
+        ) {
+            let s = signer();
+            let block = BlockSize::new((SUB_BLOCK << shift) as u64).unwrap();
+            let bs = block.bytes() as usize;
+            // Random sparse layouts: masked blocks are punched (zeroed and
+            // announced as holes); zero blocks left unmasked stay
+            // "allocated zeros", which only a digest or a read can tell.
+            let punch = |v: &[u8], mask: &[bool]| {
+                let mut v = v.to_vec();
+                let holes: Vec<bool> = v
+                    .chunks_mut(bs)
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let h = mask.get(i).copied().unwrap_or(false);
+                        if h {
+                            c.fill(0);
+                        }
+                        h
+                    })
+                    .collect();
+                (v, holes)
+            };
+            let (a, a_holes) = punch(&a, &a_mask);
+            let (b, b_holes) = punch(&b, &b_mask);
+            let mut padded = b.clone();
+            if padded.len() < a.len() {
+                padded.resize(a.len(), 0);
+            }
+            let reference = plan(&s, block, &a, &padded);
+            let ops = plan_with_holes(&s, block, &a, &a_holes, &b, &b_holes);
+            prop_assert_eq!(&ops, &reference);
+            let mut t = b.clone();
+            apply(&ops, &mut t, a.len());
+            prop_assert_eq!(t, a);
+        }
+
+        #[test]
+        fn nonzero_runs_are_what_refining_against_zeros_finds(
+            src in volume(),
+        ) {
+            let s = signer();
+            let mut zero_subs = Vec::new();
+            s.sub_digests(&vec![0u8; src.len()], &mut zero_subs);
+            prop_assert_eq!(nonzero_runs(&src), changed_runs(&s, &src, &zero_subs));
         }
 
         #[test]

@@ -3,6 +3,7 @@
 //! any byte stream (see the `wire` crate for the protocol).
 
 pub mod cbt_refine;
+pub mod holes;
 pub mod map;
 pub mod source;
 pub mod target;
@@ -43,6 +44,11 @@ pub fn blocks_per_chunk(block: blockdiff::BlockSize) -> u64 {
     (CHUNK_BYTES as u64 / block.bytes() as u64).max(1)
 }
 
+/// Most blocks one hole chunk covers: a hole of any size costs one
+/// `SEEK_DATA` and a chunk per this many blocks (4 GiB at 64 KiB blocks),
+/// and fits the target's credit window whole.
+pub const HOLE_CHUNK_BLOCKS: u64 = WINDOW_BLOCKS;
+
 /// Chunks a reader may hold ready ahead of its consumer.
 pub const READ_AHEAD: usize = 8;
 
@@ -54,7 +60,8 @@ pub struct Chunk {
     /// The chunk's bytes; empty when `hole`.
     pub data: Vec<u8>,
     /// Known to be all zeros without reading (a hole, or past the end of
-    /// what the volume held before it grew).
+    /// what the volume held before it grew). A hole chunk may cover up to
+    /// [`HOLE_CHUNK_BLOCKS`] blocks; a data chunk [`blocks_per_chunk`].
     pub hole: bool,
 }
 
@@ -92,11 +99,22 @@ impl ChunkReader {
                 let per = blocks_per_chunk(block);
                 let mut b = start_block;
                 while b < total && !cancel.is_cancelled() {
-                    let n = per.min(total - b);
                     let offset = block.offset_of(b);
+                    // Whole blocks of hole from here: one SEEK_DATA per
+                    // hole, not one per chunk (holes are ranges).
+                    let hole_blocks =
+                        hole_blocks_at(volume.as_ref(), block, offset, readable, size)
+                            .min(total - b)
+                            .min(HOLE_CHUNK_BLOCKS);
+                    let n = if hole_blocks > 0 {
+                        hole_blocks
+                    } else {
+                        per.min(total - b)
+                    };
                     let len = (size - offset).min(n * block.bytes() as u64) as usize;
                     let real_end = (offset + len as u64).min(readable);
-                    let hole = offset >= real_end
+                    let hole = hole_blocks > 0
+                        || offset >= real_end
                         || volume.next_data(offset).is_none_or(|d| d >= real_end);
                     let mut data = Vec::new();
                     let mut r = Ok(());
@@ -153,6 +171,37 @@ impl Drop for ChunkReader {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// How many whole blocks from `offset` (a block boundary) are known to
+/// read as zeros: a hole up to the next data (`SEEK_DATA`), or anything
+/// past `readable`. The last block of the volume counts whole when the
+/// hole reaches the volume's end.
+fn hole_blocks_at(
+    volume: &dyn snapshot::Volume,
+    block: blockdiff::BlockSize,
+    offset: u64,
+    readable: u64,
+    size: u64,
+) -> u64 {
+    let zeros_until = if offset >= readable {
+        size
+    } else {
+        match volume.next_data(offset) {
+            None => size,
+            Some(d) if d >= readable => size,
+            Some(d) => d.min(size),
+        }
+    };
+    if zeros_until <= offset {
+        return 0;
+    }
+    let bs = block.bytes() as u64;
+    if zeros_until >= size {
+        block.blocks_in(size) - offset / bs
+    } else {
+        (zeros_until - offset) / bs
     }
 }
 

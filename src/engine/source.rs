@@ -24,7 +24,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blockdiff::{changed_runs, decide, BlockSize, Decision, Digest, HashKey, Signer};
+use blockdiff::{
+    changed_runs, decide, decide_holes, BlockSize, Decision, Digest, HashKey, HoleDecision, Signer,
+    Theirs,
+};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use serde::Serialize;
 use snapshot::{Volume, VolumeError};
@@ -33,6 +36,7 @@ use wire::{
     Heartbeat, Hello, Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
+use super::holes::{Run, TargetRuns};
 use super::map::{MapHeader, MapReader, MapSession, MapWriter};
 use super::{Cancel, Chunk, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::progress::Progress;
@@ -177,6 +181,7 @@ pub enum Change {
 
 enum Incoming {
     Hashes(u64, Vec<Digest>),
+    Holes(u64, u64),
     Subs(u64, Vec<Digest>),
     Committed(Committed),
     Failed(WireError),
@@ -223,8 +228,12 @@ impl Expect {
     /// window, and the answer to a refinement actually asked for.
     fn check(&mut self, m: &Incoming) -> Result<(), WireError> {
         match m {
-            Incoming::Hashes(first, d) => {
-                let n = d.len() as u64;
+            Incoming::Hashes(_, _) | Incoming::Holes(_, _) => {
+                let (first, n) = match m {
+                    Incoming::Hashes(first, d) => (first, d.len() as u64),
+                    Incoming::Holes(first, n) => (first, *n),
+                    _ => unreachable!(),
+                };
                 let limit = self.total.min(
                     self.credited
                         .load(Ordering::SeqCst)
@@ -306,13 +315,21 @@ enum Pending {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Data against a target hole: these runs of `data` go out as they
+    /// are, no refinement needed.
+    Runs {
+        block: u64,
+        offset: u64,
+        data: Vec<u8>,
+        runs: Vec<(u32, u32)>,
+    },
 }
 
 impl Pending {
     fn block(&self, bs: BlockSize) -> u64 {
         match self {
             Pending::Zero { offset, .. } => *offset / bs.bytes() as u64,
-            Pending::Refine { block, .. } => *block,
+            Pending::Refine { block, .. } | Pending::Runs { block, .. } => *block,
         }
     }
 }
@@ -582,7 +599,9 @@ pub fn run(
         size,
         out: out_tx,
         incoming: in_rx,
-        hashes: VecDeque::new(),
+        hashes: TargetRuns::default(),
+        zero_digests: Vec::new(),
+        map_zero_digests: Vec::new(),
         subs: VecDeque::new(),
         pending: VecDeque::new(),
         pending_refines: 0,
@@ -740,6 +759,7 @@ fn recv_loop<R: Read>(
                     Err(e) => Incoming::Failed(e),
                 }
             }
+            Ok((Msg::Holes(h), _)) => Incoming::Holes(h.first, h.count),
             Ok((Msg::SubHashes(s), p)) => {
                 let mut d = Vec::new();
                 match wire::payload_to_digests(p, &mut d) {
@@ -846,8 +866,13 @@ struct Comparer<'a> {
     size: u64,
     out: Sender<(Msg, Vec<u8>)>,
     incoming: Receiver<Incoming>,
-    /// Target digests received and not yet compared: (first block, digests).
-    hashes: VecDeque<(u64, Vec<Digest>)>,
+    /// Target digests and holes received and not yet compared.
+    hashes: TargetRuns,
+    /// Block digests of zeros, by block length (only the last block is
+    /// short).
+    zero_digests: Vec<(usize, Digest)>,
+    /// The same under the digest map's key.
+    map_zero_digests: Vec<(usize, Digest)>,
     subs: VecDeque<(u64, Vec<Digest>)>,
     pending: VecDeque<Pending>,
     pending_refines: usize,
@@ -945,25 +970,16 @@ impl Comparer<'_> {
         }
     }
 
-    /// The target's digest of `block`; every block before it is compared.
-    fn target_digest(&mut self, block: u64) -> Result<Digest, SyncError> {
+    /// The target's view of `block` and the first block past it whose
+    /// view may differ; every block before it is compared.
+    fn target_view(&mut self, block: u64) -> Result<(Theirs, u64), SyncError> {
         loop {
-            if let Some((first, d)) = self.hashes.front() {
-                if block < *first {
-                    return Err(
-                        WireError::Malformed(format!("digest for block {block} skipped")).into(),
-                    );
-                }
-                let i = (block - first) as usize;
-                if i < d.len() {
-                    let digest = d[i];
-                    if i + 1 == d.len() {
-                        self.hashes.pop_front();
-                    }
-                    return Ok(digest);
-                }
-                self.hashes.pop_front();
-                continue;
+            if let Some(v) = self
+                .hashes
+                .view(block)
+                .map_err(|e| SyncError::from(WireError::Malformed(e)))?
+            {
+                return Ok(v);
             }
             // The target may be waiting for credit that only a pending
             // refinement holds back: settle what is ready and grant it.
@@ -975,6 +991,15 @@ impl Comparer<'_> {
                 self.pump()?;
             }
         }
+    }
+
+    fn zero_digest(&mut self, len: usize) -> Digest {
+        if let Some((_, d)) = self.zero_digests.iter().find(|(l, _)| *l == len) {
+            return *d;
+        }
+        let d = self.signer.block_digest(&vec![0u8; len]);
+        self.zero_digests.push((len, d));
+        d
     }
 
     /// Lets the target scan on: every op below the first unsent block is
@@ -1000,13 +1025,12 @@ impl Comparer<'_> {
             opened.start_block,
             self.cancel.clone(),
         );
-        let zero_block = vec![0u8; self.block.bytes() as usize];
         for chunk in reader.chunks.iter() {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
             }
             let chunk = chunk?;
-            self.compare_chunk(&chunk, &zero_block)?;
+            self.compare_chunk(&chunk)?;
             self.report.source_bytes_read = reader.bytes_read();
             // The target checks this against the blocks it hashed: none
             // in digest-map mode.
@@ -1048,34 +1072,42 @@ impl Comparer<'_> {
             .map_or(scanned, |p| p.block(self.block))
     }
 
-    fn compare_chunk(&mut self, chunk: &Chunk, zero_block: &[u8]) -> Result<(), SyncError> {
+    fn compare_chunk(&mut self, chunk: &Chunk) -> Result<(), SyncError> {
         let bs = self.block.bytes() as usize;
         let n = chunk.blocks;
-        for i in 0..n {
-            let b = chunk.first_block + i;
+        let end = chunk.first_block + n;
+        let mut b = chunk.first_block;
+        while b < end {
             let len = self.block.len_of(b, self.size) as usize;
-            let data = if chunk.hole {
-                &zero_block[..len]
+            let i = (b - chunk.first_block) as usize;
+            let data = (!chunk.hole).then(|| &chunk.data[i * bs..i * bs + len]);
+            let decision = if self.map_old.is_some() {
+                // Digest-map mode: the map of the base stands in for the
+                // target's digests (the target scans nothing).
+                self.map_decision(data, len)?
             } else {
-                &chunk.data[i as usize * bs..i as usize * bs + len]
-            };
-            let (decision, digest) = match (&mut self.map_old, &self.map_signer) {
-                (Some(r), Some(ms)) => {
-                    let theirs = r.next_digest().map_err(|e| map_error(&self.source, e))?;
-                    decide(ms, data, Some(&theirs))
+                let (theirs, run_end) = self.target_view(b)?;
+                if chunk.hole && theirs == Theirs::Hole {
+                    // Hole against hole: the whole run costs nothing.
+                    let upto = run_end.min(end);
+                    self.report.blocks_compared += upto - b;
+                    for z in b..upto {
+                        let l = self.block.len_of(z, self.size) as usize;
+                        self.record_map(None, l, None);
+                    }
+                    b = upto;
+                    continue;
                 }
-                _ => {
-                    let theirs = self.target_digest(b)?;
-                    let (d, _) = decide(&self.signer, data, Some(&theirs));
-                    (d, [0; 16])
-                }
+                let zero_digest = self.zero_digest(len);
+                let d = decide_holes(&self.signer, &zero_digest, data, &theirs);
+                self.record_map(data, len, None);
+                d
             };
-            self.record_map(data, digest);
             self.report.blocks_compared += 1;
             let offset = self.block.offset_of(b);
             match decision {
-                Decision::Same => {}
-                Decision::Zero => {
+                HoleDecision::Same => {}
+                HoleDecision::Zero => {
                     self.report.blocks_changed += 1;
                     self.report.zero_bytes += len as u64;
                     match self.pending.back_mut() {
@@ -1094,14 +1126,25 @@ impl Comparer<'_> {
                         }),
                     }
                 }
-                Decision::Refine | Decision::SendWhole => {
+                HoleDecision::SendRuns(runs) => {
+                    self.report.blocks_changed += 1;
+                    self.pending.push_back(Pending::Runs {
+                        block: b,
+                        offset,
+                        data: data.expect("source data").to_vec(),
+                        runs,
+                    });
+                    // Counted with refinements: it holds a block's data.
+                    self.pending_refines += 1;
+                }
+                HoleDecision::Refine => {
                     self.report.blocks_changed += 1;
                     self.refines_sent.fetch_add(1, Ordering::SeqCst);
                     self.send(Msg::Refine(Refine { block: b }), Vec::new())?;
                     self.pending.push_back(Pending::Refine {
                         block: b,
                         offset,
-                        data: data.to_vec(),
+                        data: data.expect("source data").to_vec(),
                     });
                     self.pending_refines += 1;
                 }
@@ -1110,6 +1153,7 @@ impl Comparer<'_> {
             while self.pending_refines >= MAX_PENDING_REFINES {
                 self.resolve_pending(true)?;
             }
+            b += 1;
         }
         self.progress.update(
             self.block.offset_of(chunk.first_block + n).min(self.size),
@@ -1133,6 +1177,17 @@ impl Comparer<'_> {
                 if self.send_ops {
                     self.send(Msg::Zero(Zero { offset, len }), Vec::new())?;
                 }
+                Ok(true)
+            }
+            Some(Pending::Runs { .. }) => {
+                let Some(Pending::Runs {
+                    offset, data, runs, ..
+                }) = self.pending.pop_front()
+                else {
+                    unreachable!()
+                };
+                self.pending_refines -= 1;
+                self.send_runs(offset, &data, &runs)?;
                 Ok(true)
             }
             Some(Pending::Refine { block, .. }) => {
@@ -1160,45 +1215,110 @@ impl Comparer<'_> {
                     unreachable!()
                 };
                 self.pending_refines -= 1;
-                for (off, len) in changed_runs(&self.signer, &data, &theirs) {
-                    let (o, l) = (off as usize, len as usize);
-                    self.report.data_bytes += len as u64;
-                    self.note_range(offset + off as u64, len as u64);
-                    if self.send_ops {
-                        let d = Data {
-                            offset: offset + off as u64,
-                            len,
-                            codec: Codec::Raw,
-                        };
-                        self.send(Msg::Data(d), data[o..o + l].to_vec())?;
-                    }
-                }
+                let runs = changed_runs(&self.signer, &data, &theirs);
+                self.send_runs(offset, &data, &runs)?;
                 Ok(true)
             }
         }
     }
 
-    /// Appends block's map digest (already computed in digest-map mode)
-    /// to the new map. A map that cannot be written is dropped, never the
-    /// session: the next one does a full scan.
-    fn record_map(&mut self, data: &[u8], digest: Digest) {
-        let (Some(w), Some(ms)) = (&mut self.map_new, &self.map_signer) else {
-            return;
+    /// Digest-map mode: what to do with a block, compared against the
+    /// base's digest in the map (read in step with the scan).
+    fn map_decision(&mut self, data: Option<&[u8]>, len: usize) -> Result<HoleDecision, SyncError> {
+        let theirs = match &mut self.map_old {
+            Some(r) => r.next_digest().map_err(|e| map_error(&self.source, e))?,
+            None => unreachable!("map_decision outside digest-map mode"),
         };
-        let d = if self.map_old.is_some() {
-            digest
-        } else {
-            ms.block_digest(data)
+        let Some(data) = data else {
+            // A hole of the source reads as zeros.
+            let zero = self.map_zero_digest(len);
+            self.record_map(None, len, Some(zero));
+            return Ok(if theirs == zero {
+                HoleDecision::Same
+            } else {
+                HoleDecision::Zero
+            });
         };
-        if let Err(e) = w.push(&d) {
-            tracing::warn!("writing the digest map: {e}; the next sync does a full scan");
-            self.map_new = None;
+        let ms = self
+            .map_signer
+            .as_ref()
+            .expect("digest-map mode has a signer");
+        let (d, digest) = decide(ms, data, Some(&theirs));
+        self.record_map(Some(data), len, Some(digest));
+        Ok(match d {
+            Decision::Same => HoleDecision::Same,
+            Decision::Zero => HoleDecision::Zero,
+            Decision::Refine | Decision::SendWhole => HoleDecision::Refine,
+        })
+    }
+
+    /// The map's digest of an all-zero block of `len` bytes (cached: a
+    /// sparse source has many).
+    fn map_zero_digest(&mut self, len: usize) -> Digest {
+        if let Some((_, d)) = self.map_zero_digests.iter().find(|(l, _)| *l == len) {
+            return *d;
         }
+        let ms = self
+            .map_signer
+            .as_ref()
+            .expect("digest-map mode has a signer");
+        let d = ms.block_digest(&vec![0u8; len]);
+        self.map_zero_digests.push((len, d));
+        d
+    }
+
+    /// Appends a block's map digest (`digest` if already computed; a
+    /// hole's is the zero block's) to the new map. A map that cannot be
+    /// written is dropped, never the session: the next one does a full
+    /// scan.
+    fn record_map(&mut self, data: Option<&[u8]>, len: usize, digest: Option<Digest>) {
+        if self.map_new.is_none() {
+            return;
+        }
+        let d = match (digest, data) {
+            (Some(d), _) => d,
+            (None, None) => self.map_zero_digest(len),
+            (None, Some(data)) => self
+                .map_signer
+                .as_ref()
+                .expect("a map being written has a signer")
+                .block_digest(data),
+        };
+        if let Some(w) = &mut self.map_new {
+            if let Err(e) = w.push(&d) {
+                tracing::warn!("writing the digest map: {e}; the next sync does a full scan");
+                self.map_new = None;
+            }
+        }
+    }
+
+    /// Sends `runs` (offset within the block, length) of a block's `data`.
+    fn send_runs(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        runs: &[(u32, u32)],
+    ) -> Result<(), SyncError> {
+        for &(off, len) in runs {
+            let (o, l) = (off as usize, len as usize);
+            self.report.data_bytes += len as u64;
+            self.note_range(offset + off as u64, len as u64);
+            if self.send_ops {
+                let d = Data {
+                    offset: offset + off as u64,
+                    len,
+                    codec: Codec::Raw,
+                };
+                self.send(Msg::Data(d), data[o..o + l].to_vec())?;
+            }
+        }
+        Ok(())
     }
 
     fn stash(&mut self, m: Incoming) -> Result<(), SyncError> {
         match m {
-            Incoming::Hashes(first, d) => self.hashes.push_back((first, d)),
+            Incoming::Hashes(first, d) => self.hashes.push(Run::Digests(first, d)),
+            Incoming::Holes(first, n) => self.hashes.push(Run::Holes(first, n)),
             Incoming::Subs(b, d) => self.subs.push_back((b, d)),
             Incoming::Committed(c) => self.committed = Some(c),
             Incoming::Failed(e) => return Err(e.into()),

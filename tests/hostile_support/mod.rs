@@ -348,7 +348,10 @@ impl ServePeer {
             let mut last = None;
             loop {
                 match rd.read() {
-                    Ok((Msg::Heartbeat(_) | Msg::BlockHashes(_) | Msg::SubHashes(_), _)) => {}
+                    Ok((
+                        Msg::Heartbeat(_) | Msg::BlockHashes(_) | Msg::Holes(_) | Msg::SubHashes(_),
+                        _,
+                    )) => {}
                     Ok((m, _)) => last = Some(Ok(m)),
                     Err(wire::WireError::Remote(e)) => return Some(Err(e.message)),
                     Err(_) => return last,

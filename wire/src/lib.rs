@@ -25,7 +25,9 @@
 //!    target → `Opened` (its size and replica state) or `Error`.
 //! 3. In [`Mode::FullScan`] and [`Mode::Verify`] the target streams
 //!    `BlockHashes` of its volume, at most a credit window ahead of the
-//!    source's `Credit`; the source answers differing blocks with `Refine`
+//!    source's `Credit`, and `Holes` for runs of blocks that read as zeros
+//!    (no digest needed: a hole meets a hole for free, source data meets
+//!    a target hole without a refinement); the source answers differing blocks with `Refine`
 //!    and gets `SubHashes`. Data, zero and copy ops flow source → target in
 //!    volume order. In [`Mode::Delta`] the target reads nothing and only
 //!    receives ops.
@@ -139,6 +141,7 @@ pub enum Kind {
     Committed = 13,
     Error = 14,
     Heartbeat = 15,
+    Holes = 16,
 }
 
 impl Kind {
@@ -160,6 +163,7 @@ impl Kind {
             13 => Committed,
             14 => Error,
             15 => Heartbeat,
+            16 => Holes,
             _ => return None,
         })
     }
@@ -299,6 +303,16 @@ pub struct Credit {
     pub through: u64,
 }
 
+/// target → source, in place of `BlockHashes`: blocks `first..first+count`
+/// read as zeros on the target (a hole, past its old end, or zeros found
+/// while reading), so they cost no digests (protocol 3). Like digests they
+/// come in block order, within the credit window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holes {
+    pub first: u64,
+    pub count: u64,
+}
+
 /// source → target: send sub-block digests of `block`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refine {
@@ -414,6 +428,7 @@ pub enum Msg {
     Committed(Committed),
     Error(RemoteError),
     Heartbeat(Heartbeat),
+    Holes(Holes),
 }
 
 impl Msg {
@@ -434,6 +449,7 @@ impl Msg {
             Msg::Committed(_) => Kind::Committed,
             Msg::Error(_) => Kind::Error,
             Msg::Heartbeat(_) => Kind::Heartbeat,
+            Msg::Holes(_) => Kind::Holes,
         }
     }
 
@@ -459,6 +475,7 @@ impl Msg {
             Msg::Committed(m) => enc(m, out),
             Msg::Error(m) => enc(m, out),
             Msg::Heartbeat(m) => enc(m, out),
+            Msg::Holes(m) => enc(m, out),
         }
     }
 
@@ -490,6 +507,7 @@ impl Msg {
             Kind::Committed => Msg::Committed(dec(header)?),
             Kind::Error => Msg::Error(dec(header)?),
             Kind::Heartbeat => Msg::Heartbeat(dec(header)?),
+            Kind::Holes => Msg::Holes(dec(header)?),
         })
     }
 }
@@ -885,6 +903,13 @@ mod tests {
             ),
             (Msg::BlockHashes(BlockHashes { first: 12 }), vec![1; 32]),
             (Msg::Credit(Credit { through: u64::MAX }), vec![]),
+            (
+                Msg::Holes(Holes {
+                    first: 7,
+                    count: u64::MAX,
+                }),
+                vec![],
+            ),
             (Msg::Refine(Refine { block: 3 }), vec![]),
             (Msg::SubHashes(SubHashes { block: 3 }), vec![2; 256]),
             (
