@@ -291,13 +291,19 @@ enum Pending {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Non-zero sub-blocks to send over a target block of zeros.
+    Fill {
+        block: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 impl Pending {
     fn block(&self, bs: BlockSize) -> u64 {
         match self {
             Pending::Zero { offset, .. } => *offset / bs.bytes() as u64,
-            Pending::Refine { block, .. } => *block,
+            Pending::Refine { block, .. } | Pending::Fill { block, .. } => *block,
         }
     }
 }
@@ -505,6 +511,7 @@ pub fn run(
         // Often enough that the target never waits long for it and its
         // resume marks stay fine-grained.
         credit_step: (opened.window_blocks / 4).clamp(1, 64),
+        zero_digest: Digest::default(),
     };
     // A file replica longer than the source differs in its tail (a sync
     // truncates it at commit; a verify or dry run must say so).
@@ -670,6 +677,7 @@ fn write_loop<W: Write>(
     sent: Arc<AtomicU64>,
 ) -> Result<u64, WireError> {
     let mut zbuf = Vec::new();
+    let mut zstd = compress.map(wire::Compressor::new).transpose()?;
     let mut finished = false;
     loop {
         let (msg, payload) = match rx.try_recv() {
@@ -692,8 +700,12 @@ fn write_loop<W: Write>(
         // Counted before the bytes can reach the target.
         let bound = wr.bytes() + (9 + wire::MAX_HEADER + payload.len()) as u64;
         sent.fetch_max(bound, Ordering::SeqCst);
-        match (msg, compress) {
-            (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
+        let compressed = match (&msg, zstd.as_mut()) {
+            (Msg::Data(_), Some(z)) => z.compress(&payload, &mut zbuf),
+            _ => false,
+        };
+        match msg {
+            Msg::Data(d) if compressed => {
                 wr.send(
                     &Msg::Data(Data {
                         codec: Codec::Zstd,
@@ -702,7 +714,7 @@ fn write_loop<W: Write>(
                     &zbuf,
                 )?;
             }
-            (msg, _) => wr.send(&msg, &payload)?,
+            msg => wr.send(&msg, &payload)?,
         }
         // The target takes what we send: that is progress too (heartbeats
         // aside, which go out whatever the target does).
@@ -743,6 +755,8 @@ struct Comparer<'a> {
     /// The last credit sent, and how far it moves before the next.
     credited: u64,
     credit_step: u64,
+    /// Digest of a whole block of zeros under this session's key.
+    zero_digest: Digest,
 }
 
 impl Comparer<'_> {
@@ -868,6 +882,7 @@ impl Comparer<'_> {
             self.cancel.clone(),
         );
         let zero_block = vec![0u8; self.block.bytes() as usize];
+        self.zero_digest = self.signer.block_digest(&zero_block);
         for chunk in reader.chunks.iter() {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
@@ -923,9 +938,14 @@ impl Comparer<'_> {
                 &chunk.data[i as usize * bs..i as usize * bs + len]
             };
             let theirs = self.target_digest(b)?;
-            let (decision, _) = decide(&self.signer, data, Some(&theirs));
-            self.report.blocks_compared += 1;
             let offset = self.block.offset_of(b);
+            // A block of zeros on the target is settled without hashing.
+            let decision = if self.fill_zero_target(b, offset, data, &theirs, chunk.hole)? {
+                Decision::Same
+            } else {
+                self.report.blocks_compared += 1;
+                decide(&self.signer, data, Some(&theirs)).0
+            };
             match decision {
                 Decision::Same => {}
                 Decision::Zero => {
@@ -973,6 +993,76 @@ impl Comparer<'_> {
         Ok(())
     }
 
+    /// A target block whose digest is the zeros' digest holds zeros (a hole,
+    /// or past its old end, as on a new target): what differs is exactly
+    /// the source's non-zero sub-blocks. Ships them without hashing the
+    /// source block or asking the target for sub-digests of its zeros (a
+    /// first copy hashed every block three times). Returns false when the
+    /// block is left to the normal comparison.
+    fn fill_zero_target(
+        &mut self,
+        b: u64,
+        offset: u64,
+        data: &[u8],
+        theirs: &Digest,
+        hole: bool,
+    ) -> Result<bool, SyncError> {
+        let zeros = if data.len() == self.block.bytes() as usize {
+            self.zero_digest
+        } else {
+            self.signer.block_digest(&vec![0u8; data.len()])
+        };
+        if *theirs != zeros {
+            return Ok(false);
+        }
+        self.report.blocks_compared += 1;
+        if hole || blockdiff::is_zero(data) {
+            return Ok(true);
+        }
+        self.report.blocks_changed += 1;
+        if !self.pending.is_empty() {
+            // Ops go out in volume order: after what is still pending.
+            // Held data counts against the same bound as refinements.
+            self.pending.push_back(Pending::Fill {
+                block: b,
+                offset,
+                data: data.to_vec(),
+            });
+            self.pending_refines += 1;
+            return Ok(true);
+        }
+        self.send_nonzero(offset, data)?;
+        Ok(true)
+    }
+
+    /// Sends the runs of non-zero sub-blocks of `data` (at `offset`).
+    fn send_nonzero(&mut self, offset: u64, data: &[u8]) -> Result<(), SyncError> {
+        let sub = blockdiff::SUB_BLOCK as usize;
+        let mut i = 0;
+        while i < data.len() {
+            if blockdiff::is_zero(&data[i..(i + sub).min(data.len())]) {
+                i += sub;
+                continue;
+            }
+            let start = i;
+            while i < data.len() && !blockdiff::is_zero(&data[i..(i + sub).min(data.len())]) {
+                i = (i + sub).min(data.len());
+            }
+            let len = (i - start) as u64;
+            self.report.data_bytes += len;
+            self.note_range(offset + start as u64, len);
+            if self.send_ops {
+                let d = Data {
+                    offset: offset + start as u64,
+                    len: len as u32,
+                    codec: Codec::Raw,
+                };
+                self.send(Msg::Data(d), data[start..i].to_vec())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Handles the oldest pending item. Returns false when it is a
     /// refinement whose digests have not arrived and `wait` is false.
     fn resolve_pending(&mut self, wait: bool) -> Result<bool, SyncError> {
@@ -986,6 +1076,14 @@ impl Comparer<'_> {
                 if self.send_ops {
                     self.send(Msg::Zero(Zero { offset, len }), Vec::new())?;
                 }
+                Ok(true)
+            }
+            Some(Pending::Fill { .. }) => {
+                let Some(Pending::Fill { offset, data, .. }) = self.pending.pop_front() else {
+                    unreachable!()
+                };
+                self.pending_refines -= 1;
+                self.send_nonzero(offset, &data)?;
                 Ok(true)
             }
             Some(Pending::Refine { block, .. }) => {
