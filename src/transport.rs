@@ -17,8 +17,14 @@ use crate::exit::UsageError;
 
 /// The remote shell unless `--rsh` says otherwise. Keepalives make a dead
 /// network path fail the session in about a minute instead of never.
-pub const DEFAULT_RSH: &str =
-    "ssh -T -o BatchMode=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4";
+/// AES-GCM first: with AES instructions (x86-64 since 2010, ARMv8) ssh
+/// spends about a quarter less CPU than with OpenSSH's default
+/// chacha20-poly1305 (512 MiB through ssh on 127.0.0.1: 3.6 against 4.9
+/// CPU-s, both ends), and on a 2-core host ssh's cipher competes with
+/// hashing and zstd. The rest of the list keeps every server that lacks it
+/// reachable.
+pub const DEFAULT_RSH: &str = "ssh -T -o BatchMode=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
+     -c aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
 
 /// Where the replica lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

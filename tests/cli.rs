@@ -1095,3 +1095,66 @@ fn sigint_interrupts_remote_sync_and_next_run_resumes() {
     let f = Fixture::new();
     sigint_case(&f, Some(&strs(&f.local_rsh_args())));
 }
+
+// ------------------------------------------- blocks of zeros on the target
+
+/// Over a target block of zeros (a new target, or a hole) the source ships
+/// its non-zero 4 KiB sub-blocks without hashing and without asking the
+/// target for sub-digests: a first copy receives only block digests.
+#[test]
+fn first_copy_asks_no_sub_digests_of_a_new_target() {
+    let f = Fixture::new();
+    let (size, block) = (8 * MIB, 64 * KIB);
+    write_random_file(&f.src, size, 700);
+    // Zero sub-blocks inside data blocks, and one whole block of zeros.
+    for off in [0, 3 * 4096, block + 15 * 4096, 5 * block + 7 * 4096] {
+        write_at(&f.src, off, &[0u8; 4096]);
+    }
+    write_at(&f.src, 9 * block, &vec![0u8; block as usize]);
+    for extra in [&[][..], &strs(&f.local_rsh_args())[..]] {
+        let _ = std::fs::remove_file(&f.dst);
+        let _ = std::fs::remove_dir_all(&f.state);
+        let dst = if extra.is_empty() {
+            f.dst_str().to_owned()
+        } else {
+            f.remote_dst()
+        };
+        let r = sync_json(&f.src, &dst, &f.state, extra);
+        f.assert_exact();
+        assert_scan_counts(&r, size, block);
+        assert_eq!(r.u("data_bytes"), size - 4 * 4096 - block, "{r}");
+        assert_eq!(r.u("blocks_changed"), size / block - 1, "{r}");
+        let blocks = size / block;
+        // Block digests (16 bytes a block) and framing; sub-digests would
+        // add 256 bytes a block.
+        assert!(
+            r.u("wire_bytes_received") < blocks * 16 + 8 * KIB,
+            "the target was asked for sub-digests of its zeros: {r}"
+        );
+    }
+}
+
+/// Blocks of zeros on the target between blocks that need refining: the
+/// data for the zeros waits behind the pending refinements, ops stay in
+/// volume order, and the replica is exact.
+#[test]
+fn zero_target_blocks_between_refined_blocks() {
+    let (size, block) = (4 * MIB, 64 * KIB);
+    let f = Fixture::replica(size, 710);
+    let mut expect = 0;
+    for b in 0..size / block {
+        if b % 2 == 0 {
+            write_at(&f.dst, b * block + 4096, &random_bytes(711 + b, 4096));
+            expect += 4096;
+        } else {
+            write_at(&f.dst, b * block, &vec![0u8; block as usize]);
+            expect += block;
+        }
+    }
+    let r = f.sync(&[]);
+    f.assert_exact();
+    assert_scan_counts(&r, size, block);
+    assert_eq!(r.u("data_bytes"), expect, "{r}");
+    assert_eq!(r.u("blocks_changed"), size / block, "{r}");
+    assert_eq!(r.s("apply_mode"), "journal", "{r}");
+}

@@ -1,5 +1,5 @@
 //! A replica is bound to the volume itself, not to its name: identities,
-//! safe opens, permissions (issue 8). One test (at least) per problem:
+//! safe opens, permissions. One test (at least) per problem:
 //! a replaced target, a new device at a reused name, aliases, the
 //! check-then-open race, mounted devices, modes, odd file types, long
 //! paths, option injection through the host. Loop devices need root; those

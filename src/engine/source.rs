@@ -817,6 +817,7 @@ fn write_loop<W: Write>(
     sent: Arc<AtomicU64>,
 ) -> Result<u64, WireError> {
     let mut zbuf = Vec::new();
+    let mut zstd = compress.map(wire::Compressor::new).transpose()?;
     let mut finished = false;
     loop {
         let (msg, payload) = match rx.try_recv() {
@@ -839,8 +840,12 @@ fn write_loop<W: Write>(
         // Counted before the bytes can reach the target.
         let bound = wr.bytes() + (9 + wire::MAX_HEADER + payload.len()) as u64;
         sent.fetch_max(bound, Ordering::SeqCst);
-        match (msg, compress) {
-            (Msg::Data(d), Some(level)) if wire::compress(&payload, level, &mut zbuf) => {
+        let compressed = match (&msg, zstd.as_mut()) {
+            (Msg::Data(_), Some(z)) => z.compress(&payload, &mut zbuf),
+            _ => false,
+        };
+        match msg {
+            Msg::Data(d) if compressed => {
                 wr.send(
                     &Msg::Data(Data {
                         codec: Codec::Zstd,
@@ -849,7 +854,7 @@ fn write_loop<W: Write>(
                     &zbuf,
                 )?;
             }
-            (msg, _) => wr.send(&msg, &payload)?,
+            msg => wr.send(&msg, &payload)?,
         }
         // The target takes what we send: that is progress too (heartbeats
         // aside, which go out whatever the target does).

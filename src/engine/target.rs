@@ -1026,6 +1026,7 @@ impl Session {
     fn receive(&mut self, rd: &mut Inbox, refine_tx: &Sender<u64>) -> Result<(), TargetError> {
         let total_blocks = self.shared.block.blocks_in(self.shared.new_size);
         let mut scratch = Vec::new();
+        let mut zstd: Option<wire::Decompressor> = None;
         let mut next_offset = 0u64;
         let mut next_refine = 0u64;
         let mut credit = self.start_block;
@@ -1094,7 +1095,11 @@ impl Session {
                             return Err(protocol("data payload length does not match its header"))
                         }
                         Codec::Zstd if self.features & features::ZSTD != 0 => {
-                            wire::decompress(payload, d.len as usize, &mut scratch)?;
+                            let z = match &mut zstd {
+                                Some(z) => z,
+                                None => zstd.insert(wire::Decompressor::new()?),
+                            };
+                            z.decompress(payload, d.len as usize, &mut scratch)?;
                             &scratch[..]
                         }
                         Codec::Zstd => {
