@@ -57,6 +57,25 @@ impl Fixture {
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "map"))
     }
+
+    /// Every map file of this fixture.
+    fn map_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.maps())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "map"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The map of local syncs from `src` to `dst`, if any.
+    fn local_map(&self) -> Option<PathBuf> {
+        let name = snapsync::engine::map::map_name("sync", s(&self.src), s(&self.dst));
+        let p = self.maps().join(format!("{name}.map"));
+        p.exists().then_some(p)
+    }
 }
 
 fn fallback(r: &Report) -> String {
@@ -455,18 +474,29 @@ fn kill_9_never_leaves_a_map_claiming_a_generation_the_target_lacks() {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(map) = f.map_file() {
+        // The local and the remote route are two destinations with a map
+        // each: none may claim more than the target holds.
+        let held = target_generation(&f.state);
+        for map in f.map_files() {
             let claimed = map_generation(&map, &key);
-            let held = target_generation(&f.state);
-            // Held may be ahead (killed between the target's commit and
-            // the map's rename): then the next sync scans in full.
             assert!(
                 held.is_some_and(|h| h >= claimed),
-                "trial {trial}: the map claims generation {claimed}, the target holds {held:?}"
+                "trial {trial}: {} claims generation {claimed}, the target holds {held:?}",
+                map.display()
             );
+        }
+        // Held may be ahead of the local route's map (killed between the
+        // target's commit and the map's rename, or the remote route
+        // synced since): then the next local sync scans in full.
+        if let Some(map) = f.local_map() {
+            let claimed = map_generation(&map, &key);
             if held != Some(claimed) {
                 let r = f.sync(&[]);
-                assert_eq!(r.s("mode"), "full-scan", "trial {trial}: {r}");
+                assert_eq!(
+                    r.s("mode"),
+                    "full-scan",
+                    "trial {trial} claimed {claimed} held {held:?}: {r}"
+                );
                 continue;
             }
         }
@@ -476,4 +506,5 @@ fn kill_9_never_leaves_a_map_claiming_a_generation_the_target_lacks() {
             "{r}"
         );
     }
+    assert!(f.local_map().is_some(), "the last local sync keeps its map");
 }
