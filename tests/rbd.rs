@@ -467,7 +467,9 @@ fn a_killed_source_leaves_a_gateway_replica_that_rolls_back() {
     let gen1 = std::fs::read(&f.src).unwrap();
     write_random_file(&f.src, 16 * MIB, 13);
     let mut child = snapsync()
-        .args(["sync", s(&f.src), &dst, "--quiet", "--bwlimit", "2M"])
+        // Slow enough that the apply stays under way for half a minute:
+        // the `rbd` polls below are slow on a loaded machine.
+        .args(["sync", s(&f.src), &dst, "--quiet", "--bwlimit", "512"])
         .args(remote_args(&rsh))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
