@@ -27,6 +27,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::{self, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -1109,6 +1110,14 @@ impl Lvm {
         }
     }
 
+    /// Every LVM and dmsetup command runs in a process group of its own
+    /// and ignores `SIGPIPE`: a Ctrl-C in the terminal, a `kill` of
+    /// snapsync's group or snapsync's own death must not stop `lvcreate`
+    /// between the pool's message and LVM's metadata commit, which leaves
+    /// a thin device LVM does not know of ("already contains thin device
+    /// with device_id N") and every later snapshot of that pool failing
+    /// until someone repairs it by hand. An orphaned command finishes;
+    /// the next cycle removes the snapshot it made.
     fn command(program: &Path, args: &[OsString]) -> Command {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -1116,7 +1125,9 @@ impl Lvm {
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .process_group(0);
+        crate::sys::ignore_sigpipe_in_child(&mut cmd);
         cmd
     }
 
@@ -2297,6 +2308,42 @@ exit 0
             other => panic!("{other:?}"),
         }
         assert!(err.to_string().contains("in use"));
+    }
+
+    /// A kill of snapsync's process group (or its death) must not stop an
+    /// LVM command half-way through a metadata change.
+    #[test]
+    fn lvm_commands_run_in_a_group_of_their_own_and_ignore_sigpipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("report");
+        let lvm = dir.path().join("lvm");
+        std::fs::write(
+            &lvm,
+            format!(
+                "#!/bin/sh\nread -r _ _ _ _ pgrp _ </proc/$$/stat\n\
+                 echo \"$$ $pgrp $(sed -n 's/^SigIgn:[[:space:]]*//p' /proc/$$/status)\" >{}\n",
+                report.display()
+            ),
+        )
+        .unwrap();
+        let mut perm = std::fs::metadata(&lvm).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&lvm, perm).unwrap();
+        Lvm::with_programs(&lvm, "/nonexistent/dmsetup", "x")
+            .remove(&LvName::new("vg0", "x").unwrap())
+            .unwrap();
+        let line = std::fs::read_to_string(&report).unwrap();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            f[0], f[1],
+            "the command leads its own process group: {line}"
+        );
+        let ignored = u64::from_str_radix(f[2], 16).unwrap();
+        assert_ne!(
+            ignored & (1 << (libc::SIGPIPE - 1)),
+            0,
+            "SIGPIPE ignored: {line}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The kernel interfaces that need `unsafe`: block-device ioctls. Every
-//! other module of the workspace is free of unsafe code.
+//! The kernel interfaces that need `unsafe`: block-device ioctls and one
+//! signal disposition set in a child between fork and exec. Every other
+//! module of the workspace is free of unsafe code.
 //!
 //! Numbers are from `<linux/fs.h>`: `BLKGETSIZE64 = _IOR(0x12, 114, size_t)`,
 //! `BLKSSZGET = _IO(0x12, 104)`, `BLKZEROOUT = _IO(0x12, 127)` taking a
@@ -119,6 +120,26 @@ pub fn loop_status(fd: BorrowedFd<'_>) -> io::Result<LoopStatus> {
         offset: info.lo_offset,
         size_limit: info.lo_sizelimit,
     })
+}
+
+/// Makes `cmd`'s child ignore `SIGPIPE`, so that a child still writing
+/// a message when its reader is gone (snapsync killed) gets `EPIPE` and
+/// goes on rather than dying mid-way. Used with a process group of its
+/// own for the LVM commands that change metadata.
+pub fn ignore_sigpipe_in_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed: signal(2) is one, and the
+    // closure touches no memory of the parent's (no allocation, no lock).
+    // SIG_IGN survives exec, which is the point.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::signal(libc::SIGPIPE, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
