@@ -91,10 +91,13 @@ echo "RECORDED $("$RL" list "$OUT/log.bin" | wc -l) entries, $size bytes in $(($
 # all it started, the fs unmounted, the caches dropped and the disk put
 # back; the next cycle must end with the replica equal to the source's
 # base snapshot, one snapshot of the volume left (the base) and no pool
-# metadata snapshot held. Odd trials cut the target's disk (its state dir
-# and the replica file), even ones the source's state dir. Unlike the
-# replays above, writes completed before the cut all survive; this tests
-# the whole stack at once.
+# metadata snapshot held. The trials take turns: one cuts the target's
+# disk (its state dir and the replica file), one the source's state dir
+# with its CBT base, one the state dir of a thick LV source that keeps a
+# digest map there (a map that claimed a generation the replica does not
+# hold would make the next cycle ship too little: the replica would
+# differ). Unlike the replays above, writes completed before the cut all
+# survive; this tests the whole stack at once.
 [ "$TRIALS" -gt 0 ] || exit 0
 T0=$(date +%s)
 export LVM_SUPPRESS_FD_WARNINGS=1
@@ -103,8 +106,9 @@ VG=sspcvg
 truncate -s 64M "$P/pv.img"
 PV=$(losetup -f --show "$P/pv.img") || fail "losetup"
 pvcreate -q "$PV" && vgcreate -q -s 1M "$VG" "$PV" && lvcreate -q --type thin-pool -L 24M -n pool "$VG" &&
-    lvcreate -q -V 1M -T "$VG/pool" -n src || fail "thin pool"
+    lvcreate -q -V 1M -T "$VG/pool" -n src && lvcreate -q -L 1M -n tk "$VG" || fail "thin pool, thick LV"
 SRC=/dev/$VG/src
+TK=/dev/$VG/tk
 truncate -s 48M "$P/fdev.img"
 FDEV=$(losetup -f --show "$P/fdev.img") || fail "losetup"
 SZ=$(blockdev --getsz "$FDEV")
@@ -117,31 +121,35 @@ dmsetup create ssfl --table "0 $SZ linear $FDEV 0" || fail "dmsetup create"
 mkfs.ext4 -q -F -b 4096 -N 64 -J size=4 -E nodiscard /dev/mapper/ssfl || fail "mkfs"
 mkdir -p "$P/fmnt" "$P/local"
 mount /dev/mapper/ssfl "$P/fmnt" || fail "mount"
-# config FILE VOLUME STATE_DIR TARGET TARGET_STATE_DIR
+# config FILE VOLUME SOURCE_LV STATE_DIR TARGET TARGET_STATE_DIR [LINE]
 config() {
-    printf 'state_dir = "%s"\n[[volume]]\nname = "%s"\nsource = "%s"\ntarget = "%s"\ntarget_state_dir = "%s"\ninterval = "0s"\n' \
-        "$3" "$2" "$VG/src" "$4" "$5" >"$1"
+    printf 'state_dir = "%s"\n[[volume]]\nname = "%s"\nsource = "%s"\ntarget = "%s"\ntarget_state_dir = "%s"\ninterval = "0s"\n%s\n' \
+        "$4" "$2" "$VG/$3" "$5" "$6" "${7:-}" >"$1"
 }
 # Target series: the flakey disk holds the replica and the target's
-# state; source series: it holds the source's state dir (CBT bases).
-config "$P/ft.toml" ft "$P/local/sstate" "$P/fmnt/replica.img" "$P/fmnt/tstate"
-config "$P/fs.toml" fs "$P/fmnt/sstate" "$P/local/replica.img" "$P/local/tstate"
-# dirty G: the source becomes generation G's first MiB in a random run of
+# state; source series: it holds the source's state dir (CBT bases, or
+# the thick source's digest map).
+config "$P/ft.toml" ft src "$P/local/sstate" "$P/fmnt/replica.img" "$P/fmnt/tstate"
+config "$P/fs.toml" fs src "$P/fmnt/sstate" "$P/local/replica.img" "$P/local/tstate"
+config "$P/fm.toml" fm tk "$P/fmnt/mstate" "$P/local/mreplica.img" "$P/local/mtstate" 'snapshot_size = "2MiB"'
+# dirty DEV G: DEV becomes generation G's first MiB in a random run of
 # 64 KiB chunks (CBT sees those chunks).
 dirty() {
     local k=$((RANDOM % 16)) c
     c=$((RANDOM % (16 - k) + 1))
-    dd if="$P/gen$1.img" of="$SRC" bs=64K skip="$k" seek="$k" count="$c" oflag=direct conv=notrunc status=none
+    dd if="$P/gen$2.img" of="$1" bs=64K skip="$k" seek="$k" count="$c" oflag=direct conv=notrunc status=none
 }
 # The first MiB of each generation: cycles take long under emulation.
-dd if="$P/gen1.img" of="$SRC" bs=64K count=16 oflag=direct status=none || fail "dd"
-for cfg in ft fs; do
+for dev in "$SRC" "$TK"; do
+    dd if="$P/gen1.img" of="$dev" bs=64K count=16 oflag=direct status=none || fail "dd"
+done
+for cfg in ft fs fm; do
     timeout -k 5 600 "$BIN" run --once --config "$P/$cfg.toml" >/dev/null || fail "first $cfg cycle"
 done
 # Cuts fall anywhere in a cycle: a window of what a delta cycle takes here.
 # (Bounds of 600 s: on a machine busy with other VMs and builds, a CBT
 # delta cycle under emulation was seen to take over 120 s.)
-dirty 2
+dirty "$SRC" 2
 t=$(date +%s%N)
 timeout -k 5 600 "$BIN" run --once --config "$P/ft.toml" >/dev/null || fail "second ft cycle"
 WINDOW_MS=$(( ($(date +%s%N) - t) / 1000000 + 1 ))
@@ -151,9 +159,12 @@ tpass=0 tfail=0
 set -x
 for t in $(seq 1 "$TRIALS"); do
     echo "### trial $t"
-    cfg=ft side=target
-    [ $((t % 2)) = 0 ] && cfg=fs side=source
-    dirty $(( (t % 3) + 1 ))
+    case $((t % 3)) in
+        1) cfg=ft side=target dev=$SRC bases=1 ;;
+        2) cfg=fs side=source dev=$SRC bases=1 ;;
+        0) cfg=fm side="digest-map source" dev=$TK bases=0 ;;
+    esac
+    dirty "$dev" $(( (t / 3 % 3) + 1 ))
     setsid "$BIN" run --once --config "$P/$cfg.toml" >/dev/null 2>&1 &
     pid=$!
     delay=$(( RANDOM % WINDOW_MS ))
@@ -174,11 +185,15 @@ for t in $(seq 1 "$TRIALS"); do
         cat "$P/trial.err"
     fi
     left=$(snaps "$cfg")
-    [ -n "$why" ] || [ "$(echo "$left" | wc -w)" = 1 ] || why="snapshots left: $left"
+    [ -n "$why" ] || [ "$(echo "$left" | wc -w)" = "$bases" ] || why="snapshots left: $left"
     [ -n "$why" ] || [ "$(dmsetup status "$VG-pool-tpool" | cut -d' ' -f7)" = - ] || why="a metadata snapshot is held"
-    if [ "$side" = target ]; then rep=$P/fmnt/replica.img; else rep=$P/local/replica.img; fi
-    [ -n "$why" ] || cmp -s "/dev/$VG/$left" "$rep" || why="replica differs from the base snapshot $left"
-    [ -n "$why" ] || cmp -s "$SRC" "$rep" || why="replica differs from the source"
+    case $cfg in
+        ft) rep=$P/fmnt/replica.img ;;
+        fs) rep=$P/local/replica.img ;;
+        fm) rep=$P/local/mreplica.img ;;
+    esac
+    [ -n "$why" ] || [ "$bases" = 0 ] || cmp -s "/dev/$VG/$left" "$rep" || why="replica differs from the base snapshot $left"
+    [ -n "$why" ] || cmp -s "$dev" "$rep" || why="replica differs from the source"
     if [ -z "$why" ]; then
         tpass=$((tpass + 1))
         echo "trial $t: $side cut at ${delay} ms: ok, next cycle $(($(date +%s) - t1)) s, $(cat "$P/trial.json")"
