@@ -35,7 +35,7 @@ use rbd::{Cluster, ConnectOptions, Image, Pool, RbdSpec, RbdVolume};
 use snapshot::Volume;
 use wire::{ErrorCode, Generation, Mode, Open, Opened, ReplicaState};
 
-use super::{Applier, ServeConfig, Session, Shared, TargetError};
+use super::{map_fits, usable, Applier, ServeConfig, Session, Shared, TargetError, Usable};
 use crate::engine::{Cancel, WINDOW_BLOCKS};
 use crate::state::{self, StatePaths, VolumeState};
 
@@ -410,54 +410,18 @@ pub(super) fn open(
     let old_size = volume.size();
     let new_size = open.source_size;
     let block = open.block_size;
-    let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
-    let mut mode = open.mode;
-    if mode == Mode::Delta {
-        let holds_base = vouched
-            && same_source
-            && state.consistent
-            && open.base.is_some()
-            && state.generation == open.base;
-        if !holds_base {
-            mode = Mode::FullScan;
-        }
-    }
-    // A digest-map session: only onto the image the map was made against,
-    // holding the map's generation with nothing written since.
-    let mut unvouched = None;
-    if mode == Mode::Mapped {
-        let why = if open.map_target.as_deref() != Some(id.as_str()) {
-            Some(format!(
-                "the map was made against another target volume ({}), this one is {id}",
-                wire::escape(open.map_target.as_deref().unwrap_or("none"))
-            ))
-        } else if !(same_source
-            && state.consistent
-            && open.base.is_some()
-            && state.generation == open.base)
-        {
-            Some("the image does not hold the map's generation".to_string())
-        } else if !vouched {
-            Some("the image was written since its generation snapshot".to_string())
+    let Usable {
+        mode,
+        unvouched,
+        start_block,
+    } = usable(&open, &state, vouched, new_size, || {
+        map_fits(&open, &state, &id)?;
+        if vouched {
+            Ok(())
         } else {
-            None
-        };
-        if why.is_some() {
-            unvouched = why;
-            mode = Mode::FullScan;
+            Err("the image was written since its generation snapshot".into())
         }
-    }
-    let mut start_block = 0;
-    if let Some(ip) = &state.in_progress {
-        if open.resume
-            && mode == Mode::FullScan
-            && ip.source_id == open.source_id
-            && ip.generation.snapshot == open.target_generation.snapshot
-            && ip.block_size == block.bytes()
-        {
-            start_block = ip.mark_block.min(block.blocks_in(new_size));
-        }
-    }
+    });
     let number = state.generation.as_ref().map_or(0, |g| g.number) + 1;
     let next_generation = Generation {
         number,

@@ -686,42 +686,16 @@ impl Session {
         let block = open.block_size;
         let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
 
-        // Delta mode trusts that the target holds exactly the base.
-        let mut mode = open.mode;
-        if mode == Mode::Delta {
-            // A weak identity may be another volume than the one the state
-            // was recorded for: never a blind delta onto it.
-            let holds_base = identity.strong
-                && same_source
-                && state.consistent
-                && state.generation == open.base
-                && open.base.is_some();
-            if !holds_base {
-                mode = Mode::FullScan;
-            }
-        }
-        // A digest-map session trusts the source's map of the base: only
-        // if the target holds it and vouches nothing wrote it since.
-        let mut unvouched = None;
-        if mode == Mode::Mapped {
-            let file = identity.kind == snapshot::identity::IdKind::File;
-            if let Err(why) = vouch(&open, &state, &identity, &id, same_source, file, &path) {
-                unvouched = Some(why);
-                mode = Mode::FullScan;
-            }
-        }
-        // Resume an interrupted in-place copy of the very same snapshot.
-        let mut start_block = 0;
-        if let Some(ip) = &state.in_progress {
-            if open.resume
-                && mode == Mode::FullScan
-                && ip.source_id == open.source_id
-                && ip.generation.snapshot == open.target_generation.snapshot
-                && ip.block_size == block.bytes()
-            {
-                start_block = ip.mark_block.min(block.blocks_in(new_size));
-            }
-        }
+        // A weak identity may be another volume than the one the state was
+        // recorded for: never a blind delta onto it, never a map vouched.
+        let file = identity.kind == snapshot::identity::IdKind::File;
+        let Usable {
+            mode,
+            unvouched,
+            start_block,
+        } = usable(&open, &state, identity.strong, new_size, || {
+            vouch(&open, &state, &identity, &id, file, &path)
+        });
         let number = state.generation.as_ref().map_or(0, |g| g.number) + 1;
         let next_generation = Generation {
             number,
@@ -1433,26 +1407,76 @@ impl Session {
 
 /// Whether the target vouches that its replica is exactly `open.base`
 /// as the source's digest map recorded it; `Err` says why not.
-fn vouch(
+/// How a session may use the replica it opened.
+pub(super) struct Usable {
+    pub mode: Mode,
+    /// Why a digest-map session became a full scan.
+    pub unvouched: Option<String>,
+    /// Where an interrupted in-place copy of the same snapshot resumes.
+    pub start_block: u64,
+}
+
+/// The mode a session runs in on a replica in `state`: a delta only onto
+/// a replica that holds exactly the base and whose identity is
+/// `trusted`; a digest-map session only when `vouch` says the replica
+/// holds the map's generation with nothing written since; otherwise a
+/// full scan, which resumes an interrupted in-place copy of the very same
+/// snapshot.
+pub(super) fn usable(
     open: &Open,
     state: &VolumeState,
-    identity: &snapshot::VolumeIdentity,
-    id: &str,
-    same_source: bool,
-    file: bool,
-    path: &Path,
-) -> Result<(), String> {
-    if !identity.strong {
-        return Err(format!(
-            "the target's identity is weak ({identity}): it is never vouched for"
-        ));
+    trusted: bool,
+    new_size: u64,
+    vouch: impl FnOnce() -> Result<(), String>,
+) -> Usable {
+    let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
+    let mut mode = open.mode;
+    if mode == Mode::Delta {
+        let holds_base = trusted
+            && same_source
+            && state.consistent
+            && state.generation == open.base
+            && open.base.is_some();
+        if !holds_base {
+            mode = Mode::FullScan;
+        }
     }
+    let mut unvouched = None;
+    if mode == Mode::Mapped {
+        if let Err(why) = vouch() {
+            unvouched = Some(why);
+            mode = Mode::FullScan;
+        }
+    }
+    let block = open.block_size;
+    let mut start_block = 0;
+    if let Some(ip) = &state.in_progress {
+        if open.resume
+            && mode == Mode::FullScan
+            && ip.source_id == open.source_id
+            && ip.generation.snapshot == open.target_generation.snapshot
+            && ip.block_size == block.bytes()
+        {
+            start_block = ip.mark_block.min(block.blocks_in(new_size));
+        }
+    }
+    Usable {
+        mode,
+        unvouched,
+        start_block,
+    }
+}
+
+/// Whether the source's digest map fits the replica: made against this
+/// target volume (`id`), of the generation the replica holds.
+pub(super) fn map_fits(open: &Open, state: &VolumeState, id: &str) -> Result<(), String> {
     if open.map_target.as_deref() != Some(id) {
         return Err(format!(
             "the map was made against another target volume ({}), this one is {id}",
             wire::escape(open.map_target.as_deref().unwrap_or("none"))
         ));
     }
+    let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
     let holds = same_source && state.consistent && open.base.is_some();
     if !holds || state.generation != open.base {
         return Err(format!(
@@ -1464,6 +1488,26 @@ fn vouch(
             }
         ));
     }
+    Ok(())
+}
+
+/// Whether this target vouches for the map's generation: a strong
+/// identity, the map fits, and for a file nothing wrote it since its
+/// commit as far as (inode, size, mtime, ctime) tell.
+fn vouch(
+    open: &Open,
+    state: &VolumeState,
+    identity: &snapshot::VolumeIdentity,
+    id: &str,
+    file: bool,
+    path: &Path,
+) -> Result<(), String> {
+    if !identity.strong {
+        return Err(format!(
+            "the target's identity is weak ({identity}): it is never vouched for"
+        ));
+    }
+    map_fits(open, state, id)?;
     if file {
         // A block device: nothing cheap tells whether something wrote it;
         // trusted like changed-block tracking, the scrub is the net.
