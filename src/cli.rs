@@ -92,6 +92,13 @@ pub struct TransferArgs {
     /// bare number is KiB/s; K, M, G suffixes (e.g. 500, 20M). 0: no limit.
     #[arg(long, value_name = "RATE", value_parser = crate::bwlimit::parse_rate)]
     pub bwlimit: Option<u64>,
+    #[command(flatten)]
+    pub ceph: CephArgs,
+}
+
+/// How an `rbd:` target reaches its cluster (`sync`, `verify`, `serve`).
+#[derive(Debug, Args, Clone)]
+pub struct CephArgs {
     /// ceph.conf of the cluster of an `rbd:` target (default: $CEPH_CONF,
     /// then /etc/ceph/ceph.conf).
     #[arg(long, value_name = "PATH")]
@@ -102,6 +109,30 @@ pub struct TransferArgs {
     /// Generation snapshots (`snapsync-N`) an `rbd:` target keeps (default 2).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_generations: Option<u32>,
+}
+
+impl CephArgs {
+    pub fn options(&self) -> crate::engine::target::CephOptions {
+        crate::engine::target::CephOptions {
+            conf: self.ceph_conf.clone(),
+            id: self.ceph_id.clone(),
+            keep_generations: self.keep_generations,
+        }
+    }
+
+    /// The same options for `serve` on a gateway (paths and ids as there).
+    pub fn forward(&self, args: &mut Vec<String>) {
+        if let Some(c) = &self.ceph_conf {
+            args.push("--ceph-conf".into());
+            args.push(c.to_string_lossy().into_owned());
+        }
+        if let Some(i) = &self.ceph_id {
+            args.extend(["--ceph-id".into(), i.clone()]);
+        }
+        if let Some(k) = self.keep_generations {
+            args.extend(["--keep-generations".into(), k.to_string()]);
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -175,16 +206,8 @@ pub struct ServeArgs {
     /// asks (it may only ask less); a larger delta is applied in place.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub journal_max: u64,
-    /// ceph.conf of the cluster of an `rbd:` target (default: $CEPH_CONF,
-    /// then /etc/ceph/ceph.conf).
-    #[arg(long, value_name = "PATH")]
-    pub ceph_conf: Option<PathBuf>,
-    /// cephx id (without `client.`) for an `rbd:` target (default: admin).
-    #[arg(long, value_name = "ID")]
-    pub ceph_id: Option<String>,
-    /// Generation snapshots (`snapsync-N`) an `rbd:` target keeps (default 2).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub keep_generations: Option<u32>,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 #[derive(Debug, Args)]

@@ -218,9 +218,11 @@ fn transfer_args(vol: &config::Volume) -> TransferArgs {
         keep_cache: false,
         timeout: IO_TIMEOUT,
         bwlimit: Some(vol.bwlimit),
-        ceph_conf: vol.ceph_conf.clone(),
-        ceph_id: vol.ceph_id.clone(),
-        keep_generations: vol.keep_generations,
+        ceph: crate::cli::CephArgs {
+            ceph_conf: vol.ceph_conf.clone(),
+            ceph_id: vol.ceph_id.clone(),
+            keep_generations: vol.keep_generations,
+        },
     }
 }
 

@@ -20,11 +20,7 @@ pub fn serve(args: ServeArgs) -> Result<Exit> {
         cancel: crate::engine::Cancel::new(),
         timeout: Some(args.timeout),
         journal_max: args.journal_max,
-        ceph: target::CephOptions {
-            conf: args.ceph_conf,
-            id: args.ceph_id,
-            keep_generations: args.keep_generations,
-        },
+        ceph: args.ceph.options(),
     };
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();

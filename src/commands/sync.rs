@@ -256,15 +256,6 @@ pub fn source_id(path: &Path) -> Result<String> {
     Ok(format!("id:{}", id.id()))
 }
 
-/// How a local `rbd:` target reaches its cluster.
-fn ceph_options(t: &TransferArgs) -> crate::engine::target::CephOptions {
-    crate::engine::target::CephOptions {
-        conf: t.ceph_conf.clone(),
-        id: t.ceph_id.clone(),
-        keep_generations: t.keep_generations,
-    }
-}
-
 /// Connects to the destination, runs one session and waits for the peer.
 /// After a failure once the target opened the volume, `after` tells what
 /// the replica is (see [`source::run`]).
@@ -290,7 +281,7 @@ pub fn run_session(
             t.state_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            ceph_options(t),
+            t.ceph.options(),
             cancel.clone(),
         )?,
         Destination::Remote { host, path } => {
@@ -300,16 +291,7 @@ pub fn run_session(
                 args.push(d.to_string_lossy().into_owned());
             }
             // For gw:rbd:POOL/IMAGE: paths and ids as on the gateway.
-            if let Some(c) = &t.ceph_conf {
-                args.push("--ceph-conf".into());
-                args.push(c.to_string_lossy().into_owned());
-            }
-            if let Some(i) = &t.ceph_id {
-                args.extend(["--ceph-id".into(), i.clone()]);
-            }
-            if let Some(k) = t.keep_generations {
-                args.extend(["--keep-generations".into(), k.to_string()]);
-            }
+            t.ceph.forward(&mut args);
             transport::remote(&t.rsh, host, &t.remote_bin, &args).map_err(|e| Coded {
                 exit: Exit::Transport,
                 message: format!("{e:#}"),
