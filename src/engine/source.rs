@@ -139,9 +139,10 @@ pub struct Report {
     pub wire_bytes_received: u64,
     pub journal_bytes: u64,
     pub elapsed_seconds: f64,
-    /// "full-scan", "delta" or "verify".
+    /// "full-scan", "delta", "digest-map" or "verify".
     pub mode: String,
-    /// How the target applied it: "journal", "in-place", "resumed", "dry-run", "verify".
+    /// How the target applied it: "journal", "in-place", "resumed",
+    /// "snapshot", "dry-run", "verify".
     pub apply_mode: String,
     pub start_block: u64,
     pub generation: Option<u64>,
