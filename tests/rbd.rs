@@ -51,6 +51,36 @@ fn rbd(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// The image's `snapsync.state`, read while a sync runs. Not with `rbd
+/// image-meta get`: that opens the image and so holds a watch, which a
+/// sync opening the image at that moment rightly refuses as another user.
+/// `rados` reads the header object's omap and opens no image.
+struct StateProbe {
+    header: String,
+}
+
+impl StateProbe {
+    /// Looks the image's id up (before the sync starts).
+    fn new(image: &str) -> StateProbe {
+        let info: serde_json::Value =
+            serde_json::from_slice(&rbd(&["info", "--format", "json", image])).unwrap();
+        let id = info["id"].as_str().expect("rbd info gives the image id");
+        StateProbe {
+            header: format!("rbd_header.{id}"),
+        }
+    }
+
+    fn read(&self) -> String {
+        let out = Command::new("rados")
+            .args(["-p", &pool(), "getomapval", &self.header])
+            .args(["metadata_snapsync.state", "/dev/stdout"])
+            .stderr(Stdio::null())
+            .output()
+            .expect("running rados");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 /// `rbd export POOL/IMAGE[@SNAP] -`.
 fn export(spec: &str) -> Vec<u8> {
     rbd(&["export", "--no-progress", spec, "-"])
@@ -244,6 +274,7 @@ fn an_interrupted_apply_is_rolled_back_to_the_previous_generation() {
     let gen1 = std::fs::read(&f.src).unwrap();
     // The whole source changes; a slow session is interrupted mid-apply.
     write_random_file(&f.src, 16 * MIB, 4);
+    let probe = StateProbe::new(&f.image);
     let mut child = snapsync()
         .args(["sync", s(&f.src), &f.dst(), "--state-dir", s(&f.state)])
         .args(["--json", "--bwlimit", "2M", "--quiet"])
@@ -255,8 +286,7 @@ fn an_interrupted_apply_is_rolled_back_to_the_previous_generation() {
     // interrupt it.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let meta = rbd_out(&["image-meta", "get", &f.image, "snapsync.state"]);
-        if String::from_utf8_lossy(&meta.stdout).contains("\"consistent\":false") {
+        if probe.read().contains("\"consistent\":false") {
             break;
         }
         if child.try_wait().unwrap().is_some() {
@@ -466,6 +496,7 @@ fn a_killed_source_leaves_a_gateway_replica_that_rolls_back() {
     sync(&[]).assert_ok();
     let gen1 = std::fs::read(&f.src).unwrap();
     write_random_file(&f.src, 16 * MIB, 13);
+    let probe = StateProbe::new(&f.image);
     let mut child = snapsync()
         // Slow enough that the apply stays under way for half a minute:
         // the `rbd` polls below are slow on a loaded machine.
@@ -477,8 +508,7 @@ fn a_killed_source_leaves_a_gateway_replica_that_rolls_back() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let meta = rbd_out(&["image-meta", "get", &f.image, "snapsync.state"]);
-        if String::from_utf8_lossy(&meta.stdout).contains("\"consistent\":false") {
+        if probe.read().contains("\"consistent\":false") {
             break;
         }
         assert!(Instant::now() < deadline, "the apply never began");
