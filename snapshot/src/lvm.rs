@@ -2185,6 +2185,12 @@ mod tests {
     /// scenario directory holds symlinks to it (so no test writes an
     /// executable while another thread forks: ETXTBSY), canned answers
     /// (`<prog>-<arg1>[-<last arg>].{out,err,rc}`) and a log of calls.
+    fn make_executable(path: &Path) {
+        let mut perm = std::fs::metadata(path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(path, perm).unwrap();
+    }
+
     fn fake_script() -> &'static Path {
         static SCRIPT: OnceLock<PathBuf> = OnceLock::new();
         SCRIPT.get_or_init(|| {
@@ -2212,9 +2218,7 @@ exit 0
 "#,
             )
             .unwrap();
-            let mut perm = std::fs::metadata(&path).unwrap().permissions();
-            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-            std::fs::set_permissions(&path, perm).unwrap();
+            make_executable(&path);
             path
         })
     }
@@ -2326,9 +2330,7 @@ exit 0
             ),
         )
         .unwrap();
-        let mut perm = std::fs::metadata(&lvm).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-        std::fs::set_permissions(&lvm, perm).unwrap();
+        make_executable(&lvm);
         Lvm::with_programs(&lvm, "/nonexistent/dmsetup", "x")
             .remove(&LvName::new("vg0", "x").unwrap())
             .unwrap();

@@ -1405,8 +1405,6 @@ impl Session {
     }
 }
 
-/// Whether the target vouches that its replica is exactly `open.base`
-/// as the source's digest map recorded it; `Err` says why not.
 /// How a session may use the replica it opened.
 pub(super) struct Usable {
     pub mode: Mode,
@@ -1429,17 +1427,9 @@ pub(super) fn usable(
     new_size: u64,
     vouch: impl FnOnce() -> Result<(), String>,
 ) -> Usable {
-    let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
     let mut mode = open.mode;
-    if mode == Mode::Delta {
-        let holds_base = trusted
-            && same_source
-            && state.consistent
-            && state.generation == open.base
-            && open.base.is_some();
-        if !holds_base {
-            mode = Mode::FullScan;
-        }
+    if mode == Mode::Delta && !(trusted && holds_base(open, state)) {
+        mode = Mode::FullScan;
     }
     let mut unvouched = None;
     if mode == Mode::Mapped {
@@ -1467,6 +1457,15 @@ pub(super) fn usable(
     }
 }
 
+/// Whether the replica is a complete copy of exactly the generation the
+/// source's session starts from (`open.base`), as its state says.
+fn holds_base(open: &Open, state: &VolumeState) -> bool {
+    state.source_id.as_deref() == Some(open.source_id.as_str())
+        && state.consistent
+        && open.base.is_some()
+        && state.generation == open.base
+}
+
 /// Whether the source's digest map fits the replica: made against this
 /// target volume (`id`), of the generation the replica holds.
 pub(super) fn map_fits(open: &Open, state: &VolumeState, id: &str) -> Result<(), String> {
@@ -1476,9 +1475,8 @@ pub(super) fn map_fits(open: &Open, state: &VolumeState, id: &str) -> Result<(),
             wire::escape(open.map_target.as_deref().unwrap_or("none"))
         ));
     }
-    let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
-    let holds = same_source && state.consistent && open.base.is_some();
-    if !holds || state.generation != open.base {
+    if !holds_base(open, state) {
+        let same_source = state.source_id.as_deref() == Some(open.source_id.as_str());
         return Err(format!(
             "the map is of generation {}, the target holds {}",
             open.base.as_ref().map_or(0, |g| g.number),
