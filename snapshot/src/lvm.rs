@@ -1400,6 +1400,33 @@ impl Lvm {
             .map(drop)
     }
 
+    /// Removes `name` in `origin`'s VG if it is a snapshot of `origin`
+    /// tagged `tag`: one whose creator died before recording it (its
+    /// `lvcreate` finishes on its own, see [`Lvm::command`]). Returns
+    /// whether there was one. An LV of that name that is anything else is
+    /// [`LvmError::WrongKind`] and stays.
+    pub fn remove_unrecorded_snapshot(
+        &self,
+        origin: &LvName,
+        name: &str,
+        tag: &str,
+    ) -> Result<bool, LvmError> {
+        let lv = Self::check_new(origin, name, &[tag])?;
+        let info = match self.lv(&lv) {
+            Ok(info) => info,
+            Err(LvmError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if !info.has_tag(tag) || info.origin.as_deref() != Some(origin.lv()) {
+            return Err(LvmError::WrongKind {
+                lv: lv.to_string(),
+                expected: "a snapshot this program left (its name is taken)",
+            });
+        }
+        self.remove(&lv)?;
+        Ok(true)
+    }
+
     /// State of the thick snapshot `lv`.
     pub fn snapshot_state(&self, lv: &LvName) -> Result<SnapshotState, LvmError> {
         self.lv(lv)?
@@ -2272,6 +2299,41 @@ exit 0
             f.calls(),
             [format!("lvm {LVS} {LVS_FIELDS} -a -- vg0/snap2")]
         );
+    }
+
+    /// A snapshot made by a process killed before it recorded it is
+    /// removed; a missing one is no error; an LV of that name that is not
+    /// a tagged snapshot of the origin is never removed.
+    #[test]
+    fn unrecorded_snapshot_is_removed_and_nothing_else() {
+        let thin = LvName::new("vg0", "thin").unwrap();
+        let f = Fake::new();
+        f.answer("lvm-lvs", "out", fixture!("lvs-snap1.json"));
+        assert!(f
+            .lvm
+            .remove_unrecorded_snapshot(&thin, "snap1", "gen-1")
+            .unwrap());
+        assert_eq!(f.calls().last().unwrap(), "lvm lvremove -f -- vg0/snap1");
+
+        for (origin, tag) in [("thin", "snapsync-rollback"), ("other", "gen-1")] {
+            let f = Fake::new();
+            f.answer("lvm-lvs", "out", fixture!("lvs-snap1.json"));
+            let origin = LvName::new("vg0", origin).unwrap();
+            assert!(matches!(
+                f.lvm.remove_unrecorded_snapshot(&origin, "snap1", tag),
+                Err(LvmError::WrongKind { .. })
+            ));
+            assert!(f.calls().iter().all(|c| !c.contains("lvremove")));
+        }
+
+        let f = Fake::new();
+        f.answer("lvm-lvs", "out", fixture!("lvs-missing.json"))
+            .answer("lvm-lvs", "err", fixture!("lvs-missing.json.stderr"))
+            .answer("lvm-lvs", "rc", "5");
+        assert!(!f
+            .lvm
+            .remove_unrecorded_snapshot(&thin, "snap1", "gen-1")
+            .unwrap());
     }
 
     #[test]

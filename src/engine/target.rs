@@ -1220,6 +1220,22 @@ impl Session {
     fn take_rollback_snapshot(&mut self, origin: &LvName) -> Result<(), TargetError> {
         let name = format!("{}.snapsync-rollback", origin.lv());
         let lvm = Lvm::new();
+        // The state records no rollback (the open settled any it did): a
+        // snapshot of this name was made by a session killed before it
+        // recorded it, and the replica was not written after it.
+        let stale = lvm
+            .remove_unrecorded_snapshot(origin, &name, "snapsync-rollback")
+            .map_err(|e| {
+                TargetError::new(
+                    ErrorCode::TargetIo,
+                    format!("clearing the way for the rollback snapshot of {origin}: {e}"),
+                )
+            })?;
+        if stale {
+            tracing::warn!(
+                "{origin}: removed {name}, left unrecorded by a session killed while taking it"
+            );
+        }
         let snap = lvm
             .create_thin_snapshot(origin, &name, &["snapsync", "snapsync-rollback"])
             .map_err(|e| {
