@@ -28,7 +28,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blockdiff::{HashKey, Signer};
 use rbd::{Cluster, ConnectOptions, Image, Pool, RbdSpec, RbdVolume};
@@ -197,6 +197,29 @@ fn roll_back(
 
 /// Whether the name the peer gave matches an `rbd:` allow pattern
 /// (`rbd:pool/*` matches the images of a pool, not of its namespaces).
+/// How long an image found in use is watched before it is refused: a
+/// passing `rbd info` or `rbd status` holds a watch for a moment only.
+const IN_USE_GRACE: Duration = Duration::from_secs(3);
+const IN_USE_POLL: Duration = Duration::from_millis(250);
+
+/// Polls `probe` (who else has the image open, if anyone) until nobody
+/// does or `grace` has passed; returns the last users seen, `None` once
+/// the image is free.
+fn wait_unused(
+    mut probe: impl FnMut() -> Result<Option<String>, TargetError>,
+    grace: Duration,
+    poll: Duration,
+) -> Result<Option<String>, TargetError> {
+    let start = Instant::now();
+    loop {
+        let users = probe()?;
+        if users.is_none() || start.elapsed() >= grace {
+            return Ok(users);
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 fn allowed(cfg: &ServeConfig, name: &str) -> bool {
     let opts = glob::MatchOptions {
         require_literal_separator: true,
@@ -281,16 +304,25 @@ pub(super) fn open(
     };
     // Like a mounted device: an image someone else has open (mapped,
     // attached to a VM, another session) is never written under them.
-    let watchers = image.watchers().map_err(io)?;
-    let owners = image.lock_owners().map_err(io)?;
-    if watchers.len() > 1 || !owners.is_empty() {
+    let probe = || -> Result<Option<String>, TargetError> {
+        let watchers = image.watchers().map_err(io)?;
+        let owners = image.lock_owners().map_err(io)?;
+        Ok((watchers.len() > 1 || !owners.is_empty()).then(|| {
+            format!(
+                "watchers: {}; exclusive-lock owners: {}",
+                watchers.len().saturating_sub(1),
+                if owners.is_empty() {
+                    "none".into()
+                } else {
+                    owners.join(", ")
+                }
+            )
+        }))
+    };
+    if let Some(users) = wait_unused(probe, IN_USE_GRACE, IN_USE_POLL)? {
         return Err(TargetError::new(
             ErrorCode::TargetIo,
-            format!(
-                "target {spec} is in use (watchers: {}; exclusive-lock owners: {}): it is mapped or open elsewhere; refused",
-                watchers.len().saturating_sub(1),
-                if owners.is_empty() { "none".into() } else { owners.join(", ") }
-            ),
+            format!("target {spec} is in use ({users}): it is mapped or open elsewhere; refused"),
         ));
     }
     // Held for the session: no other client gets the lock handed over
@@ -575,6 +607,35 @@ fn missing_for_reading(open: Open, key: HashKey, feats: u32, spec: RbdSpec) -> (
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user that goes within the grace (a passing `rbd info`) is waited
+    /// out; one that stays is reported; a failing probe is an error.
+    #[test]
+    fn an_image_in_use_is_watched_for_a_grace_before_it_is_refused() {
+        let poll = Duration::from_millis(1);
+        let mut seen = 0;
+        let busy_twice = || {
+            seen += 1;
+            Ok((seen <= 2).then(|| "watchers: 1".to_string()))
+        };
+        assert_eq!(
+            wait_unused(busy_twice, Duration::from_secs(60), poll).unwrap(),
+            None
+        );
+        assert_eq!(seen, 3);
+
+        let start = Instant::now();
+        let grace = Duration::from_millis(50);
+        let always = || Ok(Some("watchers: 1".to_string()));
+        assert_eq!(
+            wait_unused(always, grace, poll).unwrap().as_deref(),
+            Some("watchers: 1")
+        );
+        assert!(start.elapsed() >= grace);
+
+        let failing = || Err(io("no cluster"));
+        assert!(wait_unused(failing, grace, poll).is_err());
+    }
 
     #[test]
     fn generation_snapshot_names() {
