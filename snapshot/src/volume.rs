@@ -86,6 +86,10 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn resizable(&self) -> bool;
     /// Hint: `[offset, offset+len)` was consumed and need not stay cached.
     fn done_with(&self, _offset: u64, _len: u64) {}
+    /// Hint: `[offset, offset+len)` will be read soon; the kernel may
+    /// start reading it now, beside other such ranges (random reads in
+    /// flight together rather than one after the other).
+    fn will_need(&self, _offset: u64, _len: u64) {}
     /// Next offset at or after `offset` that may hold data (`SEEK_DATA`);
     /// `None` when the rest is a hole. Volumes that cannot tell return
     /// `Some(offset)`.
@@ -311,6 +315,15 @@ impl Volume for FileVolume {
 
     fn resizable(&self) -> bool {
         self.kind == VolumeKind::File
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = fadvise(
+            self.file.as_fd(),
+            offset,
+            std::num::NonZeroU64::new(len),
+            Advice::WillNeed,
+        );
     }
 
     fn done_with(&self, offset: u64, len: u64) {

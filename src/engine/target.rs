@@ -1827,23 +1827,50 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
     let mut buf = vec![0u8; s.block.bytes() as usize];
     let mut subs = Vec::new();
     let mut payload = Vec::new();
-    for block in rx {
-        let len = s.block.len_of(block, s.new_size) as usize;
-        // A hole is not read: the buffer still holds the last block.
-        if s.read_virtual(&mut buf[..len], s.block.offset_of(block))
-            .map_err(volume_err)?
-        {
-            buf[..len].fill(0);
+    let mut batch = Vec::with_capacity(MAX_PENDING_REFINES);
+    while let Ok(first) = rx.recv() {
+        // Every refinement already asked for is announced to the volume
+        // first: cold random reads then run together, not one by one.
+        batch.clear();
+        batch.push(first);
+        batch.extend(rx.try_iter().take(MAX_PENDING_REFINES - 1));
+        if batch.len() > 1 {
+            for &block in &batch {
+                let len = s.block.len_of(block, s.new_size);
+                s.volume.will_need(s.block.offset_of(block), u64::from(len));
+            }
         }
-        subs.clear();
-        s.signer.sub_digests(&buf[..len], &mut subs);
-        wire::digests_to_payload(&subs, &mut payload);
-        let frame = Out::Frame(Msg::SubHashes(SubHashes { block }), payload.clone());
-        if !send_out(s, tx, frame) {
-            break;
+        for &block in &batch {
+            if !refine_one(s, tx, block, &mut buf, &mut subs, &mut payload)? {
+                return Ok(());
+            }
         }
     }
     Ok(())
+}
+
+/// Reads `block` and sends its sub-block digests; `false` once the
+/// session's sender is gone.
+fn refine_one(
+    s: &Shared,
+    tx: &Sender<Out>,
+    block: u64,
+    buf: &mut [u8],
+    subs: &mut Vec<blockdiff::Digest>,
+    payload: &mut Vec<u8>,
+) -> Result<bool, TargetError> {
+    let len = s.block.len_of(block, s.new_size) as usize;
+    // A hole is not read: the buffer still holds the last block.
+    if s.read_virtual(&mut buf[..len], s.block.offset_of(block))
+        .map_err(volume_err)?
+    {
+        buf[..len].fill(0);
+    }
+    subs.clear();
+    s.signer.sub_digests(&buf[..len], subs);
+    wire::digests_to_payload(subs, payload);
+    let frame = Out::Frame(Msg::SubHashes(SubHashes { block }), payload.clone());
+    Ok(send_out(s, tx, frame))
 }
 
 #[cfg(test)]
