@@ -205,6 +205,17 @@ impl FileVolume {
         self.drop_cache = drop_behind;
     }
 
+    /// A page-cache hint for `[offset, offset+len)`; a hint the kernel
+    /// refuses changes nothing.
+    fn advise(&self, offset: u64, len: u64, advice: Advice) {
+        let _ = fadvise(
+            self.file.as_fd(),
+            offset,
+            std::num::NonZeroU64::new(len),
+            advice,
+        );
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -318,22 +329,12 @@ impl Volume for FileVolume {
     }
 
     fn will_need(&self, offset: u64, len: u64) {
-        let _ = fadvise(
-            self.file.as_fd(),
-            offset,
-            std::num::NonZeroU64::new(len),
-            Advice::WillNeed,
-        );
+        self.advise(offset, len, Advice::WillNeed);
     }
 
     fn done_with(&self, offset: u64, len: u64) {
         if self.drop_cache {
-            let _ = fadvise(
-                self.file.as_fd(),
-                offset,
-                std::num::NonZeroU64::new(len),
-                Advice::DontNeed,
-            );
+            self.advise(offset, len, Advice::DontNeed);
         }
     }
 

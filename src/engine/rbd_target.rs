@@ -195,8 +195,6 @@ fn roll_back(
     Ok(written)
 }
 
-/// Whether the name the peer gave matches an `rbd:` allow pattern
-/// (`rbd:pool/*` matches the images of a pool, not of its namespaces).
 /// How long an image found in use is watched before it is refused: a
 /// passing `rbd info` or `rbd status` holds a watch for a moment only.
 const IN_USE_GRACE: Duration = Duration::from_secs(3);
@@ -220,6 +218,8 @@ fn wait_unused(
     }
 }
 
+/// Whether the name the peer gave matches an `rbd:` allow pattern
+/// (`rbd:pool/*` matches the images of a pool, not of its namespaces).
 fn allowed(cfg: &ServeConfig, name: &str) -> bool {
     let opts = glob::MatchOptions {
         require_literal_separator: true,
