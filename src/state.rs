@@ -52,6 +52,10 @@ pub struct VolumeState {
     /// apply under `--target-snapshot`: the way back to `generation`.
     #[serde(default)]
     pub rollback: Option<String>,
+    /// The rollback snapshot's LV UUID: after a rollback cut short between
+    /// its lvm steps, how the next open knows the origin already is it.
+    #[serde(default)]
+    pub rollback_uuid: Option<String>,
     /// A sealed journal of this generation is being applied: the volume
     /// may hold part of it until the generation is recorded.
     #[serde(default)]
@@ -122,6 +126,16 @@ impl StatePaths {
             state: state_dir.join(format!("{key}.state.json")),
             lock: state_dir.join(format!("{key}.lock")),
             journal: state_dir.join(format!("{key}.journal")),
+        }
+    }
+
+    /// The other files of the volume whose state file is `state`.
+    pub fn of_state_file(state: &Path) -> Self {
+        let stem = state.with_extension("").with_extension("");
+        Self {
+            state: state.to_path_buf(),
+            lock: stem.with_extension("lock"),
+            journal: stem.with_extension("journal"),
         }
     }
 
@@ -316,10 +330,8 @@ fn prune_stale(stale: &Path) {
     }
 }
 
-/// Identity-keyed states in `state_dir` that record `path` under another
-/// identity than `id`: the volume they belong to is no longer at that
-/// name (removed, recreated, swapped), so they are stale.
-pub fn others_at_path(state_dir: &Path, path: &Path, id: &str) -> Vec<PathBuf> {
+/// Identity-keyed states in `state_dir` that record `path`, loaded.
+pub fn at_path(state_dir: &Path, path: &Path) -> Vec<(PathBuf, VolumeState)> {
     let want = path.to_string_lossy();
     let Ok(rd) = fs::read_dir(state_dir) else {
         return Vec::new();
@@ -331,11 +343,19 @@ pub fn others_at_path(state_dir: &Path, path: &Path, id: &str) -> Vec<PathBuf> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("vol-") && n.ends_with(".state.json"))
         })
-        .filter(|p| {
-            load(p).is_ok_and(|s| {
-                s.path.as_deref() == Some(&*want) && s.identity.as_deref() != Some(id)
-            })
-        })
+        .filter_map(|p| load(&p).ok().map(|s| (p, s)))
+        .filter(|(_, s)| s.path.as_deref() == Some(&*want))
+        .collect()
+}
+
+/// Identity-keyed states in `state_dir` that record `path` under another
+/// identity than `id`: the volume they belong to is no longer at that
+/// name (removed, recreated, swapped), so they are stale.
+pub fn others_at_path(state_dir: &Path, path: &Path, id: &str) -> Vec<PathBuf> {
+    at_path(state_dir, path)
+        .into_iter()
+        .filter(|(_, s)| s.identity.as_deref() != Some(id))
+        .map(|(p, _)| p)
         .collect()
 }
 

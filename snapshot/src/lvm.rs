@@ -1358,25 +1358,68 @@ impl Lvm {
     /// renames `snapshot` to the origin's name, clears its activation-skip
     /// flag and activates it. This is how a thin target rolls back to the
     /// snapshot taken before an in-place apply. Nothing may hold `origin`
-    /// open. If a step after the removal fails, the data is still in
+    /// open.
+    ///
+    /// The steps are separate lvm commands, so a crash or a power cut can
+    /// stop it between any two; running it again finishes the job.
+    /// `snapshot_uuid` (the snapshot's LV UUID, recorded when it was taken)
+    /// is how a second run knows the rename was done: with `snapshot` gone
+    /// and `origin` carrying that UUID, only the activation is left. An
+    /// `origin` is removed only while `snapshot` is there and is a snapshot
+    /// of it (or the origin is already gone); anything else is
+    /// [`LvmError::WrongKind`] or [`LvmError::NotFound`] and nothing is
+    /// removed. If a step after the removal fails, the data is still in
     /// `snapshot` and the error says so.
-    pub fn replace_with_snapshot(
+    pub fn restore_snapshot(
         &self,
         origin: &LvName,
         snapshot: &LvName,
+        snapshot_uuid: Option<&str>,
     ) -> Result<(), LvmError> {
         if origin.vg() != snapshot.vg() {
             return Err(LvmError::Argument(format!(
                 "{snapshot} is not in the volume group of {origin}"
             )));
         }
-        self.remove(origin)?;
-        self.run_lvm(vec![
-            os("lvrename"),
-            os(origin.vg()),
-            os(snapshot.lv()),
-            os(origin.lv()),
-        ])?;
+        let found = |lv: &LvName| match self.lv(lv) {
+            Ok(info) => Ok(Some(info)),
+            Err(LvmError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let is_snapshot =
+            |info: &LvInfo| snapshot_uuid.is_none_or(|u| info.uuid.as_deref() == Some(u));
+        match (found(snapshot)?, found(origin)?) {
+            (Some(snap), _) if !is_snapshot(&snap) => {
+                return Err(LvmError::WrongKind {
+                    lv: snapshot.to_string(),
+                    expected: "the snapshot taken before the apply (its UUID differs)",
+                })
+            }
+            (Some(snap), Some(_)) if snap.origin.as_deref() != Some(origin.lv()) => {
+                return Err(LvmError::WrongKind {
+                    lv: origin.to_string(),
+                    expected: "the origin of the rollback snapshot (another volume took its name)",
+                })
+            }
+            (Some(_), present) => {
+                if present.is_some() {
+                    self.remove(origin)?;
+                }
+                self.run_lvm(vec![
+                    os("lvrename"),
+                    os(origin.vg()),
+                    os(snapshot.lv()),
+                    os(origin.lv()),
+                ])?;
+            }
+            // Renamed before a cut: the origin is the snapshot.
+            (None, Some(o)) if snapshot_uuid.is_some() && is_snapshot(&o) => {}
+            (None, _) => {
+                return Err(LvmError::NotFound {
+                    lv: snapshot.to_string(),
+                })
+            }
+        }
         self.run_lvm(vec![
             os("lvchange"),
             os("-kn"),
@@ -2334,6 +2377,105 @@ exit 0
             .lvm
             .remove_unrecorded_snapshot(&thin, "snap1", "gen-1")
             .unwrap());
+    }
+
+    /// `lvs` of `vg0/NAME` answers `row` (a JSON object) or, for `None`,
+    /// that the LV does not exist.
+    fn answer_lv(f: &Fake, name: &str, row: Option<&str>) {
+        std::fs::create_dir_all(f.dir.path().join("lvm-lvs-vg0")).unwrap();
+        let key = format!("lvm-lvs-vg0/{name}");
+        match row {
+            Some(row) => {
+                f.answer(&key, "out", &format!(r#"{{"report":[{{"lv":[{row}]}}]}}"#));
+            }
+            None => {
+                f.answer(&key, "out", fixture!("lvs-missing.json"))
+                    .answer(&key, "err", fixture!("lvs-missing.json.stderr"))
+                    .answer(&key, "rc", "5");
+            }
+        }
+    }
+
+    fn thin_row(name: &str, origin: &str, uuid: &str) -> String {
+        format!(
+            r#"{{"lv_name":"{name}", "vg_name":"vg0", "lv_path":"/dev/vg0/{name}", "lv_dm_path":"/dev/mapper/vg0-{name}", "lv_attr":"Vwi-a-tz--", "lv_size":"33554432", "pool_lv":"pool", "origin":"{origin}", "thin_id":"2", "chunk_size":"0", "lv_tags":"snapsync,snapsync-rollback", "data_percent":"", "snap_percent":"", "lv_active":"active", "metadata_lv":"", "data_lv":"", "lv_uuid":"{uuid}", "vg_uuid":"V"}}"#
+        )
+    }
+
+    /// A rollback cut short at any of its steps (a crash, a power cut) is
+    /// finished by running it again, and never removes what it must not:
+    /// the origin goes only while the snapshot of it is there.
+    #[test]
+    fn restore_snapshot_finishes_after_a_cut_and_removes_nothing_else() {
+        let origin = LvName::new("vg0", "r").unwrap();
+        let snap = LvName::new("vg0", "r.snapsync-rollback").unwrap();
+        let run = |o: Option<String>, s: Option<String>, uuid: Option<&str>| {
+            let f = Fake::new();
+            answer_lv(&f, "r", o.as_deref());
+            answer_lv(&f, "r.snapsync-rollback", s.as_deref());
+            let res = f.lvm.restore_snapshot(&origin, &snap, uuid);
+            let writes: Vec<String> = f
+                .calls()
+                .into_iter()
+                .filter(|c| !c.starts_with("lvm lvs"))
+                .collect();
+            (res, writes)
+        };
+        let finish = [
+            "lvm lvchange -kn -- vg0/r".to_string(),
+            "lvm lvchange -ay -- vg0/r".to_string(),
+        ];
+        let rename = "lvm lvrename vg0 r.snapsync-rollback r".to_string();
+        // Not cut: the torn origin goes, the snapshot takes its name.
+        let (res, w) = run(
+            Some(thin_row("r", "", "O")),
+            Some(thin_row("r.snapsync-rollback", "r", "S")),
+            Some("S"),
+        );
+        res.unwrap();
+        let mut all = vec!["lvm lvremove -f -- vg0/r".to_string(), rename.clone()];
+        all.extend(finish.clone());
+        assert_eq!(w, all);
+        // Cut after the removal.
+        let (res, w) = run(
+            None,
+            Some(thin_row("r.snapsync-rollback", "", "S")),
+            Some("S"),
+        );
+        res.unwrap();
+        assert_eq!(w, [&[rename][..], &finish[..]].concat());
+        // Cut after the rename: only the activation is left.
+        let (res, w) = run(Some(thin_row("r", "", "S")), None, Some("S"));
+        res.unwrap();
+        assert_eq!(w, finish);
+        // Refused, nothing written: the snapshot gone and the origin not
+        // it (or no UUID recorded to tell); a snapshot of another UUID; a
+        // volume at the origin's name that is not the snapshot's origin.
+        for (o, s, uuid) in [
+            (Some(thin_row("r", "", "O")), None, Some("S")),
+            (Some(thin_row("r", "", "S")), None, None),
+            (None, None, Some("S")),
+            (
+                Some(thin_row("r", "", "O")),
+                Some(thin_row("r.snapsync-rollback", "r", "X")),
+                Some("S"),
+            ),
+            (
+                Some(thin_row("r", "", "N")),
+                Some(thin_row("r.snapsync-rollback", "", "S")),
+                Some("S"),
+            ),
+        ] {
+            let (res, w) = run(o.clone(), s.clone(), uuid);
+            assert!(
+                matches!(
+                    res,
+                    Err(LvmError::NotFound { .. } | LvmError::WrongKind { .. })
+                ),
+                "{o:?} {s:?} {uuid:?}: {res:?}"
+            );
+            assert!(w.is_empty(), "{o:?} {s:?}: {w:?}");
+        }
     }
 
     #[test]

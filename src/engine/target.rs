@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockdiff::{BlockSize, HashKey, Signer};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use snapshot::lvm::{LvName, Lvm};
+use snapshot::lvm::{LvName, Lvm, LvmError};
 use snapshot::{Volume, VolumeError};
 use wire::{
     features, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation, Heartbeat,
@@ -62,6 +62,9 @@ const INBOX_FRAMES: usize = 4;
 /// Free space kept on a file target's file system beyond what a journal
 /// apply writes.
 pub const FREE_MARGIN: u64 = 16 << 20;
+
+/// A thin target's rollback snapshot is the volume's name and this.
+const ROLLBACK_SUFFIX: &str = ".snapsync-rollback";
 
 /// A failure to report to the peer and to our own operator.
 #[derive(Debug, thiserror::Error)]
@@ -460,6 +463,9 @@ impl Session {
         // Resolve the name once; its type is checked on the O_PATH
         // descriptor before anything opens it (a FIFO, a char device or a
         // socket is refused here, also for a dry run or a verify).
+        // Settled before anything looks at the volume, a dry run or a
+        // verify too (as a journal is, below).
+        let finished = finish_cut_rollback(&cfg.state_dir, &path)?;
         let located = snapshot::locate(&path).map_err(volume_err)?;
         let mut notices: Vec<String> = Vec::new();
         let dir_ok = match state::ensure_dir(&cfg.state_dir) {
@@ -530,7 +536,7 @@ impl Session {
         // settled before anything (a verify too) looks at the volume, and
         // under the lock. The restored volume is another LV: the state
         // moves to its identity, and the name is resolved again.
-        let mut recovered = None;
+        let mut recovered = finished;
         if let Some(l) = &lock {
             if let Some(rb) = rollback_pending(l, &paths, &path)? {
                 recovered = Some(rb.what);
@@ -582,14 +588,12 @@ impl Session {
             // States of other volumes once at this name: that volume is
             // gone from here, so they are set aside, never applied here.
             for other in state::others_at_path(&cfg.state_dir, &path, &id) {
-                let Ok(_their_lock) =
-                    VolumeLock::acquire(&other.with_extension("").with_extension("lock"))
-                else {
+                let theirs = StatePaths::of_state_file(&other);
+                let Ok(_their_lock) = VolumeLock::acquire(&theirs.lock) else {
                     continue;
                 };
-                let journal = other.with_extension("").with_extension("journal");
-                if journal.exists() {
-                    let _ = std::fs::remove_file(&journal);
+                if theirs.journal.exists() {
+                    let _ = std::fs::remove_file(&theirs.journal);
                     notices.push(format!(
                         "discarded the journal of a volume no longer at {}",
                         path.display()
@@ -1218,7 +1222,7 @@ impl Session {
     /// Snapshots the thin target before its first in-place write and
     /// records it durably: from here a failure rolls back to it.
     fn take_rollback_snapshot(&mut self, origin: &LvName) -> Result<(), TargetError> {
-        let name = format!("{}.snapsync-rollback", origin.lv());
+        let name = format!("{}{ROLLBACK_SUFFIX}", origin.lv());
         let lvm = Lvm::new();
         // The state records no rollback (the open settled any it did): a
         // snapshot of this name was made by a session killed before it
@@ -1245,6 +1249,7 @@ impl Session {
                 )
             })?;
         self.state.rollback = Some(snap.lv_name().to_string());
+        self.state.rollback_uuid = snap.uuid.clone();
         self.state.consistent = false;
         self.save_state()
     }
@@ -1331,6 +1336,7 @@ impl Session {
             Applier::Snapshot { .. } => {
                 self.grow()?;
                 let snap = self.state.rollback.take();
+                self.state.rollback_uuid = None;
                 self.finish_generation()?;
                 if let Some(snap) = snap {
                     // The generation is recorded: the rollback point goes.
@@ -1594,6 +1600,46 @@ fn thin_target(
     Ok(lv)
 }
 
+/// A rollback cut short between its lvm steps (a crash, a power cut) can
+/// leave the volume at `path` gone or renamed from the snapshot (another
+/// identity): its state is then no longer found by the volume's identity.
+/// It is found by the path it records, and the rollback finished under its
+/// lock before the volume is looked up. Returns what was done.
+fn finish_cut_rollback(state_dir: &Path, path: &Path) -> Result<Option<String>, TargetError> {
+    let mut pending = state::at_path(state_dir, path)
+        .into_iter()
+        .filter(|(_, s)| s.rollback.is_some())
+        .peekable();
+    if pending.peek().is_none() {
+        return Ok(None);
+    }
+    let here = match snapshot::locate(path) {
+        Ok(snapshot::Located::Existing(r)) => r
+            .identity(&snapshot::identity::sys_root())
+            .ok()
+            .map(|i| i.id()),
+        _ => None,
+    };
+    for (file, st) in pending {
+        if here.is_some() && st.identity == here {
+            // Not cut: the open settles it the usual way.
+            continue;
+        }
+        let paths = StatePaths::of_state_file(&file);
+        let lock = VolumeLock::acquire(&paths.lock)
+            .map_err(|e| TargetError::new(ErrorCode::Busy, format!("{}: {e:#}", path.display())))?;
+        match rollback_pending(&lock, &paths, path) {
+            Ok(Some(rb)) => return Ok(Some(rb.what)),
+            Ok(None) => {}
+            // Something else is at the path now (e.g. a volume made
+            // there since): it opens as the new volume it is.
+            Err(e) if here.is_some() => tracing::warn!("{}: {}", path.display(), e.message),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 /// What [`rollback_pending`] did.
 struct Rollback {
     what: String,
@@ -1629,17 +1675,23 @@ fn rollback_pending(
     let snap_lv = LvName::parse(&snap).map_err(|e| io(e.to_string()))?;
     let mut rebound = None;
     let what = if state.consistent {
-        lvm.remove(&snap_lv)
-            .map_err(|e| io(format!("removing rollback snapshot {snap}: {e}")))?;
+        match lvm.remove(&snap_lv) {
+            Ok(()) | Err(LvmError::NotFound { .. }) => {}
+            Err(e) => return Err(io(format!("removing rollback snapshot {snap}: {e}"))),
+        }
         format!("removed the rollback snapshot {snap} of a committed generation")
     } else {
-        let origin = Lvm::new()
-            .resolve(&path.to_string_lossy())
-            .map_err(|e| io(format!("rolling back {}: {e}", path.display())))?
-            .lv_name();
-        lvm.replace_with_snapshot(&origin, &snap_lv).map_err(|e| {
+        // The origin by the snapshot's name, not by the path: a rollback
+        // cut short may have removed it already.
+        let origin = snap_lv
+            .lv()
+            .strip_suffix(ROLLBACK_SUFFIX)
+            .and_then(|o| LvName::new(snap_lv.vg(), o).ok())
+            .ok_or_else(|| io(format!("{snap} is not named as a rollback snapshot")))?;
+        lvm.restore_snapshot(&origin, &snap_lv, state.rollback_uuid.as_deref())
+            .map_err(|e| {
             io(format!(
-                "rolling back {origin} to {snap}: {e}; the previous generation is intact in {snap}"
+                "rolling back {origin} to {snap}: {e}; the previous generation is intact in {snap} (or, if that is gone, already in {origin})"
             ))
         })?;
         state.consistent = state.generation.is_some();
@@ -1665,6 +1717,7 @@ fn rollback_pending(
         )
     };
     state.rollback = None;
+    state.rollback_uuid = None;
     match &rebound {
         Some((np, _)) => {
             state::save(&np.state, &state).map_err(|e| io(format!("{e:#}")))?;
