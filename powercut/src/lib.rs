@@ -97,6 +97,16 @@ impl Entry {
     }
 }
 
+/// Moves `r` to byte `pos` with a relative seek: a `BufReader` keeps its
+/// buffer when `pos` lies in it, where an absolute seek always drops it
+/// (and each entry would then cost a buffer's read of the log).
+fn seek_to<R: Seek>(r: &mut R, pos: u64) -> std::io::Result<()> {
+    let cur = r.stream_position()?;
+    let delta = i64::try_from(i128::from(pos) - i128::from(cur))
+        .map_err(|_| std::io::Error::other(format!("seek to byte {pos} out of range")))?;
+    r.seek_relative(delta)
+}
+
 fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
 }
@@ -141,7 +151,7 @@ pub fn read_index<R: Read + Seek>(log: &mut R, log_len: u64) -> Result<(Super, V
         if pos.checked_add(ss).is_none_or(|end| end > log_len) {
             return Err(bad(format!("entry at byte {pos} lies past the log's end")));
         }
-        log.seek(SeekFrom::Start(pos))?;
+        seek_to(log, pos)?;
         log.read_exact(&mut sector_buf)?;
         let sector = le64(&sector_buf[0..]);
         let nr_sectors = le64(&sector_buf[8..]);
@@ -226,7 +236,7 @@ pub fn apply<R: Read + Seek, W: Write + Seek>(
     let mut buf = vec![0u8; len.min(1 << 20) as usize];
     let mut left = len;
     if !e.is_discard() {
-        log.seek(SeekFrom::Start(e.data_offset))?;
+        seek_to(log, e.data_offset)?;
     }
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
