@@ -460,12 +460,12 @@ impl Session {
             ));
         }
         let io = |e: anyhow::Error| TargetError::new(ErrorCode::TargetIo, format!("{e:#}"));
+        // A rollback cut short is settled before anything looks at the
+        // volume, for a dry run or a verify too (as a journal is, below).
+        let finished = finish_cut_rollback(&cfg.state_dir, &path)?;
         // Resolve the name once; its type is checked on the O_PATH
         // descriptor before anything opens it (a FIFO, a char device or a
         // socket is refused here, also for a dry run or a verify).
-        // Settled before anything looks at the volume, a dry run or a
-        // verify too (as a journal is, below).
-        let finished = finish_cut_rollback(&cfg.state_dir, &path)?;
         let located = snapshot::locate(&path).map_err(volume_err)?;
         let mut notices: Vec<String> = Vec::new();
         let dir_ok = match state::ensure_dir(&cfg.state_dir) {
