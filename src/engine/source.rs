@@ -620,8 +620,11 @@ pub fn run(
         committed: None,
         credited: opened.start_block,
         // Often enough that the target never waits long for it and its
-        // resume marks stay fine-grained.
-        credit_step: (opened.window_blocks / 4).clamp(1, 64),
+        // resume marks stay fine-grained: every 64 blocks, or an eighth
+        // of a smaller volume (which the window never holds back).
+        credit_step: (opened.window_blocks / 4)
+            .min(params.block_size.blocks_in(size).div_ceil(8))
+            .clamp(1, 64),
         map_old: map_old.take(),
         map_new,
         map_signer,

@@ -35,6 +35,21 @@ use super::{Cancel, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::journal::{self, Journal};
 use crate::state::{self, InProgress, StatePaths, VolumeLock, VolumeState};
 
+/// Bytes an in-place apply writes between two durable marks (and at
+/// least one mark every 5 s): 256 MiB, or the hidden environment variable
+/// `SNAPSYNC_MARK_BYTES` (a byte count), with which the power-cut harness
+/// puts marks into copies of a few MiB.
+fn mark_bytes() -> u64 {
+    static BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("SNAPSYNC_MARK_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&b| b > 0)
+            .unwrap_or(256 << 20)
+    })
+}
+
 /// How `serve` is configured by its operator (not by the peer).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -1265,11 +1280,10 @@ impl Session {
     /// Every op for blocks below `through` has been received: for an
     /// in-place apply, make that durable now and then, so a rerun resumes.
     fn checkpoint(&mut self, through: u64) -> Result<(), TargetError> {
-        const MARK_BYTES: u64 = 256 << 20;
         const MARK_EVERY: Duration = Duration::from_secs(5);
         if let Applier::InPlace { last_mark, dirty } = &mut self.applier {
             if self.state.in_progress.is_none()
-                || (*dirty < MARK_BYTES && last_mark.elapsed() < MARK_EVERY)
+                || (*dirty < mark_bytes() && last_mark.elapsed() < MARK_EVERY)
             {
                 return Ok(());
             }
