@@ -567,6 +567,9 @@ s_target_snapshot() {
     head -c 12M /dev/urandom >"$src"
     timeout -k 5 120 "$BIN" sync --json --state-dir "$st" --target-snapshot "$src" "$dev" >"$W/tt1.json" || die "first sync failed"
     [ "$($H get "$W/tt1.json" apply_mode)" = in-place ] || die "first copy: apply_mode $($H get "$W/tt1.json" apply_mode)"
+    # A new thin LV maps nothing: its mapping says so, nothing is read.
+    [ "$($H get "$W/tt1.json" target_bytes_read)" = 0 ] ||
+        die "first copy read $($H get "$W/tt1.json" target_bytes_read) bytes of an empty thin target"
     cmp -n $((12 << 20)) "$src" "$dev" || die "first copy differs"
     $H write "$src" 40 11 "$CHUNK" >/dev/null
     # A session killed while lvcreate took its rollback snapshot leaves
@@ -617,6 +620,36 @@ s_target_snapshot() {
     timeout -k 5 120 "$BIN" sync --state-dir "$st" --target-snapshot "$src" "$W/tt-file.img" 2>"$W/tt6.err" && die "file target accepted"
     grep -q "thin" "$W/tt6.err" || die "no explanation: $(cat "$W/tt6.err")"
     lvremove -qf "$VG/tt" >/dev/null
+}
+
+# x. Full scans of a thin LV that maps 5% of itself, onto a thin LV:
+# both ends read only what their pool's metadata says they map (the rest
+# reads as zeros), and the replica is exact.
+s_thin_mostly_unmapped() {
+    local cfg=$W/x.toml dev=/dev/$VG/xs dst=/dev/$VG/xt size=$((256 << 20)) most=$((14 << 20)) n r t
+    lvcreate -q -V 256M -T "$VG/pool" -n xs >/dev/null && lvcreate -q -V 256M -T "$VG/pool" -n xt >/dev/null ||
+        die "lvcreate"
+    # 12 MiB of data (about 5%) in three places.
+    for at in 0 100 200; do
+        dd if=/dev/urandom of="$dev" bs=1M seek="$at" count=4 oflag=direct status=none || die "dd"
+    done
+    config "$cfg" x "$VG/xs" "$dst"
+    for n in 1 2; do
+        # The second cycle loses its base: a full scan onto a replica
+        # that now maps what it holds.
+        [ "$n" = 1 ] || lvremove -qf "$(base x1 x)" >/dev/null || die "lvremove base"
+        cycle "x$n" "$cfg"
+        expect_ok "x$n" full-scan
+        r=$(j "x$n" report source_bytes_read) t=$(j "x$n" report target_bytes_read)
+        echo "cycle x$n: source read $r bytes, target $t bytes of $size"
+        [ "$r" -ge $((12 << 20)) ] && [ "$r" -le "$most" ] || die "cycle x$n: the source read $r bytes, expected 12-14 MiB"
+        [ "$t" -le "$most" ] || die "cycle x$n: the target read $t bytes, expected at most 14 MiB"
+        [ "$n" = 2 ] || [ "$t" = 0 ] || die "cycle x1: the empty target read $t bytes"
+        same "$(base "x$n" x)" "$dst" "after cycle $n"
+        [ "$(held_root)" = - ] || die "a metadata snapshot is still held after cycle $n"
+    done
+    lvremove -qf "$VG/xs" "$VG/xt" >/dev/null
+    for l in $(snaps x); do lvremove -qf "$VG/$l" >/dev/null; done
 }
 
 # u. Thin target LV removed and recreated under the same name between
@@ -772,6 +805,7 @@ scenario s-target-snapshot s_target_snapshot
 scenario u-target-recreated s_target_recreated
 scenario v-source-recreated s_source_recreated
 scenario w-dm-alias s_dm_alias
+scenario x-thin-mostly-unmapped s_thin_mostly_unmapped
 scenario g-status s_status
 
 vgchange -q -an "$VG" || true

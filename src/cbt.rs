@@ -13,9 +13,10 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use snapshot::lvm::{LvInfo, Lvm};
+use snapshot::lvm::{LvInfo, Lvm, LvmError, MetadataSnapHold, ThinMapping, ThinPool};
 use snapshot::thin_delta::DeltaKind;
 use snapshot::VolumeError;
 
@@ -43,9 +44,7 @@ pub fn compute(lvm: &Lvm, base: &LvInfo, new: &LvInfo, spill: &Path) -> Result<D
     let left = base.thin_id.context("base snapshot has no thin id")?;
     let right = new.thin_id.context("new snapshot has no thin id")?;
     let pool = lvm.pool_of(new).context("finding the thin pool")?;
-    let hold = lvm
-        .reserve_metadata_snap(&pool)
-        .context("reserving the pool's metadata snapshot")?;
+    let hold = reserve(lvm, &pool, HOLD_WAIT)?;
     let result = write_ranges(lvm, &hold, left, right, spill);
     // Release in every path; report a release failure only if all else worked.
     let released = hold
@@ -54,6 +53,45 @@ pub fn compute(lvm: &Lvm, base: &LvInfo, new: &LvInfo, spill: &Path) -> Result<D
     let stats = result?;
     released?;
     Ok(stats)
+}
+
+/// How long changed-block tracking waits for the pool's metadata snapshot
+/// while another process on this host holds it (a target reading its
+/// mapping, another volume's cycle): such holds last seconds.
+const HOLD_WAIT: Duration = Duration::from_secs(60);
+
+/// Most ranges of a thin volume's mapping kept in memory (16 bytes each):
+/// past them the rest of the volume counts as data.
+const MAX_MAPPED_RANGES: usize = 1 << 20;
+
+/// Reserves `pool`'s metadata snapshot, waiting up to `wait` while another
+/// process holds it.
+fn reserve(lvm: &Lvm, pool: &ThinPool, wait: Duration) -> Result<MetadataSnapHold> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match lvm.reserve_metadata_snap(pool) {
+            Err(LvmError::MetadataSnapBusy { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r.context("reserving the pool's metadata snapshot"),
+        }
+    }
+}
+
+/// What the thin volume `lv` maps, from the pool's metadata (see
+/// [`snapshot::MappedVolume`]): a full scan of it reads only that. Waits
+/// up to `wait` for the pool's metadata snapshot.
+pub fn mapping(lvm: &Lvm, lv: &LvInfo, wait: Duration) -> Result<ThinMapping> {
+    let dev = lv.thin_id.context("the LV has no thin id")?;
+    let pool = lvm.pool_of(lv).context("finding the thin pool")?;
+    let hold = reserve(lvm, &pool, wait)?;
+    let result = lvm.thin_mapped(&hold, dev, MAX_MAPPED_RANGES);
+    let released = hold
+        .finish()
+        .context("releasing the pool's metadata snapshot");
+    let mapping = result?;
+    released?;
+    Ok(mapping)
 }
 
 fn write_ranges(

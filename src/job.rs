@@ -511,7 +511,7 @@ fn lvm_cycle(
             .data_percent
             .map(|pct| (snap.size as f64 * pct / 100.0).ceil() as u64 + snap.size / 10_000);
         let spill = state_dir.join(format!("volume-{}.delta", vol.name));
-        let v = open_source(
+        let mut v = open_source(
             snap.path
                 .as_deref()
                 .context("thin snapshot has no device path")?,
@@ -532,6 +532,28 @@ fn lvm_cycle(
                 &spill,
             )?);
         } else {
+            // A full scan reads only what the snapshot maps: the rest of a
+            // thin volume reads as zeros, like the holes of a sparse file.
+            // A scrub trusts no metadata: it reads every block.
+            let mapping =
+                (!scrub).then(|| crate::cbt::mapping(&lvm, &snap, Duration::from_secs(60)));
+            match mapping {
+                None => {}
+                Some(Ok(m)) => {
+                    let mapped = snapshot::MappedVolume::new(v, m.ranges, m.known_until);
+                    tracing::debug!(
+                        "{}: the snapshot maps {} of {} bytes",
+                        vol.name,
+                        mapped.mapped_bytes(),
+                        snap.size
+                    );
+                    v = Arc::new(mapped);
+                }
+                Some(Err(e)) => tracing::warn!(
+                    "{}: reading the snapshot's mapping: {e:#}; every block is read",
+                    vol.name
+                ),
+            }
             drop(_pool_lock);
         }
         let result = run_session(v, dest, &t, &p, cancel, changes, after);

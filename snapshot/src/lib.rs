@@ -5,11 +5,13 @@
 //! All `unsafe` code of the workspace lives in [`sys`].
 
 pub mod identity;
+pub mod mapped;
 pub mod reflink;
 pub mod sys;
 pub mod volume;
 
 pub use identity::VolumeIdentity;
+pub use mapped::MappedVolume;
 pub use volume::{
     locate, Access, Fault, FileVolume, Located, MemVolume, Missing, Resolved, Volume, VolumeError,
     VolumeKind,

@@ -1053,6 +1053,29 @@ pub struct Lvm {
     lvm: PathBuf,
     dmsetup: PathBuf,
     thin_delta: PathBuf,
+    /// Where the host-wide locks on pools' metadata snapshots are.
+    lock_dir: PathBuf,
+}
+
+/// `/run/lock` (a tmpfs: no lock outlives a boot), else the temp dir.
+fn default_lock_dir() -> PathBuf {
+    let run = Path::new("/run/lock");
+    if run.is_dir() {
+        run.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// What a thin device maps, from the pool's metadata
+/// ([`Lvm::thin_mapped`]): everything else reads as zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinMapping {
+    /// Mapped byte ranges, in order, neither empty nor overlapping.
+    pub ranges: Vec<std::ops::Range<u64>>,
+    /// The ranges are all there are below this offset; past it nothing
+    /// is known (`u64::MAX`: the whole device is known).
+    pub known_until: u64,
 }
 
 impl Default for Lvm {
@@ -1093,7 +1116,15 @@ impl Lvm {
             lvm: "lvm".into(),
             dmsetup: "dmsetup".into(),
             thin_delta: "thin_delta".into(),
+            lock_dir: default_lock_dir(),
         }
+    }
+
+    /// Keeps the host-wide locks on pools' metadata snapshots in `dir`
+    /// (tests; default `/run/lock`).
+    pub fn with_lock_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.lock_dir = dir.into();
+        self
     }
 
     /// Uses the given programs (e.g. absolute paths, or fakes in tests).
@@ -1107,6 +1138,7 @@ impl Lvm {
             lvm: lvm.into(),
             dmsetup: dmsetup.into(),
             thin_delta: thin_delta.into(),
+            lock_dir: default_lock_dir(),
         }
     }
 
@@ -1585,12 +1617,24 @@ impl Lvm {
     ///
     /// A held snapshot pins metadata blocks and must be released: use the
     /// returned guard's [`MetadataSnapHold::finish`].
+    ///
+    /// Every reservation first takes a host-wide lock on the pool's
+    /// metadata snapshot (a file in `/run/lock`), without waiting: while
+    /// another process of snapsync holds it, this is `MetadataSnapBusy`
+    /// too, and a snapshot held while nobody has the lock is stale.
     pub fn reserve_metadata_snap(&self, pool: &ThinPool) -> Result<MetadataSnapHold, LvmError> {
+        let Some(lock) = self.lock_pool(pool)? else {
+            return Err(LvmError::MetadataSnapBusy {
+                pool: pool.lv_name().to_string(),
+                dm_name: pool.dm_name.clone(),
+            });
+        };
         match self.pool_message(pool, "reserve_metadata_snap") {
             Ok(()) => Ok(MetadataSnapHold {
                 lvm: self.clone(),
                 pool: pool.clone(),
                 released: false,
+                _lock: lock,
             }),
             // "device-mapper: message ioctl on vg0-pool-tpool  failed:
             // Device or resource busy" (dmsetup 1.02.185).
@@ -1611,15 +1655,43 @@ impl Lvm {
     }
 
     /// Releases a metadata snapshot left held by a crashed run; returns
-    /// whether there was one. The caller must know that no other process
-    /// is using the pool's metadata snapshot right now (e.g. it holds the
-    /// per-pool lock), since the kernel cannot say who reserved it.
+    /// whether there was one. The kernel cannot say who reserved it: a
+    /// hold is stale when no process of snapsync on this host has the
+    /// pool's lock (see [`Lvm::reserve_metadata_snap`]); one that does is
+    /// using it, and its hold is left alone.
     pub fn release_stale_metadata_snap(&self, pool: &ThinPool) -> Result<bool, LvmError> {
+        let Some(_lock) = self.lock_pool(pool)? else {
+            return Ok(false);
+        };
         if self.pool_status(pool)?.held_metadata_root.is_none() {
             return Ok(false);
         }
         self.release_metadata_snap(pool)?;
         Ok(true)
+    }
+
+    /// The host-wide lock on `pool`'s metadata snapshot, or `None` while
+    /// another process has it.
+    fn lock_pool(&self, pool: &ThinPool) -> Result<Option<std::fs::File>, LvmError> {
+        use rustix::fs::{flock, FlockOperation};
+        let path = self
+            .lock_dir
+            .join(format!("snapsync-pool-{}.lock", pool.dm_name));
+        let io_err = |source| LvmError::Io {
+            command: format!("locking {}", path.display()),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err)?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(io_err(e.into())),
+        }
     }
 
     /// Starts `thin_delta -m --snap1 LEFT --snap2 RIGHT <tmeta>`, which
@@ -1671,6 +1743,66 @@ impl Lvm {
     }
 }
 
+impl Lvm {
+    /// The byte ranges thin device `dev` maps, from the metadata snapshot
+    /// `hold` keeps: `thin_delta` of the device against itself lists them,
+    /// merged, as `same`. Past `max_ranges` ranges the rest of the device
+    /// is left unknown ([`ThinMapping::known_until`]), so memory stays
+    /// bounded however fragmented the device.
+    pub fn thin_mapped(
+        &self,
+        hold: &MetadataSnapHold,
+        dev: u32,
+        max_ranges: usize,
+    ) -> Result<ThinMapping, LvmError> {
+        let mut run = self.thin_delta(hold, dev, dev)?;
+        let block = run.data_block_bytes();
+        let command = run.command.clone();
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        for r in run.by_ref() {
+            let r = r?;
+            if r.kind != crate::thin_delta::DeltaKind::Same {
+                return Err(LvmError::ThinDelta {
+                    command: command.clone(),
+                    source: ThinDeltaError::UnexpectedContent {
+                        what: "a range other than <same> comparing a device with itself",
+                        position: 0,
+                    },
+                });
+            }
+            if ranges.len() == max_ranges {
+                let known_until = ranges.last().map_or(0, |l| l.end);
+                return Ok(ThinMapping {
+                    ranges,
+                    known_until,
+                });
+            }
+            let b = r.byte_range(block).map_err(|source| LvmError::ThinDelta {
+                command: command.clone(),
+                source,
+            })?;
+            match ranges.last_mut() {
+                Some(l) if l.end == b.start => l.end = b.end,
+                Some(l) if l.end > b.start => {
+                    return Err(LvmError::ThinDelta {
+                        command: command.clone(),
+                        source: ThinDeltaError::UnexpectedContent {
+                            what: "ranges out of order",
+                            position: 0,
+                        },
+                    })
+                }
+                _ => ranges.push(b),
+            }
+        }
+        run.finish()?;
+        Ok(ThinMapping {
+            ranges,
+            known_until: u64::MAX,
+        })
+    }
+}
+
 /// A reserved metadata snapshot of a thin pool.
 ///
 /// Call [`finish`](Self::finish) to release it and learn whether that
@@ -1683,6 +1815,9 @@ pub struct MetadataSnapHold {
     lvm: Lvm,
     pool: ThinPool,
     released: bool,
+    /// The host-wide lock, given up after the release (fields drop after
+    /// `Drop::drop`).
+    _lock: std::fs::File,
 }
 
 impl MetadataSnapHold {
@@ -2308,7 +2443,8 @@ exit 0
                 dir.path().join("lvm"),
                 dir.path().join("dmsetup"),
                 dir.path().join("thin_delta"),
-            );
+            )
+            .with_lock_dir(dir.path());
             Fake { dir, lvm }
         }
 
@@ -2788,6 +2924,82 @@ exit 0
         .answer("dmsetup-message-release_metadata_snap", "rc", "1");
         let hold = f.lvm.reserve_metadata_snap(&pool).unwrap();
         assert!(matches!(hold.finish(), Err(LvmError::Failed { .. })));
+    }
+
+    #[test]
+    fn a_hold_is_exclusive_on_the_host_and_never_taken_for_stale() {
+        let f = pool_fake();
+        let pool = thin_of(&f);
+        f.answer(
+            "dmsetup-status-vg0-pool-tpool",
+            "out",
+            fixture!("dmsetup-status-tpool-held.txt"),
+        );
+        let hold = f.lvm.reserve_metadata_snap(&pool).unwrap();
+        let n = f.calls().len();
+        // Another user on this host (another process, or here another
+        // open of the lock) finds it busy without asking the kernel, and
+        // a live hold is not stale: it is never released under its user.
+        let other = f.lvm.clone();
+        assert!(matches!(
+            other.reserve_metadata_snap(&pool),
+            Err(LvmError::MetadataSnapBusy { .. })
+        ));
+        assert!(!other.release_stale_metadata_snap(&pool).unwrap());
+        assert_eq!(f.calls().len(), n, "{:?}", f.calls());
+        hold.finish().unwrap();
+        // Given up with the hold: a hold left now is stale.
+        assert!(other.release_stale_metadata_snap(&pool).unwrap());
+        other
+            .reserve_metadata_snap(&pool)
+            .unwrap()
+            .finish()
+            .unwrap();
+    }
+
+    #[test]
+    fn thin_mapped_lists_what_a_device_maps() {
+        let f = pool_fake();
+        let pool = thin_of(&f);
+        const C: u64 = 64 << 10;
+        // As captured: thin device 2 maps its first 16 chunks.
+        f.answer("thin_delta--m", "out", fixture!("thin-delta-same.xml"));
+        let hold = f.lvm.reserve_metadata_snap(&pool).unwrap();
+        let m = f.lvm.thin_mapped(&hold, 2, 100).unwrap();
+        assert_eq!(m.ranges, vec![0..16 * C]);
+        assert_eq!(m.known_until, u64::MAX);
+        assert!(f
+            .calls()
+            .iter()
+            .any(|c| c.ends_with("thin_delta -m --snap1 2 --snap2 2 /dev/mapper/vg0-pool_tmeta")));
+        // Several ranges, adjacent ones merged.
+        f.answer(
+            "thin_delta--m",
+            "out",
+            r#"<superblock uuid="" time="1" transaction="1" data_block_size="128" nr_data_blocks="1000">
+  <diff left="1" right="1">
+    <same begin="0" length="16"/>
+    <same begin="20" length="1"/>
+    <same begin="40" length="5"/>
+    <same begin="45" length="5"/>
+  </diff>
+</superblock>
+"#,
+        );
+        let m = f.lvm.thin_mapped(&hold, 1, 100).unwrap();
+        assert_eq!(m.ranges, vec![0..16 * C, 20 * C..21 * C, 40 * C..50 * C]);
+        assert_eq!(m.known_until, u64::MAX);
+        // Bounded: past two ranges the rest is unknown.
+        let m = f.lvm.thin_mapped(&hold, 1, 2).unwrap();
+        assert_eq!(m.ranges, vec![0..16 * C, 20 * C..21 * C]);
+        assert_eq!(m.known_until, 21 * C);
+        // Anything but `same` is not a device compared with itself.
+        f.answer("thin_delta--m", "out", fixture!("thin-delta-1-2.xml"));
+        assert!(matches!(
+            f.lvm.thin_mapped(&hold, 1, 100),
+            Err(LvmError::ThinDelta { .. })
+        ));
+        hold.finish().unwrap();
     }
 
     #[test]
