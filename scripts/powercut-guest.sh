@@ -14,9 +14,10 @@
 #
 # Marks in the log name the session's phases (scripts/powercut-check reads
 # them): gens:VERSION, then per session phase:NAME:N:KIND before it (N the
-# generation it goes to, KIND journal or inplace) and done:NAME after it.
-# Add a scenario: one more `session` line (and a generation in
-# powercut-gen.py if it needs new content).
+# generation it goes to, KIND journal, inplace or snapshot: which
+# guarantee powercut-check holds it to) and done:NAME after it. Add a
+# scenario: one more `session` (or `record`) line, and a generation in
+# powercut-gen.py if it needs new content.
 set -u
 BIN=${1:?usage: powercut-guest.sh SNAPSYNC_BIN REPLAY_LOG_BIN OUTDIR}
 RL=${2:?usage}
@@ -55,7 +56,22 @@ DEV=$(losetup -f --show "$P/dev.img") || fail "losetup"
 LOGDEV=$(losetup -f --show "$P/log.img") || fail "losetup"
 dmsetup create sspc --table "0 $(blockdev --getsz "$DEV") log-writes $DEV $LOGDEV" ||
     fail "dmsetup create log-writes"
-mark() { sync; dmsetup message sspc 0 mark "$1" || fail "mark $1"; }
+# The logged device marks go to.
+LOGGED=sspc
+mark() { sync; dmsetup message "$LOGGED" 0 mark "$1" || fail "mark $1"; }
+# record NAME N KIND MODE REPLICA COMMAND...: COMMAND is a session taking
+# REPLICA to generation N (applied as MODE: the report's apply_mode),
+# between the marks phase:NAME:N:KIND and done:NAME.
+record() {
+    local name=$1 n=$2 kind=$3 mode=$4 replica=$5
+    shift 5
+    mark "phase:$name:$n:$kind"
+    timeout -k 5 300 "$@" >"$P/$name.json" || fail "session $name: exit $?"
+    cat "$P/$name.json"
+    grep -q "\"apply_mode\":\"$mode\"" "$P/$name.json" || fail "session $name: not $mode"
+    cmp "$P/gen$n.img" "$replica" || fail "session $name: replica differs"
+    mark "done:$name"
+}
 
 # Small ext4 with everything initialised now (no lazy init writing in the
 # background while snapsync runs) and no discards.
@@ -65,24 +81,18 @@ mount /dev/mapper/sspc "$P/mnt" || fail "mount"
 mkdir "$P/mnt/state"
 mark "gens:$version"
 
-# session NAME N KIND [SYNC OPTIONS...]: syncs genN into the replica.
+# session NAME N KIND MODE [SYNC OPTIONS...]: syncs genN into the replica.
 session() {
-    local name=$1 n=$2 kind=$3
-    shift 3
+    local name=$1 n=$2 kind=$3 mode=$4
+    shift 4
     cp "$P/gen$n.img" "$P/src.img"
-    mark "phase:$name:$n:$kind"
-    timeout -k 5 120 "$BIN" sync --json --state-dir "$P/mnt/state" "$@" "$P/src.img" "$P/mnt/replica.img" \
-        >"$P/$name.json" || fail "session $name: exit $?"
-    cat "$P/$name.json"
-    cmp "$P/gen$n.img" "$P/mnt/replica.img" || fail "session $name: replica differs"
-    mark "done:$name"
+    record "$name" "$n" "$kind" "$mode" "$P/mnt/replica.img" \
+        "$BIN" sync --json --state-dir "$P/mnt/state" "$@" "$P/src.img" "$P/mnt/replica.img"
 }
-session first-copy 1 inplace
-grep -q '"apply_mode":"in-place"' "$P/first-copy.json" || fail "first copy not in place"
-session delta 2 journal
-grep -q '"apply_mode":"journal"' "$P/delta.json" || fail "delta not journaled"
-session spill 3 inplace --journal-max 256KiB
-grep -q '"apply_mode":"in-place"' "$P/spill.json" || fail "the oversize delta did not spill in place"
+session first-copy 1 inplace in-place
+session delta 2 journal journal
+# An oversize delta spills in place.
+session spill 3 inplace in-place --journal-max 256KiB
 
 umount "$P/mnt" || fail "umount"
 dmsetup remove sspc || fail "dmsetup remove"
@@ -118,7 +128,7 @@ dmsetup create sspcl --table "0 $(blockdev --getsz "$LDEV") log-writes $LDEV $LL
     fail "dmsetup create log-writes (LVM layout)"
 (
     export LVM_SYSTEM_DIR=$P/lvm
-    lmark() { sync; dmsetup message sspcl 0 mark "$1" || fail "mark $1"; }
+    LOGGED=sspcl
     pvcreate -q "$LSRC" && vgcreate -q -s 1M "$SVG" "$LSRC" && lvcreate -q --type thin-pool -L 16M -n pool "$SVG" &&
         lvcreate -q -V 2M -T "$SVG/pool" -n src || fail "source VG"
     pvcreate -q /dev/mapper/sspcl && vgcreate -q -s 1M "$LVG" /dev/mapper/sspcl &&
@@ -130,27 +140,16 @@ dmsetup create sspcl --table "0 $(blockdev --getsz "$LDEV") log-writes $LDEV $LL
     mkdir "$P/lmnt/state"
     printf 'state_dir = "%s"\n[[volume]]\nname = "pc"\nsource = "%s"\ntarget = "%s"\ntarget_state_dir = "%s"\ntarget_snapshot = true\ninterval = "0s"\n' \
         "$P/sstate" "$SVG/src" "/dev/$LVG/replica" "$P/lmnt/state" >"$P/lvm-run.toml"
-    lmark "gens:$version"
-    lmark "layout:lvm:$LVG:$((64 << 20))"
-    # lsession NAME N KIND APPLY_MODE COMMAND...: generation N to the replica.
-    lsession() {
-        local name=$1 n=$2 kind=$3 mode=$4
-        shift 4
-        lmark "phase:$name:$n:$kind"
-        timeout -k 5 300 "$@" >"$P/$name.json" || fail "session $name (LVM layout): exit $?"
-        cat "$P/$name.json"
-        grep -q "\"apply_mode\":\"$mode\"" "$P/$name.json" || fail "session $name (LVM layout): not $mode"
-        cmp "$P/gen$n.img" "/dev/$LVG/replica" || fail "session $name (LVM layout): replica differs"
-        lmark "done:$name"
-    }
+    mark "gens:$version"
+    mark "layout:lvm:$LVG:$((64 << 20))"
     dd if="$P/gen1.img" of="/dev/$SVG/src" bs=64K oflag=direct conv=notrunc status=none || fail "dd"
-    lsession run-first 1 inplace in-place "$BIN" run --once --json --config "$P/lvm-run.toml"
+    record run-first 1 inplace in-place "/dev/$LVG/replica" "$BIN" run --once --json --config "$P/lvm-run.toml"
     dd if="$P/gen2.img" of="/dev/$SVG/src" bs=64K oflag=direct conv=notrunc status=none || fail "dd"
-    lsession run-cbt 2 snapshot snapshot "$BIN" run --once --json --config "$P/lvm-run.toml"
+    record run-cbt 2 snapshot snapshot "/dev/$LVG/replica" "$BIN" run --once --json --config "$P/lvm-run.toml"
     grep -q '"mode":"delta"' "$P/run-cbt.json" || fail "the second cycle was no CBT delta"
     cp "$P/gen3.img" "$P/src.img"
     # Another source (--force): a copy in place over the replica.
-    lsession sync-other 3 inplace in-place "$BIN" sync --json --force --target-snapshot \
+    record sync-other 3 inplace in-place "/dev/$LVG/replica" "$BIN" sync --json --force --target-snapshot \
         --state-dir "$P/lmnt/state" "$P/src.img" "/dev/$LVG/replica"
     umount "$P/lmnt" || fail "umount (LVM layout)"
     vgchange -q -an "$LVG" "$SVG" >/dev/null || fail "vgchange -an"
