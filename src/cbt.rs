@@ -43,16 +43,29 @@ const KIND_NEW: u8 = 3;
 pub fn compute(lvm: &Lvm, base: &LvInfo, new: &LvInfo, spill: &Path) -> Result<DeltaStats> {
     let left = base.thin_id.context("base snapshot has no thin id")?;
     let right = new.thin_id.context("new snapshot has no thin id")?;
-    let pool = lvm.pool_of(new).context("finding the thin pool")?;
-    let hold = reserve(lvm, &pool, HOLD_WAIT)?;
-    let result = write_ranges(lvm, &hold, left, right, spill);
+    with_hold(lvm, new, HOLD_WAIT, |hold| {
+        write_ranges(lvm, hold, left, right, spill)
+    })
+}
+
+/// Runs `f` while the metadata snapshot of `lv`'s pool is held, waiting up
+/// to `wait` for it.
+fn with_hold<T>(
+    lvm: &Lvm,
+    lv: &LvInfo,
+    wait: Duration,
+    f: impl FnOnce(&MetadataSnapHold) -> Result<T>,
+) -> Result<T> {
+    let pool = lvm.pool_of(lv).context("finding the thin pool")?;
+    let hold = reserve(lvm, &pool, wait)?;
+    let result = f(&hold);
     // Release in every path; report a release failure only if all else worked.
     let released = hold
         .finish()
         .context("releasing the pool's metadata snapshot");
-    let stats = result?;
+    let value = result?;
     released?;
-    Ok(stats)
+    Ok(value)
 }
 
 /// How long changed-block tracking waits for the pool's metadata snapshot
@@ -83,15 +96,9 @@ fn reserve(lvm: &Lvm, pool: &ThinPool, wait: Duration) -> Result<MetadataSnapHol
 /// up to `wait` for the pool's metadata snapshot.
 pub fn mapping(lvm: &Lvm, lv: &LvInfo, wait: Duration) -> Result<ThinMapping> {
     let dev = lv.thin_id.context("the LV has no thin id")?;
-    let pool = lvm.pool_of(lv).context("finding the thin pool")?;
-    let hold = reserve(lvm, &pool, wait)?;
-    let result = lvm.thin_mapped(&hold, dev, MAX_MAPPED_RANGES);
-    let released = hold
-        .finish()
-        .context("releasing the pool's metadata snapshot");
-    let mapping = result?;
-    released?;
-    Ok(mapping)
+    with_hold(lvm, lv, wait, |hold| {
+        Ok(lvm.thin_mapped(hold, dev, MAX_MAPPED_RANGES)?)
+    })
 }
 
 fn write_ranges(
