@@ -71,7 +71,7 @@ fn with_hold<T>(
 /// How long changed-block tracking waits for the pool's metadata snapshot
 /// while another process on this host holds it (a target reading its
 /// mapping, another volume's cycle): such holds last seconds.
-const HOLD_WAIT: Duration = Duration::from_secs(60);
+pub const HOLD_WAIT: Duration = Duration::from_secs(60);
 
 /// Most ranges of a thin volume's mapping kept in memory (16 bytes each):
 /// past them the rest of the volume counts as data.

@@ -535,8 +535,7 @@ fn lvm_cycle(
             // A full scan reads only what the snapshot maps: the rest of a
             // thin volume reads as zeros, like the holes of a sparse file.
             // A scrub trusts no metadata: it reads every block.
-            let mapping =
-                (!scrub).then(|| crate::cbt::mapping(&lvm, &snap, Duration::from_secs(60)));
+            let mapping = (!scrub).then(|| crate::cbt::mapping(&lvm, &snap, crate::cbt::HOLD_WAIT));
             match mapping {
                 None => {}
                 Some(Ok(m)) => {
