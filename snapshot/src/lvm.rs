@@ -1057,6 +1057,10 @@ pub struct Lvm {
     lock_dir: PathBuf,
 }
 
+/// How often a pool's lock is tried before it counts as held (see
+/// [`Lvm::lock_pool`]): about 50 ms in all.
+const LOCK_TRIES: u32 = 25;
+
 /// `/run/lock` (a tmpfs: no lock outlives a boot), else the temp dir.
 fn default_lock_dir() -> PathBuf {
     let run = Path::new("/run/lock");
@@ -1687,11 +1691,20 @@ impl Lvm {
             .write(true)
             .open(&path)
             .map_err(io_err)?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(file)),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(io_err(e.into())),
+        // A child that another thread of this process is spawning holds
+        // a copy of every descriptor, this lock's too, from its fork until
+        // its exec closes them: a lock given up a moment ago can still
+        // look taken. Such a window is short; another holder's is not.
+        for _ in 0..LOCK_TRIES {
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(Some(file)),
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    std::thread::sleep(std::time::Duration::from_millis(2))
+                }
+                Err(e) => return Err(io_err(e.into())),
+            }
         }
+        Ok(None)
     }
 
     /// Starts `thin_delta -m --snap1 LEFT --snap2 RIGHT <tmeta>`, which
@@ -2955,6 +2968,31 @@ exit 0
             .unwrap()
             .finish()
             .unwrap();
+    }
+
+    #[test]
+    fn a_hold_given_up_is_free_while_other_threads_spawn() {
+        // Before: a child spawned by another thread between the hold's
+        // finish and the next reserve still had the lock's descriptor, and
+        // the pool looked busy to its own process.
+        let f = pool_fake();
+        let pool = thin_of(&f);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Command::new("true").status();
+                }
+            })
+        };
+        let tries = 2000;
+        let busy = (0..tries)
+            .filter(|_| f.lvm.lock_pool(&pool).unwrap().is_none())
+            .count();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spawner.join().unwrap();
+        assert_eq!(busy, 0, "a free lock looked taken {busy} times in {tries}");
     }
 
     #[test]
