@@ -648,6 +648,17 @@ s_thin_mostly_unmapped() {
         same "$(base "x$n" x)" "$dst" "after cycle $n"
         [ "$(held_root)" = - ] || die "a metadata snapshot is still held after cycle $n"
     done
+    # A one-shot `sync` of the live thin LV reads what it maps, too, and
+    # its copy into a new file stays as sparse; `--verify` reads it all.
+    timeout -k 5 120 "$BIN" sync --json --verify --state-dir "$W/x-state" "$dev" "$W/x-copy.img" >"$W/x3.json" ||
+        die "sync of the live thin LV failed"
+    r=$($H get "$W/x3.json" source_bytes_read)
+    echo "sync of the live LV: source read $r bytes of $size"
+    [ "$r" -ge $((12 << 20)) ] && [ "$r" -le "$most" ] || die "sync: the source read $r bytes, expected 12-14 MiB"
+    cmp "$dev" "$W/x-copy.img" || die "sync: the copy differs"
+    [ "$(du -k "$W/x-copy.img" | cut -f1)" -le $((most >> 10)) ] || die "sync: the copy is not sparse ($(du -k "$W/x-copy.img"))"
+    [ "$(held_root)" = - ] || die "a metadata snapshot is still held after the sync"
+    rm -f "$W/x-copy.img"
     lvremove -qf "$VG/xs" "$VG/xt" >/dev/null
     for l in $(snaps x); do lvremove -qf "$VG/$l" >/dev/null; done
 }

@@ -13,12 +13,14 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use snapshot::lvm::{LvInfo, Lvm, LvmError, MetadataSnapHold, ThinMapping, ThinPool};
+use snapshot::identity::IdKind;
+use snapshot::lvm::{LvInfo, LvName, Lvm, LvmError, MetadataSnapHold, ThinMapping, ThinPool};
 use snapshot::thin_delta::DeltaKind;
-use snapshot::VolumeError;
+use snapshot::{MappedVolume, Volume, VolumeError, VolumeIdentity};
 
 use crate::engine::cbt_refine::{Refiner, Span};
 use crate::engine::source::Change;
@@ -99,6 +101,105 @@ pub fn mapping(lvm: &Lvm, lv: &LvInfo, wait: Duration) -> Result<ThinMapping> {
     with_hold(lvm, lv, wait, |hold| {
         Ok(lvm.thin_mapped(hold, dev, MAX_MAPPED_RANGES)?)
     })
+}
+
+/// `volume`, the thin LV `lv`, read only where it maps: the rest reads as
+/// zeros, like the holes of a sparse file. When the mapping cannot be
+/// read (the pool's metadata snapshot busy past `wait`, a tool failing),
+/// `volume` itself, read in full, and the log says why.
+pub fn read_mapped(
+    lvm: &Lvm,
+    lv: &LvInfo,
+    volume: Arc<dyn Volume>,
+    wait: Duration,
+) -> Arc<dyn Volume> {
+    match mapping(lvm, lv, wait) {
+        Ok(m) => {
+            let mapped = MappedVolume::new(volume, m.ranges, m.known_until);
+            tracing::debug!(
+                "{}: maps {} of {} bytes",
+                lv.lv_name(),
+                mapped.mapped_bytes(),
+                mapped.size()
+            );
+            Arc::new(mapped)
+        }
+        Err(e) => {
+            let busy = matches!(
+                e.downcast_ref::<LvmError>(),
+                Some(LvmError::MetadataSnapBusy { .. })
+            );
+            let why = format!(
+                "{}: reading its mapping: {e:#}; every block is read",
+                lv.lv_name()
+            );
+            if busy {
+                tracing::info!("{why}");
+            } else {
+                tracing::warn!("{why}");
+            }
+            volume
+        }
+    }
+}
+
+/// [`read_mapped`] for the volume opened as the block device `device` of
+/// `identity` when it is a thin LV; any other volume as it is.
+pub fn mapped_if_thin(
+    volume: Arc<dyn Volume>,
+    identity: &VolumeIdentity,
+    device: Option<(u32, u32)>,
+    sys: &Path,
+    wait: Duration,
+) -> Arc<dyn Volume> {
+    if identity.kind != IdKind::DeviceMapper {
+        return volume;
+    }
+    let lvm = Lvm::new();
+    match lv_opened(&lvm, identity, device, sys) {
+        Ok(info) if info.is_thin() => read_mapped(&lvm, &info, volume, wait),
+        _ => volume,
+    }
+}
+
+/// Why [`lv_opened`] found no LV.
+#[derive(Debug)]
+pub enum LvOpened {
+    /// Not an LVM logical volume, or LVM cannot say which.
+    Not(String),
+    /// The LV at the device's name is another volume now: its name and
+    /// dm UUID.
+    Replaced { lv: LvName, uuid: Option<String> },
+}
+
+/// The LV opened as the block device `device` of `identity`, checked to
+/// be that very volume (by its dm UUID): an LV replaced at the same name
+/// is never taken for it.
+pub fn lv_opened(
+    lvm: &Lvm,
+    identity: &VolumeIdentity,
+    device: Option<(u32, u32)>,
+    sys: &Path,
+) -> Result<LvInfo, LvOpened> {
+    let lvm_volume = identity.kind == IdKind::DeviceMapper && identity.key.starts_with("LVM-");
+    let Some((major, minor)) = device.filter(|_| lvm_volume) else {
+        return Err(LvOpened::Not(format!(
+            "not an LVM logical volume (identity {identity})"
+        )));
+    };
+    let name = snapshot::identity::dm_name(major, minor, sys).ok_or_else(|| {
+        LvOpened::Not(format!("device {major}:{minor} has no device-mapper name"))
+    })?;
+    let lv =
+        LvName::parse(&format!("/dev/mapper/{name}")).map_err(|e| LvOpened::Not(e.to_string()))?;
+    let info = lvm.lv(&lv).map_err(|e| LvOpened::Not(e.to_string()))?;
+    if info.dm_uuid().as_deref() != Some(identity.key.as_str()) {
+        return Err(LvOpened::Replaced {
+            lv: info.lv_name(),
+            uuid: info.dm_uuid(),
+        });
+    }
+    Ok(info)
 }
 
 fn write_ranges(

@@ -313,7 +313,8 @@ fn run_cycle(
                 vol.name,
                 src.display()
             );
-            let v = open_source(&src, true)?;
+            let (whole, mapped) = crate::commands::sync::open_scanned_source(&src, true)?;
+            let v = if scrub_cycle(vol, st) { whole } else { mapped };
             let mut p = params(vol, &dest, source_id, format!("live:{}", now()))?;
             p.force = force;
             p.digest_map = digest_map(state_dir, vol, st);
@@ -358,8 +359,8 @@ fn digest_map(
     if !vol.digest_map {
         return None;
     }
-    let scrub = (vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every))
-        .then(|| format!("scrub cycle (scrub_every = {})", vol.scrub_every));
+    let scrub =
+        scrub_cycle(vol, st).then(|| format!("scrub cycle (scrub_every = {})", vol.scrub_every));
     let store = match crate::engine::map::MapStore::open(state_dir) {
         Ok(s) => s,
         Err(e) => {
@@ -372,6 +373,12 @@ fn digest_map(
         store,
         scrub,
     })
+}
+
+/// Whether this cycle is a scrub: it trusts no record of the source's past
+/// or of its metadata (digest map, CBT base, thin mapping), it reads all.
+fn scrub_cycle(vol: &config::Volume, st: &SourceState) -> bool {
+    vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every)
 }
 
 fn run_map_name(vol: &config::Volume) -> String {
@@ -502,7 +509,7 @@ fn lvm_cycle(
             lvm: &lvm,
             lv: Some(snap.lv_name()),
         };
-        let scrub = vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every);
+        let scrub = scrub_cycle(vol, st);
         let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
         p.force = force;
         // A thin snapshot's mapped space bounds its data (`data_percent`
@@ -535,23 +542,8 @@ fn lvm_cycle(
             // A full scan reads only what the snapshot maps: the rest of a
             // thin volume reads as zeros, like the holes of a sparse file.
             // A scrub trusts no metadata: it reads every block.
-            let mapping = (!scrub).then(|| crate::cbt::mapping(&lvm, &snap, crate::cbt::HOLD_WAIT));
-            match mapping {
-                None => {}
-                Some(Ok(m)) => {
-                    let mapped = snapshot::MappedVolume::new(v, m.ranges, m.known_until);
-                    tracing::debug!(
-                        "{}: the snapshot maps {} of {} bytes",
-                        vol.name,
-                        mapped.mapped_bytes(),
-                        snap.size
-                    );
-                    v = Arc::new(mapped);
-                }
-                Some(Err(e)) => tracing::warn!(
-                    "{}: reading the snapshot's mapping: {e:#}; every block is read",
-                    vol.name
-                ),
+            if !scrub {
+                v = crate::cbt::read_mapped(&lvm, &snap, v, crate::cbt::HOLD_WAIT);
             }
             drop(_pool_lock);
         }

@@ -1,6 +1,7 @@
 //! `snapsync sync` and `snapsync verify`: one session from a source volume
 //! to a local or remote replica.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     let started = std::time::Instant::now();
     let mut after = None;
     let first = (|| {
-        let source = open_source(&a.src, !a.transfer.keep_cache)?;
+        let (source, scanned) = open_scanned_source(&a.src, !a.transfer.keep_cache)?;
         let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
         params.compress = compress;
         params.dry_run = a.dry_run;
@@ -37,7 +38,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
             params.digest_map = digest_map(&a.source_state_dir, &a.src, &dest, None);
         }
         let report = run_session(
-            source.clone(),
+            scanned,
             &dest,
             &a.transfer,
             &params,
@@ -204,11 +205,47 @@ pub fn digest_map(
 /// Opens a source volume for a sequential scan; `drop_behind` lets the
 /// pages it read leave the page cache.
 pub fn open_source(path: &Path, drop_behind: bool) -> Result<Arc<dyn Volume>> {
+    Ok(Arc::new(open_source_file(path, drop_behind)?))
+}
+
+fn open_source_file(path: &Path, drop_behind: bool) -> Result<FileVolume> {
     let mut v = FileVolume::open(path, Access::Read)
         .map_err(SyncError::Source)
         .context("opening the source")?;
     v.advise_sequential(drop_behind);
-    Ok(Arc::new(v))
+    Ok(v)
+}
+
+/// The source as [`open_source`] opens it, and the same to scan for a
+/// sync: a thin LV is read only where its pool maps it (see
+/// [`crate::cbt::read_mapped`]), what the device maps when the session
+/// starts; the rest reads as the zeros it holds then. A check (`verify`)
+/// reads the first, every block.
+pub fn open_scanned_source(
+    path: &Path,
+    drop_behind: bool,
+) -> Result<(Arc<dyn Volume>, Arc<dyn Volume>)> {
+    let file = Arc::new(open_source_file(path, drop_behind)?);
+    let volume: Arc<dyn Volume> = file.clone();
+    let st = rustix::fs::fstat(file.file()).map_err(std::io::Error::from);
+    let device = match st {
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_block_device() => {
+            (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev))
+        }
+        _ => return Ok((volume.clone(), volume)),
+    };
+    let sys = snapshot::identity::sys_root();
+    let scanned = match snapshot::identity::of_fd(file.file().as_fd(), &sys) {
+        Ok(id) => crate::cbt::mapped_if_thin(
+            volume.clone(),
+            &id,
+            Some(device),
+            &sys,
+            crate::cbt::HOLD_WAIT,
+        ),
+        Err(_) => volume.clone(),
+    };
+    Ok((volume, scanned))
 }
 
 /// Identity of the source and of its current content, for the replica's

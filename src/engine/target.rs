@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockdiff::{BlockSize, HashKey, Signer};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use snapshot::lvm::{LvInfo, LvName, Lvm, LvmError};
+use snapshot::lvm::{LvName, Lvm, LvmError};
 use snapshot::{Volume, VolumeError};
 use wire::{
     features, Codec, Committed, ErrorCode, FrameReader, FrameWriter, Generation, Heartbeat,
@@ -766,7 +766,10 @@ impl Session {
         };
         let volume = if mode == Mode::FullScan {
             let device = resolved.as_ref().and_then(|r| r.device());
-            thin_mapped_target(volume, &identity, device, &sys)
+            // The pool's metadata is taken now: the session holds the
+            // volume's lock and writes only blocks its scan has passed. A
+            // busy pool (a source on it, on this host) is not waited for.
+            crate::cbt::mapped_if_thin(volume, &identity, device, &sys, Duration::ZERO)
         } else {
             volume
         };
@@ -1592,9 +1595,9 @@ fn thin_target(
             ),
         )
     };
-    let info = match lv_opened(lvm, identity, device, sys) {
+    let info = match crate::cbt::lv_opened(lvm, identity, device, sys) {
         Ok(info) => info,
-        Err(LvOpened::Replaced { lv, uuid }) => {
+        Err(crate::cbt::LvOpened::Replaced { lv, uuid }) => {
             return Err(TargetError::new(
                 ErrorCode::TargetIo,
                 format!(
@@ -1605,88 +1608,12 @@ fn thin_target(
                 ),
             ))
         }
-        Err(LvOpened::Not(why)) => return Err(usage(why)),
+        Err(crate::cbt::LvOpened::Not(why)) => return Err(usage(why)),
     };
     if !info.is_thin() {
         return Err(usage("not a thin logical volume".into()));
     }
     Ok(info.lv_name())
-}
-
-/// Why [`lv_opened`] found no LV.
-enum LvOpened {
-    /// Not an LVM logical volume, or LVM cannot say which.
-    Not(String),
-    /// The LV at the device's name is another volume now: its name and
-    /// dm UUID.
-    Replaced { lv: LvName, uuid: Option<String> },
-}
-
-/// The LV opened as the block device `device` of `identity`, checked to
-/// be that very volume (by its dm UUID).
-fn lv_opened(
-    lvm: &Lvm,
-    identity: &snapshot::VolumeIdentity,
-    device: Option<(u32, u32)>,
-    sys: &Path,
-) -> Result<LvInfo, LvOpened> {
-    let lvm_volume = identity.kind == snapshot::identity::IdKind::DeviceMapper
-        && identity.key.starts_with("LVM-");
-    let Some((major, minor)) = device.filter(|_| lvm_volume) else {
-        return Err(LvOpened::Not(format!(
-            "not an LVM logical volume (identity {identity})"
-        )));
-    };
-    let name = snapshot::identity::dm_name(major, minor, sys).ok_or_else(|| {
-        LvOpened::Not(format!("device {major}:{minor} has no device-mapper name"))
-    })?;
-    let lv =
-        LvName::parse(&format!("/dev/mapper/{name}")).map_err(|e| LvOpened::Not(e.to_string()))?;
-    let info = lvm.lv(&lv).map_err(|e| LvOpened::Not(e.to_string()))?;
-    if info.dm_uuid().as_deref() != Some(identity.key.as_str()) {
-        return Err(LvOpened::Replaced {
-            lv: info.lv_name(),
-            uuid: info.dm_uuid(),
-        });
-    }
-    Ok(info)
-}
-
-/// A full scan of a thin LV target reads only what it maps (from the
-/// pool's metadata, taken now: the session holds the volume's lock and
-/// writes only blocks its scan has passed). Anything that keeps the
-/// mapping from being read (not a thin LV, the pool's metadata snapshot
-/// busy on this host) leaves the volume read in full.
-fn thin_mapped_target(
-    volume: Arc<dyn Volume>,
-    identity: &snapshot::VolumeIdentity,
-    device: Option<(u32, u32)>,
-    sys: &Path,
-) -> Arc<dyn Volume> {
-    if identity.kind != snapshot::identity::IdKind::DeviceMapper {
-        return volume;
-    }
-    let lvm = Lvm::new();
-    let mapping = match lv_opened(&lvm, identity, device, sys) {
-        Ok(info) if info.is_thin() => crate::cbt::mapping(&lvm, &info, Duration::ZERO),
-        _ => return volume,
-    };
-    match mapping {
-        Ok(m) => {
-            let mapped = snapshot::MappedVolume::new(volume, m.ranges, m.known_until);
-            tracing::debug!(
-                "{}: the thin target maps {} of {} bytes",
-                mapped.path().display(),
-                mapped.mapped_bytes(),
-                mapped.size()
-            );
-            Arc::new(mapped)
-        }
-        Err(e) => {
-            tracing::debug!("the thin target's mapping: {e:#}; every block is read");
-            volume
-        }
-    }
 }
 
 /// A rollback cut short between its lvm steps (a crash, a power cut) can
