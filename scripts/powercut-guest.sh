@@ -106,7 +106,8 @@ echo "RECORDED $("$RL" list "$OUT/log.bin" | wc -l) entries, $size bytes in $(($
 # target's state dir and a thin LV as the replica, written in place under
 # --target-snapshot: `run --once` cycles of a thin LV source with CBT (a
 # first copy with resume marks, then a CBT delta behind a rollback
-# snapshot), then a sync of another source (--force), copied in place. The host
+# snapshot), then a sync of another source (--force), a full copy behind
+# a rollback snapshot too. The host
 # has no device-mapper to activate a VG, so powercut-check replays this
 # log here, each point with an LVM that sees only the replayed copy of the
 # PV.
@@ -148,8 +149,9 @@ dmsetup create sspcl --table "0 $(blockdev --getsz "$LDEV") log-writes $LDEV $LL
     record run-cbt 2 snapshot snapshot "/dev/$LVG/replica" "$BIN" run --once --json --config "$P/lvm-run.toml"
     grep -q '"mode":"delta"' "$P/run-cbt.json" || fail "the second cycle was no CBT delta"
     cp "$P/gen3.img" "$P/src.img"
-    # Another source (--force): a copy in place over the replica.
-    record sync-other 3 inplace in-place "/dev/$LVG/replica" "$BIN" sync --json --force --target-snapshot \
+    # Another source (--force): a full copy over the replica, behind a
+    # rollback snapshot of the consistent replica it replaces.
+    record sync-other 3 snapshot snapshot "/dev/$LVG/replica" "$BIN" sync --json --force --target-snapshot \
         --state-dir "$P/lmnt/state" "$P/src.img" "/dev/$LVG/replica"
     umount "$P/lmnt" || fail "umount (LVM layout)"
     vgchange -q -an "$LVG" "$SVG" >/dev/null || fail "vgchange -an"

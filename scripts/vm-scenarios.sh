@@ -616,6 +616,15 @@ s_target_snapshot() {
     timeout -k 5 120 "$BIN" sync --json --state-dir "$st" --target-snapshot "$src" "$dev" >"$W/tt5.json" || die "sync after rollback failed"
     [ "$($H get "$W/tt5.json" apply_mode)" = snapshot ] || die "after rollback: apply_mode $($H get "$W/tt5.json" apply_mode)"
     cmp -n $((12 << 20)) "$src" "$dev" || die "generation 3 differs"
+    # A forced copy from another source replaces a consistent replica: it
+    # is protected by the snapshot as well (before: written in place, so
+    # a cut left neither replica).
+    head -c 12M /dev/urandom >"$W/tt-other.img"
+    timeout -k 5 120 "$BIN" sync --json --force --state-dir "$st" --target-snapshot "$W/tt-other.img" "$dev" >"$W/tt7.json" ||
+        die "forced sync from another source failed"
+    [ "$($H get "$W/tt7.json" apply_mode)" = snapshot ] || die "forced copy: apply_mode $($H get "$W/tt7.json" apply_mode)"
+    cmp -n $((12 << 20)) "$W/tt-other.img" "$dev" || die "forced copy differs"
+    lvs --noheadings -o lv_name "$VG" | grep -q rollback && die "rollback snapshot left after the forced copy"
     # A file target is refused.
     timeout -k 5 120 "$BIN" sync --state-dir "$st" --target-snapshot "$src" "$W/tt-file.img" 2>"$W/tt6.err" && die "file target accepted"
     grep -q "thin" "$W/tt6.err" || die "no explanation: $(cat "$W/tt6.err")"

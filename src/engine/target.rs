@@ -723,9 +723,9 @@ impl Session {
 
         let applier = if open.dry_run || mode == Mode::Verify {
             Applier::DryRun
-        } else if let Some(origin) =
-            thin_origin.filter(|_| state.consistent && same_source && start_block == 0)
-        {
+        } else if let Some(origin) = thin_origin.filter(|_| state.consistent && start_block == 0) {
+            // A consistent replica is protected whatever it replicates: a
+            // forced copy from another source that fails rolls back to it.
             Applier::Snapshot {
                 origin,
                 taken: false,
