@@ -12,13 +12,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 use wire::Generation;
 
@@ -393,18 +391,16 @@ impl VolumeLock {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
-        match flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Self {
+        match snapshot::lock::try_exclusive(&file) {
+            Ok(true) => Ok(Self {
                 _file: file,
                 path: path.to_owned(),
             }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(Busy {
+            Ok(false) => Err(Busy {
                 path: path.to_owned(),
             }
             .into()),
-            Err(e) => {
-                Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display()))
-            }
+            Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
         }
     }
 }
@@ -502,5 +498,32 @@ mod tests {
         let _l = VolumeLock::acquire(&p.lock).unwrap();
         let e = VolumeLock::acquire(&p.lock).unwrap_err();
         assert!(e.downcast_ref::<Busy>().is_some());
+    }
+
+    /// A `run` of several volumes takes each volume's lock again every
+    /// cycle while other threads spawn lvm and ssh: a lock given up must
+    /// not look busy to its own process (a child being spawned holds a
+    /// copy of its descriptor until exec). Before: about 1 in 2000 did.
+    #[test]
+    fn a_volume_lock_given_up_is_free_while_other_threads_spawn() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let p = StatePaths::new(dir.path(), Path::new("/dev/x"));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::process::Command::new("true").status();
+                }
+            })
+        };
+        let tries = 2000;
+        let busy = (0..tries)
+            .filter(|_| VolumeLock::acquire(&p.lock).is_err())
+            .count();
+        stop.store(true, Ordering::Relaxed);
+        spawner.join().unwrap();
+        assert_eq!(busy, 0, "a free lock looked busy {busy} times in {tries}");
     }
 }

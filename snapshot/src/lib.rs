@@ -5,6 +5,7 @@
 //! All `unsafe` code of the workspace lives in [`sys`].
 
 pub mod identity;
+pub mod lock;
 pub mod mapped;
 pub mod reflink;
 pub mod sys;
