@@ -506,24 +506,14 @@ mod tests {
     /// copy of its descriptor until exec). Before: about 1 in 2000 did.
     #[test]
     fn a_volume_lock_given_up_is_free_while_other_threads_spawn() {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let p = StatePaths::new(dir.path(), Path::new("/dev/x"));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let spawner = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = std::process::Command::new("true").status();
-                }
-            })
-        };
-        let tries = 2000;
-        let busy = (0..tries)
-            .filter(|_| VolumeLock::acquire(&p.lock).is_err())
-            .count();
-        stop.store(true, Ordering::Relaxed);
-        spawner.join().unwrap();
+        let tries = 5000;
+        let busy = snapshot::lock::while_spawning(|| {
+            (0..tries)
+                .filter(|_| VolumeLock::acquire(&p.lock).is_err())
+                .count()
+        });
         assert_eq!(busy, 0, "a free lock looked busy {busy} times in {tries}");
     }
 }

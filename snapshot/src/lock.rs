@@ -27,11 +27,29 @@ pub fn try_exclusive(file: &impl AsFd) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// Runs `f` while another thread spawns processes back to back: what made
+/// a lock given up look taken (see [`try_exclusive`]). For tests.
+#[doc(hidden)]
+pub fn while_spawning<T>(f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let spawner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = std::process::Command::new("true").status();
+            }
+        })
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    spawner.join().expect("the spawning thread");
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     fn open(path: &std::path::Path) -> std::fs::File {
         std::fs::OpenOptions::new()
@@ -50,21 +68,12 @@ mod tests {
         // saw a pool's metadata snapshot "busy" so).
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("l.lock");
-        let stop = Arc::new(AtomicBool::new(false));
-        let spawner = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = std::process::Command::new("true").status();
-                }
-            })
-        };
-        let tries = 2000;
-        let busy = (0..tries)
-            .filter(|_| !try_exclusive(&open(&path)).unwrap())
-            .count();
-        stop.store(true, Ordering::Relaxed);
-        spawner.join().unwrap();
+        let tries = 5000;
+        let busy = while_spawning(|| {
+            (0..tries)
+                .filter(|_| !try_exclusive(&open(&path)).unwrap())
+                .count()
+        });
         assert_eq!(busy, 0, "a free lock looked taken {busy} times in {tries}");
     }
 
