@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 /// (or `KiB`, `MiB`, `GiB`) are powers of 1024, `KB`, `MB`, `GB` powers
 /// of 1000; a `B` suffix means bytes. Fractions are allowed ("1.5M").
 /// Returns bytes per second; 0 means no limit.
+/// The lowest rate a limit may have (bytes per second): below it one
+/// frame's bucket would take longer than a session's silence is allowed.
+pub const MIN_RATE: u64 = 512;
+
 pub fn parse_rate(text: &str) -> Result<u64, String> {
     let bad = || {
         format!(
@@ -43,8 +47,8 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         return Err(bad());
     }
     let bytes = bytes.round() as u64;
-    if bytes > 0 && bytes < 512 {
-        return Err(format!("rate {text:?} is below 512 bytes/s"));
+    if bytes > 0 && bytes < MIN_RATE {
+        return Err(format!("rate {text:?} is below {MIN_RATE} bytes/s"));
     }
     Ok(bytes)
 }

@@ -582,6 +582,42 @@ fn a_local_sync_runs_both_ends_within_its_memory_bound() {
     assert_same_content(&src, &dst);
 }
 
+/// Found by fuzzing `serve_session`: a Hello asking for a bwlimit of 32
+/// bytes/s (the CLI refuses anything under 512) had the target sleep 16 s
+/// before each reply frame, deaf to its own timeout and to signals.
+#[test]
+fn serve_refuses_a_bwlimit_below_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_src, dst, state) = replica_gen1(dir.path(), MIB);
+    let mut child = snapsync()
+        .args(["serve", "--allow", s(&dst), "--state-dir", s(&state)])
+        .args(["--timeout", "5s"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut wr = wire::FrameWriter::new(child.stdin.take().unwrap());
+    wr.write_preamble().unwrap();
+    wr.send(
+        &Msg::Hello(wire::Hello {
+            features: 0,
+            key: blockdiff::HashKey([7; 32]),
+            software: "fake-source".into(),
+            bwlimit: Some(32),
+        }),
+        &[],
+    )
+    .unwrap();
+    wr.flush().unwrap();
+    let m = measure(child, Duration::from_secs(60));
+    m.run.assert_code(5);
+    m.run
+        .assert_says("bwlimit of 32 bytes/s", "the refused rate is named");
+    m.assert_faster_than(Duration::from_secs(10));
+    assert!(lock_is_free(&state, &dst));
+}
+
 #[test]
 fn serve_does_not_take_impossible_heartbeats_as_progress() {
     let dir = tempfile::tempdir().unwrap();

@@ -260,7 +260,17 @@ pub fn serve<R: Read + Send + 'static, W: Write + Send + 'static>(
         Msg::Hello(h) => h,
         m => return Err(protocol(format!("expected Hello, got {:?}", m.kind()))),
     };
-    rate.set(hello.bwlimit.unwrap_or(0));
+    // A source's --bwlimit is never below the floor: a lower one would
+    // have the target sleep through its own timeout on every reply.
+    match hello.bwlimit {
+        Some(r) if r > 0 && r < crate::bwlimit::MIN_RATE => {
+            return Err(protocol(format!(
+                "the source asks for a bwlimit of {r} bytes/s, below the least of {} bytes/s",
+                crate::bwlimit::MIN_RATE
+            )))
+        }
+        r => rate.set(r.unwrap_or(0)),
+    }
     let feats = hello.features & features::ALL;
     wr.send(
         &Msg::HelloAck(HelloAck {
