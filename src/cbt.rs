@@ -152,9 +152,6 @@ pub fn mapped_if_thin(
     sys: &Path,
     wait: Duration,
 ) -> Arc<dyn Volume> {
-    if identity.kind != IdKind::DeviceMapper {
-        return volume;
-    }
     let lvm = Lvm::new();
     match lv_opened(&lvm, identity, device, sys) {
         Ok(info) if info.is_thin() => read_mapped(&lvm, &info, volume, wait),

@@ -313,8 +313,12 @@ fn run_cycle(
                 vol.name,
                 src.display()
             );
-            let (whole, mapped) = crate::commands::sync::open_scanned_source(&src, true)?;
-            let v = if scrub_cycle(vol, st) { whole } else { mapped };
+            let file = crate::commands::sync::open_source_file(&src, true)?;
+            let v = if scrub_cycle(vol, st) {
+                file
+            } else {
+                crate::commands::sync::mapped_source(&file)
+            };
             let mut p = params(vol, &dest, source_id, format!("live:{}", now()))?;
             p.force = force;
             p.digest_map = digest_map(state_dir, vol, st);

@@ -220,6 +220,11 @@ impl FileVolume {
         &self.file
     }
 
+    /// The device number (major, minor) of a block device.
+    pub fn device(&self) -> Option<(u32, u32)> {
+        device_number(self.file.as_fd(), self.kind)
+    }
+
     fn io_err(&self, op: &'static str, offset: u64, len: u64, source: io::Error) -> VolumeError {
         VolumeError::Io {
             op,
@@ -549,6 +554,14 @@ pub fn locate(path: &Path) -> Result<Located> {
     Ok(Located::Existing(Resolved::new(fd, path)?))
 }
 
+/// The device number (major, minor) of `fd`, a volume of `kind`, when it
+/// is a block device.
+fn device_number(fd: std::os::fd::BorrowedFd<'_>, kind: VolumeKind) -> Option<(u32, u32)> {
+    let st = fstat(fd).ok()?;
+    (kind == VolumeKind::BlockDevice)
+        .then(|| (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev)))
+}
+
 impl Resolved {
     fn new(fd: OwnedFd, path: &Path) -> Result<Self> {
         let kind = kind_of(&fd, path)?;
@@ -569,9 +582,7 @@ impl Resolved {
 
     /// The device number (major, minor) of a resolved block device.
     pub fn device(&self) -> Option<(u32, u32)> {
-        let st = fstat(&self.fd).ok()?;
-        (self.kind == VolumeKind::BlockDevice)
-            .then(|| (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev)))
+        device_number(self.fd.as_fd(), self.kind)
     }
 
     /// The identity of what was resolved (sysfs under `sys`).

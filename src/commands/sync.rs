@@ -26,7 +26,9 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     let started = std::time::Instant::now();
     let mut after = None;
     let first = (|| {
-        let (source, scanned) = open_scanned_source(&a.src, !a.transfer.keep_cache)?;
+        let file = open_source_file(&a.src, !a.transfer.keep_cache)?;
+        let scanned = mapped_source(&file);
+        let source: Arc<dyn Volume> = file;
         let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
         params.compress = compress;
         params.dry_run = a.dry_run;
@@ -205,47 +207,34 @@ pub fn digest_map(
 /// Opens a source volume for a sequential scan; `drop_behind` lets the
 /// pages it read leave the page cache.
 pub fn open_source(path: &Path, drop_behind: bool) -> Result<Arc<dyn Volume>> {
-    Ok(Arc::new(open_source_file(path, drop_behind)?))
+    Ok(open_source_file(path, drop_behind)?)
 }
 
-fn open_source_file(path: &Path, drop_behind: bool) -> Result<FileVolume> {
+/// [`open_source`], as the file volume it is.
+pub fn open_source_file(path: &Path, drop_behind: bool) -> Result<Arc<FileVolume>> {
     let mut v = FileVolume::open(path, Access::Read)
         .map_err(SyncError::Source)
         .context("opening the source")?;
     v.advise_sequential(drop_behind);
-    Ok(v)
+    Ok(Arc::new(v))
 }
 
-/// The source as [`open_source`] opens it, and the same to scan for a
-/// sync: a thin LV is read only where its pool maps it (see
-/// [`crate::cbt::read_mapped`]), what the device maps when the session
-/// starts; the rest reads as the zeros it holds then. A check (`verify`)
-/// reads the first, every block.
-pub fn open_scanned_source(
-    path: &Path,
-    drop_behind: bool,
-) -> Result<(Arc<dyn Volume>, Arc<dyn Volume>)> {
-    let file = Arc::new(open_source_file(path, drop_behind)?);
-    let volume: Arc<dyn Volume> = file.clone();
-    let st = rustix::fs::fstat(file.file()).map_err(std::io::Error::from);
-    let device = match st {
-        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_block_device() => {
-            (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev))
-        }
-        _ => return Ok((volume.clone(), volume)),
+/// `source` to scan for a sync: a thin LV is read only where its pool
+/// maps it (see [`crate::cbt::read_mapped`]), what the device maps when
+/// the session starts; the rest reads as the zeros it holds then. Any
+/// other volume as it is. A check (`verify`, a scrub) reads `source`.
+pub fn mapped_source(source: &Arc<FileVolume>) -> Arc<dyn Volume> {
+    let volume: Arc<dyn Volume> = source.clone();
+    let Some(device) = source.device() else {
+        return volume;
     };
     let sys = snapshot::identity::sys_root();
-    let scanned = match snapshot::identity::of_fd(file.file().as_fd(), &sys) {
-        Ok(id) => crate::cbt::mapped_if_thin(
-            volume.clone(),
-            &id,
-            Some(device),
-            &sys,
-            crate::cbt::HOLD_WAIT,
-        ),
-        Err(_) => volume.clone(),
-    };
-    Ok((volume, scanned))
+    match snapshot::identity::of_fd(source.file().as_fd(), &sys) {
+        Ok(id) => {
+            crate::cbt::mapped_if_thin(volume, &id, Some(device), &sys, crate::cbt::HOLD_WAIT)
+        }
+        Err(_) => volume,
+    }
 }
 
 /// Identity of the source and of its current content, for the replica's
