@@ -293,9 +293,11 @@ fn load_or_create_key(path: &Path) -> Result<MapKey> {
     }
     let mut k = [0u8; 32];
     getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
-    // Written aside and linked in place: of two runs making a key at once,
-    // one wins and both use its key.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Written aside and linked in place: of two runs (or two sessions of a
+    // fan-out) making a key at once, one wins and both use its key.
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}.{n}", std::process::id()));
     let mut f =
         state::create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(&k)
@@ -810,6 +812,22 @@ mod tests {
         assert_eq!(store.names(), vec!["m".to_string()]);
         store.remove("m");
         assert!(store.names().is_empty());
+    }
+
+    #[test]
+    fn sessions_making_the_key_at_once_share_one() {
+        // The sessions of a fan-out open a new store together.
+        for _ in 0..20 {
+            let d = tempfile::tempdir().unwrap();
+            let dir = d.path().join("s");
+            let ids: Vec<_> = std::thread::scope(|s| {
+                let t: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| MapStore::open(&dir).map(|m| m.key().id())))
+                    .collect();
+                t.into_iter().map(|t| t.join().unwrap().unwrap()).collect()
+            });
+            assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+        }
     }
 
     #[test]
