@@ -140,10 +140,16 @@ pub struct SyncArgs {
     /// Source volume: image file or block device.
     pub src: PathBuf,
     /// Replica: /path, [user@]host:/path, rbd:POOL[/NAMESPACE]/IMAGE or
-    /// host:rbd:POOL/IMAGE (through `serve` on that host).
-    pub dst: String,
+    /// host:rbd:POOL/IMAGE (through `serve` on that host). Several: the
+    /// source is read once for all of them (fan-out).
+    #[arg(required = true, num_args = 1..)]
+    pub dst: Vec<String>,
     #[command(flatten)]
     pub transfer: TransferArgs,
+    /// Fan-out: what the source's read may hold for the slowest target
+    /// before that target is dropped from this sync.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub fanout_buffer: u64,
     /// Data frame compression: auto (zstd when remote), none, zstd[:LEVEL].
     #[arg(long, default_value = "auto")]
     pub compress: String,

@@ -12,6 +12,7 @@ use snapshot::{Access, FileVolume, Volume};
 use wire::Mode;
 
 use crate::cli::{parse_compress, SyncArgs, TransferArgs, VerifyArgs};
+use crate::engine::fanout::{self, Fanout};
 use crate::engine::source::{self, Change, ReplicaAfter, Report, SessionParams, SyncError};
 use crate::engine::Cancel;
 use crate::exit::{Coded, Exit, UsageError};
@@ -20,70 +21,229 @@ use crate::state::DEFAULT_STATE_DIR;
 use crate::transport::{self, Destination};
 
 pub fn sync(a: SyncArgs) -> Result<Exit> {
-    let dest = Destination::parse(&a.dst)?;
-    let compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
+    let dests = a
+        .dst
+        .iter()
+        .map(|d| Destination::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(d) = a
+        .dst
+        .iter()
+        .enumerate()
+        .find_map(|(i, d)| a.dst[..i].contains(d).then_some(d))
+    {
+        return Err(UsageError(format!("{d} is named twice")).into());
+    }
     let cancel = super::cancel_on_signals()?;
     let started = std::time::Instant::now();
-    let mut after = None;
-    let first = (|| {
-        let file = open_source_file(&a.src, !a.transfer.keep_cache)?;
-        let scanned = mapped_source(&file);
-        let source: Arc<dyn Volume> = file;
-        let mut params = session_params(&a.src, &dest, &a.transfer, source.as_ref())?;
-        params.compress = compress;
-        params.dry_run = a.dry_run;
-        params.force = a.force;
-        params.resume = !a.no_resume;
-        params.journal_max = a.journal_max;
-        params.target_snapshot = a.target_snapshot;
-        if !a.no_digest_map && !a.dry_run {
-            params.digest_map = digest_map(&a.source_state_dir, &a.src, &dest, None);
+    let file = open_source_file(&a.src, !a.transfer.keep_cache);
+    let (outcomes, read_once) = match file {
+        Err(e) => {
+            // Every target failed alike; its metrics say so.
+            if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
+                let outcomes: Vec<_> = a
+                    .dst
+                    .iter()
+                    .map(|d| {
+                        let copy = Coded {
+                            exit: crate::exit::classify(&e),
+                            message: format!("{e:#}"),
+                        };
+                        Outcome::of(d, Err(copy.into()), None, false)
+                    })
+                    .collect();
+                if let Err(m) = write_metrics(path, &a, &outcomes, started) {
+                    tracing::error!("{}", crate::cli::one_line(&format!("{m:#}")));
+                }
+            }
+            return Err(e);
         }
-        let report = run_session(
-            scanned,
-            &dest,
-            &a.transfer,
-            &params,
-            &cancel,
-            None,
-            &mut after,
-        )?;
-        Ok((report, source, params))
-    })();
+        Ok(file) if dests.len() == 1 => {
+            let mut after = None;
+            let r = sync_one(&a, &dests[0], mapped_source(&file), &cancel, &mut after);
+            (vec![Outcome::of(&a.dst[0], r, after, false)], None)
+        }
+        Ok(file) => {
+            let fan = Fanout::new(
+                mapped_source(&file),
+                dests.len(),
+                a.fanout_buffer,
+                fanout::DEFAULT_GRACE,
+            );
+            let handles = fan.handles();
+            let outcomes = std::thread::scope(|s| {
+                let threads: Vec<_> = dests
+                    .iter()
+                    .zip(handles)
+                    .zip(&a.dst)
+                    .map(|((dest, h), name)| {
+                        let (a, cancel) = (&a, &cancel);
+                        s.spawn(move || {
+                            let mut after = None;
+                            let source: Arc<dyn Volume> = h.clone();
+                            let r = sync_one(a, dest, source, cancel, &mut after);
+                            h.finish();
+                            Outcome::of(name, r, after, h.dropped())
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().expect("a target's session panicked"))
+                    .collect::<Vec<_>>()
+            });
+            (outcomes, Some(fan.bytes_read()))
+        }
+    };
     if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
-        let written = write_metrics(path, &a, first.as_ref().map(|(r, ..)| r), after, started);
-        match (written, &first) {
-            (Err(e), Ok(_)) => return Err(e),
+        if let Err(e) = write_metrics(path, &a, &outcomes, started) {
+            if outcomes.iter().all(|o| o.result.is_ok()) {
+                return Err(e);
+            }
             // The session's own failure is the one to report.
-            (Err(e), Err(_)) => tracing::error!("{}", crate::cli::one_line(&format!("{e:#}"))),
-            (Ok(()), _) => {}
+            tracing::error!("{}", crate::cli::one_line(&format!("{e:#}")));
         }
     }
-    let (report, source, mut params) = first?;
-    print_report(
-        &report,
-        &a.transfer,
-        if a.dry_run { "would send" } else { "synced" },
-    );
-    if a.verify && !a.dry_run {
-        params.mode = Mode::Verify;
-        let check = run_session(
-            source,
-            &dest,
-            &a.transfer,
-            &params,
-            &cancel,
-            None,
-            &mut None,
-        )?;
-        if !check.differing.is_empty() {
-            return Err(differs(&check).into());
+    let verb = if a.dry_run { "would send" } else { "synced" };
+    let Some(read_once) = read_once else {
+        let o = outcomes.into_iter().next().expect("one target");
+        let report = o.result?;
+        print_report(&report, &a.transfer, verb, "");
+        if a.verify && !a.dry_run {
+            verify_after(&a, &dests[0], &a.dst[0], &cancel)?;
         }
-        if !a.transfer.quiet && !a.transfer.json {
-            eprintln!("verified: {} and {} are identical", a.src.display(), a.dst);
+        return Ok(Exit::Ok);
+    };
+    // Fan-out: a line per target, or one JSON object with all of them.
+    let size = outcomes
+        .iter()
+        .find_map(|o| o.result.as_ref().ok().map(|r| r.volume_bytes));
+    if a.transfer.json {
+        let targets: Vec<_> = outcomes.iter().map(Outcome::json).collect();
+        let doc = serde_json::json!({
+            "volume_bytes": size,
+            "source_bytes_read": read_once,
+            "elapsed_seconds": started.elapsed().as_secs_f64(),
+            "targets": targets,
+        });
+        crate::cli::print_line(&doc.to_string());
+    }
+    let mut first_failure = None;
+    for (o, dest) in outcomes.into_iter().zip(&dests) {
+        let label = format!("{}: ", o.target);
+        match o.result {
+            Ok(report) => {
+                if !a.transfer.json {
+                    print_report(&report, &a.transfer, verb, &label);
+                }
+                if a.verify && !a.dry_run {
+                    if let Err(e) = verify_after(&a, dest, &o.target, &cancel) {
+                        eprintln!("{label}{}", crate::cli::one_line(&format!("{e:#}")));
+                        first_failure.get_or_insert(e);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("{label}failed: {}", crate::cli::one_line(&format!("{e:#}")));
+                first_failure.get_or_insert(e);
+            }
         }
     }
-    Ok(Exit::Ok)
+    if !a.transfer.quiet && !a.transfer.json {
+        eprintln!(
+            "source read once for {} targets: {}",
+            dests.len(),
+            crate::cli::iec(read_once)
+        );
+    }
+    // Each failure is told above; the exit code is the first one's.
+    Ok(first_failure.map_or(Exit::Ok, |e| crate::exit::classify(&e)))
+}
+
+/// One target's outcome of a `sync`.
+struct Outcome {
+    target: String,
+    result: Result<Report>,
+    after: Option<ReplicaAfter>,
+}
+
+impl Outcome {
+    fn of(
+        target: &str,
+        result: Result<Report>,
+        after: Option<ReplicaAfter>,
+        dropped: bool,
+    ) -> Self {
+        // A session dropped for falling behind fails on its reads of the
+        // source: it is the target that was slow, not the source.
+        let result = match result {
+            Err(_) if dropped => Err(Coded {
+                exit: Exit::Transport,
+                message: format!("{target} {}; it is retried next time", fanout::DROPPED),
+            }
+            .into()),
+            r => r,
+        };
+        Self {
+            target: target.to_owned(),
+            result,
+            after,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match &self.result {
+            Ok(r) => serde_json::json!({
+                "target": self.target, "ok": true, "exit": 0, "error": null, "report": r,
+            }),
+            Err(e) => serde_json::json!({
+                "target": self.target,
+                "ok": false,
+                "exit": crate::exit::classify(e) as u8,
+                "error": format!("{e:#}"),
+                "report": null,
+            }),
+        }
+    }
+}
+
+/// One session of `sync` from `scanned` (the source, or this target's
+/// view of a fan-out's read) to `dest`.
+fn sync_one(
+    a: &SyncArgs,
+    dest: &Destination,
+    scanned: Arc<dyn Volume>,
+    cancel: &Cancel,
+    after: &mut Option<ReplicaAfter>,
+) -> Result<Report> {
+    let mut params = session_params(&a.src, dest, &a.transfer, scanned.as_ref())?;
+    params.compress = parse_compress(&a.compress, matches!(dest, Destination::Remote { .. }))?;
+    params.dry_run = a.dry_run;
+    params.force = a.force;
+    params.resume = !a.no_resume;
+    params.journal_max = a.journal_max;
+    params.target_snapshot = a.target_snapshot;
+    if !a.no_digest_map && !a.dry_run {
+        params.digest_map = digest_map(&a.source_state_dir, &a.src, dest, None);
+    }
+    run_session(scanned, dest, &a.transfer, &params, cancel, None, after)
+}
+
+/// `sync --verify`: compares the source with `dest` again, reading all of
+/// the source.
+fn verify_after(a: &SyncArgs, dest: &Destination, name: &str, cancel: &Cancel) -> Result<()> {
+    let source = open_source(&a.src, !a.transfer.keep_cache)?;
+    let mut params = session_params(&a.src, dest, &a.transfer, source.as_ref())?;
+    params.mode = Mode::Verify;
+    params.force = a.force;
+    let check = run_session(source, dest, &a.transfer, &params, cancel, None, &mut None)?;
+    if !check.differing.is_empty() {
+        return Err(differs(&check).into());
+    }
+    if !a.transfer.quiet && !a.transfer.json {
+        eprintln!("verified: {} and {name} are identical", a.src.display());
+    }
+    Ok(())
 }
 
 pub fn verify(a: VerifyArgs) -> Result<Exit> {
@@ -128,35 +288,44 @@ pub fn verify(a: VerifyArgs) -> Result<Exit> {
     }
 }
 
-/// `sync --metrics-file`: this one session's outcome as the metrics `run`
+/// `sync --metrics-file`: each target's outcome as the metrics `run`
 /// writes for a volume (labels: volume = SRC, target = DST).
 fn write_metrics(
     path: &Path,
     a: &SyncArgs,
-    result: Result<&Report, &anyhow::Error>,
-    after: Option<ReplicaAfter>,
+    outcomes: &[Outcome],
     started: std::time::Instant,
 ) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut st = crate::job::SourceState {
-        cycles: 1,
-        last_attempt: Some(now.saturating_sub(started.elapsed().as_secs())),
-        last_duration_seconds: Some(started.elapsed().as_secs_f64()),
-        ..Default::default()
-    };
-    match result {
-        Ok(r) => crate::job::record_success(&mut st, r),
-        Err(e) => crate::job::record_failure(&mut st, e, after, a.journal_max == 0),
-    }
+    let states: Vec<_> = outcomes
+        .iter()
+        .map(|o| {
+            let mut st = crate::job::SourceState {
+                cycles: 1,
+                last_attempt: Some(now.saturating_sub(started.elapsed().as_secs())),
+                last_duration_seconds: Some(started.elapsed().as_secs_f64()),
+                ..Default::default()
+            };
+            match &o.result {
+                Ok(r) => crate::job::record_success(&mut st, r),
+                Err(e) => crate::job::record_failure(&mut st, e, o.after, a.journal_max == 0),
+            }
+            st
+        })
+        .collect();
     let volume = a.src.display().to_string();
-    let series = [crate::metrics::VolumeMetrics {
-        volume: &volume,
-        target: &a.dst,
-        interval: None,
-        state: &st,
-    }];
+    let series: Vec<_> = outcomes
+        .iter()
+        .zip(&states)
+        .map(|(o, st)| crate::metrics::VolumeMetrics {
+            volume: &volume,
+            target: &o.target,
+            interval: None,
+            state: st,
+        })
+        .collect();
     crate::metrics::write(path, &crate::metrics::render(&series, now))
         .context("writing --metrics-file")
 }
@@ -378,13 +547,15 @@ pub fn run_session(
     }
 }
 
-fn print_report(r: &Report, t: &TransferArgs, verb: &str) {
+/// A session's report on stdout (`--json`) or a line on stderr, each
+/// line after `label`.
+fn print_report(r: &Report, t: &TransferArgs, verb: &str, label: &str) {
     if t.json {
         crate::cli::print_line(&serde_json::to_string(r).expect("report serialises"));
     } else if !t.quiet {
         let b = crate::cli::iec;
         eprintln!(
-            "{verb} {}: {} of {} blocks changed, {} data + {} zeroed, {} on the wire, {:.1}s ({}, {})",
+            "{label}{verb} {}: {} of {} blocks changed, {} data + {} zeroed, {} on the wire, {:.1}s ({}, {})",
             b(r.volume_bytes),
             r.blocks_changed,
             r.blocks_total,
@@ -396,10 +567,10 @@ fn print_report(r: &Report, t: &TransferArgs, verb: &str) {
             r.apply_mode
         );
         if let Some(f) = &r.fallback {
-            eprintln!("note: {f}");
+            eprintln!("{label}note: {f}");
         }
         if let Some(rec) = &r.recovered {
-            eprintln!("note: target {rec}");
+            eprintln!("{label}note: target {rec}");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! any byte stream (see the `wire` crate for the protocol).
 
 pub mod cbt_refine;
+pub mod fanout;
 pub mod holes;
 pub mod map;
 pub mod source;

@@ -1,0 +1,465 @@
+//! One read of the source feeding several sessions (fan-out to several
+//! targets).
+//!
+//! Each session reads through its own [`Fanout::handles`] handle. The
+//! source is read in [`PAGE`]-sized pages; a page read for one session is
+//! kept until every session still reading has read past it, so a volume
+//! is read once however many targets there are. What is held is bounded
+//! (`limit` bytes): when the fastest session would need more, the slowest
+//! is dropped — its reads fail with [`DROPPED`] and its session ends, to
+//! be retried next cycle — rather than slowing every target to the
+//! slowest one. A short stall is forgiven: the others wait for it, up to
+//! `grace` in all over the fan-out's life. A session that has
+//! not read anything by then (a slow connection or image open) is not
+//! dropped but left behind: it reads what it needs when it gets there.
+//!
+//! A session that reads behind what was evicted (one left behind, or one
+//! reading backwards) reads those pages again, and [`Fanout::bytes_read`]
+//! counts them: it is what the source really read.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use snapshot::{Volume, VolumeError};
+
+/// Bytes per page of the shared read: one IO of the readers' chunks.
+pub const PAGE: u64 = super::CHUNK_BYTES as u64;
+/// What a fan-out holds for its slowest session, by default.
+pub const DEFAULT_LIMIT: u64 = 64 << 20;
+/// How long the others may wait for the slowest in all, by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_millis(250);
+/// The error of a dropped session's reads, as the report shows it.
+pub const DROPPED: &str = "fell too far behind the other targets and was dropped from this cycle";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// Has read nothing yet: holds every page from 0 (it may need them).
+    Waiting,
+    /// Was slow to start and let the others go on: holds nothing until it
+    /// reads, and then reads what was evicted again.
+    Late,
+    /// Holds the pages from the one that contains this offset.
+    At(u64),
+    /// Finished or dropped: holds nothing.
+    Gone { dropped: bool },
+}
+
+#[derive(Debug)]
+enum Page {
+    Loading,
+    Ready(Arc<Vec<u8>>),
+}
+
+#[derive(Debug)]
+struct Shared {
+    pages: BTreeMap<u64, Page>,
+    /// Bytes of the pages held or being read.
+    held: u64,
+    /// How long readers waited for room so far.
+    waited: Duration,
+    readers: Vec<Reader>,
+}
+
+impl Shared {
+    /// The first offset some live reader may still need.
+    fn low_water(&self) -> u64 {
+        self.readers
+            .iter()
+            .filter_map(|r| match r {
+                Reader::Waiting => Some(0),
+                Reader::At(o) => Some(*o),
+                Reader::Late | Reader::Gone { .. } => None,
+            })
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// A source read once for several sessions.
+#[derive(Debug)]
+pub struct Fanout {
+    inner: Arc<dyn Volume>,
+    shared: Mutex<Shared>,
+    changed: Condvar,
+    limit: u64,
+    grace: Duration,
+    read: AtomicU64,
+}
+
+impl Fanout {
+    /// `n` handles reading `inner`, holding at most `limit` bytes for the
+    /// slowest; the others wait for it `grace` in all before the slowest
+    /// is dropped at once whenever it holds them up.
+    pub fn new(inner: Arc<dyn Volume>, n: usize, limit: u64, grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            shared: Mutex::new(Shared {
+                pages: BTreeMap::new(),
+                held: 0,
+                waited: Duration::ZERO,
+                readers: vec![Reader::Waiting; n],
+            }),
+            changed: Condvar::new(),
+            limit: limit.max(PAGE),
+            grace,
+            read: AtomicU64::new(0),
+        })
+    }
+
+    /// One handle per session, in the order of the targets.
+    pub fn handles(self: &Arc<Self>) -> Vec<Arc<Handle>> {
+        let n = self.lock().readers.len();
+        (0..n)
+            .map(|id| {
+                Arc::new(Handle {
+                    fanout: self.clone(),
+                    id,
+                })
+            })
+            .collect()
+    }
+
+    /// Bytes read from the source so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// Whether session `id` was dropped for falling behind.
+    pub fn dropped(&self, id: usize) -> bool {
+        self.lock().readers[id] == Reader::Gone { dropped: true }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn page_len(&self, page: u64) -> u64 {
+        (self.inner.size() - page * PAGE).min(PAGE)
+    }
+
+    /// Drops the pages no live reader needs, telling the source they were
+    /// read (so a drop-behind source lets them leave the page cache).
+    fn evict(&self, s: &mut Shared) {
+        let low = s.low_water();
+        while let Some(entry) = s.pages.first_entry() {
+            let page = *entry.key();
+            if (page + 1) * PAGE > low || matches!(entry.get(), Page::Loading) {
+                break;
+            }
+            entry.remove();
+            let len = self.page_len(page);
+            s.held -= len;
+            self.inner.done_with(page * PAGE, len);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Page `page` for reader `id`, read from the source if nobody has it.
+    fn page(&self, id: usize, page: u64) -> Result<Arc<Vec<u8>>, VolumeError> {
+        let mut s = self.lock();
+        loop {
+            if let Reader::Gone { dropped: true } = s.readers[id] {
+                return Err(self.dropped_error());
+            }
+            match s.pages.get(&page) {
+                Some(Page::Ready(d)) => return Ok(d.clone()),
+                Some(Page::Loading) => {
+                    s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                None => {}
+            }
+            let len = self.page_len(page);
+            // Full: only a reader ahead of the slowest waits for it (the
+            // slowest itself, or a reader going back, is never held up).
+            let ahead = page * PAGE > s.low_water();
+            if ahead && s.held + len > self.limit {
+                let left = self.grace.saturating_sub(s.waited);
+                if !left.is_zero() {
+                    let since = Instant::now();
+                    s = self
+                        .changed
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    s.waited += since.elapsed();
+                    continue;
+                }
+                self.drop_slowest(&mut s, id);
+                continue;
+            }
+            s.pages.insert(page, Page::Loading);
+            s.held += len;
+            drop(s);
+            let mut data = vec![0u8; len as usize];
+            let r = self.inner.read_at(&mut data, page * PAGE);
+            self.read.fetch_add(len, Ordering::Relaxed);
+            let mut s = self.lock();
+            return match r {
+                Ok(()) => {
+                    let data = Arc::new(data);
+                    s.pages.insert(page, Page::Ready(data.clone()));
+                    self.changed.notify_all();
+                    Ok(data)
+                }
+                Err(e) => {
+                    s.pages.remove(&page);
+                    s.held -= len;
+                    self.changed.notify_all();
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// Lets the others go on without the readers (other than `id`) that
+    /// hold the oldest page: one that has not started yet (a slow
+    /// connection) becomes late and reads for itself; one that is reading
+    /// is dropped.
+    fn drop_slowest(&self, s: &mut Shared, id: usize) {
+        let low = s.low_water();
+        for (i, r) in s.readers.iter_mut().enumerate() {
+            match r {
+                Reader::Waiting if low == 0 && i != id => {
+                    tracing::info!(
+                        "fan-out: target {} is slow to start; the others go on",
+                        i + 1
+                    );
+                    *r = Reader::Late;
+                }
+                Reader::At(o) if *o == low && i != id => {
+                    tracing::warn!("fan-out: target {} {DROPPED}", i + 1);
+                    *r = Reader::Gone { dropped: true };
+                }
+                _ => {}
+            }
+        }
+        self.evict(s);
+    }
+
+    fn dropped_error(&self) -> VolumeError {
+        VolumeError::Other {
+            op: "reading",
+            path: self.inner.path().to_owned(),
+            source: io::Error::other(DROPPED),
+        }
+    }
+}
+
+/// One session's view of a [`Fanout`]: the source, read through the
+/// shared pages. Dropping it lets the others go on without it.
+#[derive(Debug)]
+pub struct Handle {
+    fanout: Arc<Fanout>,
+    id: usize,
+}
+
+impl Handle {
+    /// Whether this session was dropped for falling behind.
+    pub fn dropped(&self) -> bool {
+        self.fanout.dropped(self.id)
+    }
+
+    /// Ends this session's reading: it holds no page any more.
+    pub fn finish(&self) {
+        let mut s = self.fanout.lock();
+        if !matches!(s.readers[self.id], Reader::Gone { .. }) {
+            s.readers[self.id] = Reader::Gone { dropped: false };
+        }
+        self.fanout.evict(&mut s);
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn read_only(path: &Path, op: &'static str) -> VolumeError {
+    VolumeError::Other {
+        op,
+        path: path.to_owned(),
+        source: io::Error::from(io::ErrorKind::PermissionDenied),
+    }
+}
+
+impl Volume for Handle {
+    fn path(&self) -> &Path {
+        self.fanout.inner.path()
+    }
+
+    fn size(&self) -> u64 {
+        self.fanout.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapshot::volume::Result<()> {
+        let f = &self.fanout;
+        let end = offset + buf.len() as u64;
+        if end > f.inner.size() {
+            return f.inner.read_at(buf, offset);
+        }
+        let mut at = offset;
+        while at < end {
+            let page = at / PAGE;
+            let data = f.page(self.id, page)?;
+            let from = (at - page * PAGE) as usize;
+            let n = (data.len() - from).min((end - at) as usize);
+            let dst = (at - offset) as usize;
+            buf[dst..dst + n].copy_from_slice(&data[from..from + n]);
+            at += n as u64;
+        }
+        let mut s = f.lock();
+        match s.readers[self.id] {
+            Reader::Gone { dropped: true } => return Err(f.dropped_error()),
+            Reader::Gone { dropped: false } => {}
+            Reader::Waiting | Reader::Late => s.readers[self.id] = Reader::At(end),
+            Reader::At(o) => s.readers[self.id] = Reader::At(o.max(end)),
+        }
+        f.evict(&mut s);
+        Ok(())
+    }
+
+    fn write_at(&self, _: &[u8], _: u64) -> snapshot::volume::Result<()> {
+        Err(read_only(self.path(), "writing"))
+    }
+
+    fn zero(&self, _: u64, _: u64) -> snapshot::volume::Result<()> {
+        Err(read_only(self.path(), "zeroing"))
+    }
+
+    fn sync(&self) -> snapshot::volume::Result<()> {
+        Ok(())
+    }
+
+    fn set_size(&self, _: u64) -> snapshot::volume::Result<()> {
+        Err(read_only(self.path(), "resizing"))
+    }
+
+    fn resizable(&self) -> bool {
+        false
+    }
+
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        self.fanout.inner.next_data(offset)
+    }
+
+    fn data_bytes_in(&self, from: u64, to: u64) -> Option<u64> {
+        self.fanout.inner.data_bytes_in(from, to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::MemVolume;
+
+    fn source(len: usize) -> (Arc<dyn Volume>, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        (Arc::new(MemVolume::new("src", data.clone(), false)), data)
+    }
+
+    fn read_all(h: &Handle, from: u64, chunk: usize) -> Result<Vec<u8>, VolumeError> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < h.size() {
+            let n = (chunk as u64).min(h.size() - at) as usize;
+            let mut buf = vec![0; n];
+            h.read_at(&mut buf, at)?;
+            out.extend_from_slice(&buf);
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn every_session_sees_the_source_which_is_read_once() {
+        let (src, data) = source(9 * PAGE as usize + 12345);
+        let f = Fanout::new(src, 3, 4 * PAGE, DEFAULT_GRACE);
+        let hs = f.handles();
+        // Chunks not aligned to pages, one session starting late in the
+        // volume (a resumed copy).
+        let got: Vec<_> = std::thread::scope(|s| {
+            let t: Vec<_> = hs
+                .iter()
+                .zip([(0, 1 << 20), (0, 300_001), (3 * PAGE + 4096, 65536)])
+                .map(|(h, (from, chunk))| s.spawn(move || read_all(h, from, chunk).unwrap()))
+                .collect();
+            t.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(got[0], data);
+        assert_eq!(got[1], data);
+        assert_eq!(got[2], data[3 * PAGE as usize + 4096..]);
+        assert_eq!(f.bytes_read(), data.len() as u64);
+        assert!(hs.iter().all(|h| !h.dropped()));
+    }
+
+    #[test]
+    fn a_stalled_session_is_dropped_and_the_others_finish() {
+        let (src, data) = source(16 * PAGE as usize);
+        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_millis(100));
+        let hs = f.handles();
+        // The second reads one page and stalls.
+        let mut buf = vec![0; 4096];
+        hs[1].read_at(&mut buf, 0).unwrap();
+        let started = Instant::now();
+        assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(hs[1].dropped() && !hs[0].dropped());
+        let e = hs[1].read_at(&mut buf, 4096).unwrap_err();
+        assert!(e.to_string().contains(DROPPED), "{e}");
+        // What the fast one read, it read once.
+        assert_eq!(f.bytes_read(), data.len() as u64);
+    }
+
+    #[test]
+    fn a_session_slow_to_start_is_late_not_dropped() {
+        let (src, data) = source(8 * PAGE as usize);
+        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_millis(50));
+        let hs = f.handles();
+        assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
+        assert_eq!(read_all(&hs[1], 0, 1 << 20).unwrap(), data);
+        assert!(!hs[1].dropped());
+        assert_eq!(f.bytes_read(), 2 * data.len() as u64);
+    }
+
+    #[test]
+    fn a_finished_session_holds_nothing() {
+        let (src, data) = source(8 * PAGE as usize);
+        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_secs(600));
+        let mut hs = f.handles();
+        // Never reads; gone before the other needs room: no wait, no drop.
+        drop(hs.pop());
+        assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
+        assert!(f.lock().held <= 2 * PAGE);
+    }
+
+    #[test]
+    fn a_session_behind_the_kept_pages_reads_them_again() {
+        let (src, data) = source(8 * PAGE as usize);
+        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_secs(600));
+        let hs = f.handles();
+        let mut buf = vec![0; PAGE as usize];
+        hs[1].read_at(&mut buf, 6 * PAGE).unwrap();
+        assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
+        hs[1].read_at(&mut buf, PAGE).unwrap();
+        assert_eq!(buf, data[PAGE as usize..2 * PAGE as usize]);
+        assert_eq!(f.bytes_read(), 9 * PAGE);
+    }
+
+    #[test]
+    fn a_read_error_reaches_the_session_that_asked() {
+        let (_, data) = source(4 * PAGE as usize);
+        let src: Arc<dyn Volume> = Arc::new(
+            MemVolume::new("src", data, false)
+                .with_fault(snapshot::volume::Fault::Read { at: PAGE }),
+        );
+        let f = Fanout::new(src, 1, 4 * PAGE, DEFAULT_GRACE);
+        let hs = f.handles();
+        assert!(read_all(&hs[0], 0, 1 << 20).is_err());
+    }
+}
