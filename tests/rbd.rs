@@ -539,3 +539,38 @@ fn a_killed_source_leaves_a_gateway_replica_that_rolls_back() {
     assert!(f.generation(1) == gen1, "generation 1 kept");
     assert!(f.generation(2) == std::fs::read(&f.src).unwrap());
 }
+
+#[test]
+fn fan_out_to_a_file_and_an_image_reads_the_source_once() {
+    if !have_cluster("rbd fan-out") {
+        return;
+    }
+    let f = Fix::new("fanout");
+    let size = 12 * MIB;
+    write_random_file(&f.src, size, 11);
+    let file = f.dir.path().join("replica.img");
+    let fan = |extra: &[&str]| -> serde_json::Value {
+        let mut c = volume_cmd("sync", &f.src, s(&file), &f.state);
+        c.arg(f.dst()).arg("--json").args(extra);
+        let r = run_with_deadline(&mut c, DEFAULT_DEADLINE);
+        r.assert_ok();
+        r.json().0
+    };
+    for cycle in 1..=3u64 {
+        if cycle > 1 {
+            write_at(&f.src, cycle * MIB + 777, &random_bytes(cycle, 300_000));
+        }
+        let doc = fan(&[]);
+        assert_eq!(doc["source_bytes_read"], size, "{doc}");
+        let t = doc["targets"].as_array().unwrap();
+        assert_eq!(t[0]["target"], s(&file));
+        assert_eq!(t[1]["target"], f.dst().as_str());
+        for t in t {
+            assert_eq!(t["ok"], true, "{t}");
+            assert_eq!(t["report"]["generation"], cycle, "{t}");
+        }
+        let want = std::fs::read(&f.src).unwrap();
+        assert!(std::fs::read(&file).unwrap() == want, "file, cycle {cycle}");
+        assert!(f.generation(cycle) == want, "snapsync-{cycle} differs");
+    }
+}
