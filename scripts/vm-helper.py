@@ -72,9 +72,13 @@ def flat(v, prefix, out):
     if isinstance(v, dict):
         for k, x in v.items():
             flat(x, f"{prefix}{k}.", out)
-    elif isinstance(v, list) and all(isinstance(x, dict) and "volume" in x for x in v):
-        for x in v:
-            flat(x, f"{prefix}{x['volume']}.", out)
+    elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        # Volumes by name (status), anything else (a volume's targets) by
+        # position.
+        names = [x.get("volume") for x in v]
+        by_name = None not in names and len(set(names)) == len(names)
+        for i, x in enumerate(v):
+            flat(x, f"{prefix}{x['volume'] if by_name else i}.", out)
     else:
         text = v if isinstance(v, str) else json.dumps(v)
         out.append(prefix[:-1] + "=" + text.replace("\n", "\\n"))

@@ -672,6 +672,71 @@ s_thin_mostly_unmapped() {
     for l in $(snaps x); do lvremove -qf "$VG/$l" >/dev/null; done
 }
 
+# z. Fan-out: one thin source, two targets. The snapshot is read once for
+# both; each target gets its own delta against the base of the generation
+# it holds (a target that missed a cycle keeps its older base), at most
+# keep_bases bases are kept, and a target further behind gets a full scan.
+s_thin_fan_out() {
+    local cfg=$W/z.toml dev=/dev/$VG/tz one=$W/z1.img two=$W/z2.img n c x r
+    lvcreate -q -V 32M -T "$VG/pool" -n tz >/dev/null || die "lvcreate"
+    dd if=/dev/urandom of="$dev" bs=1M count=20 oflag=direct status=none || die "dd"
+    # The second target is reached through a remote shell that refuses to
+    # connect while $W/z-down exists.
+    printf '#!/bin/sh\nshift\n[ -e %s ] && { echo "z-rsh: host down" >&2; exit 255; }\nexec "$@"\n' \
+        "$W/z-down" >"$W/z-rsh"
+    chmod +x "$W/z-rsh"
+    zconfig() {
+        config "$cfg" z "$VG/tz" "$one" "rsh = \"$W/z-rsh\"" "remote_bin = \"$BIN\"" "$@"
+        sed -i "s|^target = .*|target = [\"$one\", \"localhost:$two\"]|" "$cfg"
+    }
+    zconfig
+    # bases: the distinct base snapshots the two targets' states name.
+    zbases() { printf '%s\n%s\n' "$(j "$1" status z targets 0 base_snapshot)" "$(j "$1" status z targets 1 base_snapshot)" |
+        grep -v '^null$' | sort -u | wc -l; }
+    for n in 1 2 3 4 5 6; do
+        c=0
+        [ "$n" = 1 ] || c=$(rnd "$dev" 12 "$n") || die "writes"
+        rm -f "$W/z-down"
+        case $n in 3 | 5) touch "$W/z-down" ;; esac
+        [ "$n" != 5 ] || zconfig "keep_bases = 1"
+        cycle "z$n" "$cfg"
+        r=$(j "z$n" source_bytes_read)
+        echo "cycle z$n: $c chunks changed, source read $r bytes for both targets"
+        [ "$(j "z$n" targets 0 ok)" = true ] || die "cycle z$n: the first target failed: $(j "z$n" targets 0 error)"
+        case $n in
+            1) [ "$(cat "$W/z$n.rc")" = 0 ] || die "cycle z1: exit $(cat "$W/z$n.rc")"
+               [ "$(j z1 targets 1 report mode)" = full-scan ] || die "cycle z1: mode $(j z1 targets 1 report mode)"
+               [ "$r" -le $((21 << 20)) ] || die "cycle z1: the source was read more than once ($r bytes)" ;;
+            3 | 5) [ "$(cat "$W/z$n.rc")" = 5 ] || die "cycle z$n: exit $(cat "$W/z$n.rc"), expected the down target's 5"
+               [ "$(j "z$n" targets 1 ok)" = false ] || die "cycle z$n: the down target succeeded" ;;
+            *) [ "$(cat "$W/z$n.rc")" = 0 ] || die "cycle z$n: exit $(cat "$W/z$n.rc"): $(j "z$n" error)"
+               # Both read from the one snapshot: at most twice the changed
+               # chunks for both deltas together (each reads its changes).
+               [ "$r" -le $((2 * 2 * c * CHUNK)) ] || die "cycle z$n read $r bytes for $c changed chunks" ;;
+        esac
+        [ "$n" = 1 ] || [ "$(j "z$n" targets 0 report mode)" = delta ] || die "cycle z$n: first target mode $(j "z$n" targets 0 report mode)"
+        same "$(j "z$n" status z targets 0 base_snapshot | sed "s|^|/dev/|")" "$one" "first target after cycle $n"
+        case $n in
+            2 | 4) [ "$(j "z$n" targets 1 report mode)" = delta ] || die "cycle z$n: second target mode $(j "z$n" targets 1 report mode)" ;;
+            6) [ "$(j z6 targets 1 report mode)" = full-scan ] || die "cycle z6: the target past keep_bases did $(j z6 targets 1 report mode)" ;;
+        esac
+        # The second target's replica is its base, whichever it holds.
+        [ "$(j "z$n" status z targets 1 base_snapshot)" = null ] ||
+            same "/dev/$(j "z$n" status z targets 1 base_snapshot)" "$two" "second target after cycle $n"
+        x=$(zbases "z$n")
+        case $n in
+            3) [ "$x" = 2 ] || die "after cycle 3: $x bases, expected 2 (one per target)" ;;
+            5) [ "$x" = 1 ] || die "after cycle 5 (keep_bases = 1): $x bases" ;;
+            *) [ "$x" = 1 ] || die "after cycle $n: $x bases" ;;
+        esac
+        [ "$(snaps z | wc -l)" = "$x" ] || die "after cycle $n: snapshots $(snaps z | tr '\n' ' '), $x bases"
+    done
+    [ "$(j z6 targets 1 report generation)" = 4 ] || die "second target at generation $(j z6 targets 1 report generation)"
+    [ "$(held_root)" = - ] || die "a metadata snapshot is still held"
+    lvremove -qf "$VG/tz" >/dev/null
+    for l in $(snaps z); do lvremove -qf "$VG/$l" >/dev/null; done
+}
+
 # y. A power cut between LVM's two messages to the pool that create a
 # thin device (create_snap, then set_transaction_id) leaves the device in
 # the pool's metadata while LVM's still queues its creation: every later
@@ -873,6 +938,7 @@ scenario v-source-recreated s_source_recreated
 scenario w-dm-alias s_dm_alias
 scenario x-thin-mostly-unmapped s_thin_mostly_unmapped
 scenario y-orphaned-thin-device s_orphaned_thin_device
+scenario z-thin-fan-out s_thin_fan_out
 scenario g-status s_status
 
 vgchange -q -an "$VG" || true

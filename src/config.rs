@@ -13,6 +13,12 @@
 //! source = "vg0/data"                 # LVM vg/lv, /dev/vg/lv, a device or an image file
 //! target = "backup.example:/dev/vg1/data"
 //! snapshot = "auto"                   # auto | lvm | reflink | none
+//!
+//! [[volume]]
+//! name = "db"                         # several targets: the source is read once
+//! source = "vg0/db"
+//! target = ["b1:/dev/vg1/db", "rbd:backup/db"]
+//! keep_bases = 2                      # thin CBT bases kept for targets behind
 //! ```
 
 use std::collections::HashSet;
@@ -76,6 +82,12 @@ pub struct VolumeDefaults {
     pub ceph_conf: Option<PathBuf>,
     pub ceph_id: Option<String>,
     pub keep_generations: Option<u32>,
+    /// Fan-out: thin snapshots kept as changed-block bases for targets
+    /// that hold different generations (default 2).
+    pub keep_bases: Option<u32>,
+    /// Fan-out: what the shared read holds for the slowest target before
+    /// it is dropped from the cycle (default 64MiB).
+    pub fanout_buffer: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,9 +95,17 @@ pub struct VolumeDefaults {
 pub struct VolumeConfig {
     pub name: String,
     pub source: String,
-    pub target: String,
+    pub target: Targets,
     #[serde(flatten)]
     pub settings: VolumeDefaults,
+}
+
+/// `target = "…"` or `target = ["…", "…"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Targets {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// How the source is frozen for a cycle.
@@ -104,7 +124,9 @@ pub enum SnapshotKind {
 pub struct Volume {
     pub name: String,
     pub source: String,
-    pub target: String,
+    /// One or more, distinct; the first is the volume's primary target
+    /// (its state file is the volume's own, as with one target).
+    pub targets: Vec<String>,
     pub interval: Duration,
     pub compress: String,
     pub block_size: u64,
@@ -127,6 +149,8 @@ pub struct Volume {
     pub ceph_conf: Option<PathBuf>,
     pub ceph_id: Option<String>,
     pub keep_generations: Option<u32>,
+    pub keep_bases: usize,
+    pub fanout_buffer: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -220,11 +244,23 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
     crate::cli::parse_compress(&compress, true)?;
     let block_size = size("block_size", pick(&s.block_size, &d.block_size, "64KiB"))?;
     blockdiff::BlockSize::new(block_size)?;
-    crate::transport::Destination::parse(&v.target)?;
+    let targets = match &v.target {
+        Targets::One(t) => vec![t.clone()],
+        Targets::Many(t) => t.clone(),
+    };
+    if targets.is_empty() {
+        anyhow::bail!("target: name at least one");
+    }
+    for (i, t) in targets.iter().enumerate() {
+        crate::transport::Destination::parse(t)?;
+        if targets[..i].contains(t) {
+            anyhow::bail!("target {t:?} appears twice");
+        }
+    }
     Ok(Volume {
         name: v.name.clone(),
         source: v.source.clone(),
-        target: v.target.clone(),
+        targets,
         interval,
         compress,
         block_size,
@@ -245,12 +281,56 @@ fn resolve(v: &VolumeConfig, d: &VolumeDefaults) -> Result<Volume> {
             Some(0) => anyhow::bail!("keep_generations must be at least 1"),
             k => k,
         },
+        keep_bases: match s.keep_bases.or(d.keep_bases).unwrap_or(2) {
+            0 => anyhow::bail!("keep_bases must be at least 1"),
+            k => k as usize,
+        },
+        fanout_buffer: size(
+            "fanout_buffer",
+            pick(&s.fanout_buffer, &d.fanout_buffer, "64MiB"),
+        )?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_target_or_several() {
+        let (_, vols) = parse(
+            r#"
+            [[volume]]
+            name = "a"
+            source = "/img/a"
+            target = "/r/a"
+            [[volume]]
+            name = "b"
+            source = "/img/b"
+            target = ["h:/dev/vg/b", "rbd:backup/b"]
+            keep_bases = 3
+            fanout_buffer = "256MiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(vols[0].targets, ["/r/a"]);
+        assert_eq!((vols[0].keep_bases, vols[0].fanout_buffer), (2, 64 << 20));
+        assert_eq!(vols[1].targets, ["h:/dev/vg/b", "rbd:backup/b"]);
+        assert_eq!((vols[1].keep_bases, vols[1].fanout_buffer), (3, 256 << 20));
+        let bad = |targets: &str| {
+            let text = format!("[[volume]]\nname = \"v\"\nsource = \"/s\"\ntarget = {targets}\n");
+            format!("{:#}", parse(&text).unwrap_err())
+        };
+        assert!(bad("[]").contains("at least one"), "{}", bad("[]"));
+        assert!(bad(r#"["/a", "/a"]"#).contains("twice"));
+        assert!(
+            bad(r#"["/a", "rbd:"]"#).contains("rbd"),
+            "{}",
+            bad(r#"["/a", "rbd:"]"#)
+        );
+        let text = "[[volume]]\nname = \"v\"\nsource = \"/s\"\ntarget = \"/t\"\nkeep_bases = 0\n";
+        assert!(format!("{:#}", parse(text).unwrap_err()).contains("keep_bases"));
+    }
 
     #[test]
     fn rbd_targets_and_their_ceph_keys() {

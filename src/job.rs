@@ -21,7 +21,7 @@ use snapshot::reflink::ReflinkSnapshot;
 use wire::{Generation, Mode};
 
 use crate::cli::{parse_compress, TransferArgs};
-use crate::commands::sync::{open_source, run_session};
+use crate::commands::sync::{fan_out, open_source, run_session, Outcome};
 use crate::config::{self, SnapshotKind};
 use crate::engine::source::ReplicaAfter;
 use crate::engine::source::{Report, SessionParams};
@@ -75,6 +75,9 @@ pub struct SourceState {
     /// and the base belong to.
     #[serde(default)]
     pub source_id: Option<String>,
+    /// The target this state is of (absent in files from before targets
+    /// could be several: the volume's one target).
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +85,10 @@ pub struct Base {
     /// `vg/lv` of the kept snapshot.
     pub snapshot: String,
     pub generation: Generation,
+    /// The volume's cycle that took it: of several bases kept for targets
+    /// at different generations, the newest have the highest.
+    #[serde(default)]
+    pub cycle: u64,
 }
 
 fn now() -> u64 {
@@ -104,6 +111,48 @@ pub fn load_state(dir: &Path, name: &str) -> Result<SourceState> {
     }
 }
 
+/// Name of the state of a volume's target `i`: the volume's own for the
+/// first (as when a volume had one target), `NAME@i` for the others.
+pub fn state_name(vol: &config::Volume, i: usize) -> String {
+    match i {
+        0 => vol.name.clone(),
+        i => format!("{}@{i}", vol.name),
+    }
+}
+
+/// The state of each of a volume's targets. A state recorded for another
+/// target (the list was reordered or changed) starts over: its replica,
+/// generation and base are not this target's.
+pub fn load_targets(dir: &Path, vol: &config::Volume) -> Result<Vec<SourceState>> {
+    vol.targets
+        .iter()
+        .enumerate()
+        .map(|(i, target)| {
+            let mut st = load_state(dir, &state_name(vol, i))?;
+            if st.target.as_ref().is_some_and(|t| t != target) {
+                tracing::warn!(
+                    "volume {}: target {i} is now {target} (was {}); its next cycle is a full scan",
+                    vol.name,
+                    st.target.as_deref().unwrap_or("?")
+                );
+                st = SourceState {
+                    cycles: st.cycles,
+                    ..Default::default()
+                };
+            }
+            st.target = Some(target.clone());
+            Ok(st)
+        })
+        .collect()
+}
+
+fn save_targets(dir: &Path, vol: &config::Volume, states: &[SourceState]) -> Result<()> {
+    for (i, st) in states.iter().enumerate() {
+        save_state(dir, &state_name(vol, i), st)?;
+    }
+    Ok(())
+}
+
 fn save_state(dir: &Path, name: &str, s: &SourceState) -> Result<()> {
     state::write_atomic(
         &state_path(dir, name),
@@ -111,7 +160,9 @@ fn save_state(dir: &Path, name: &str, s: &SourceState) -> Result<()> {
     )
 }
 
-/// Outcome of one volume's cycle, as `run --json` prints it.
+/// Outcome of one volume's cycle, as `run --json` prints it: the first
+/// failing target's exit and error (else success), the first target's
+/// report, and every target's own outcome.
 #[derive(Debug, Serialize)]
 pub struct CycleResult {
     pub volume: String,
@@ -119,45 +170,101 @@ pub struct CycleResult {
     pub exit: u8,
     pub error: Option<String>,
     pub report: Option<Report>,
+    pub targets: Vec<TargetResult>,
+    /// Bytes read from the source, once for all targets (several targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_bytes_read: Option<u64>,
 }
 
-/// Runs one cycle of `vol`, recording the outcome in its state file.
+/// One target's part of a cycle.
+#[derive(Debug, Serialize)]
+pub struct TargetResult {
+    pub target: String,
+    pub ok: bool,
+    pub exit: u8,
+    pub error: Option<String>,
+    pub report: Option<Report>,
+}
+
+impl TargetResult {
+    fn of(target: &str, r: &Result<Report>) -> Self {
+        Self {
+            target: target.to_owned(),
+            ok: r.is_ok(),
+            exit: r.as_ref().err().map_or(0, |e| classify(e) as u8),
+            error: r.as_ref().err().map(|e| format!("{e:#}")),
+            report: r.as_ref().ok().cloned(),
+        }
+    }
+}
+
+/// Runs one cycle of `vol`, recording each target's outcome in its state.
 pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleResult {
     let result = (|| {
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let _lock = VolumeLock::acquire(&state_dir.join(format!("volume-{}.lock", vol.name)))
             .with_context(|| format!("volume {}", vol.name))?;
-        let mut st = load_state(state_dir, &vol.name)?;
-        st.last_attempt = Some(now());
-        st.cycles += 1;
-        save_state(state_dir, &vol.name, &st)?;
-        let started = std::time::Instant::now();
-        let mut after = None;
-        let outcome = run_cycle(state_dir, vol, &mut st, cancel, &mut after);
-        st.last_duration_seconds = Some(started.elapsed().as_secs_f64());
-        match &outcome {
-            Ok(r) => record_success(&mut st, r),
-            Err(e) => record_failure(&mut st, e, after, vol.journal_max == 0),
+        let mut states = load_targets(state_dir, vol)?;
+        for st in &mut states {
+            st.last_attempt = Some(now());
+            st.cycles += 1;
         }
-        save_state(state_dir, &vol.name, &st)?;
+        save_targets(state_dir, vol, &states)?;
+        let started = std::time::Instant::now();
+        let outcome = run_cycle(state_dir, vol, &mut states, cancel);
+        for (i, st) in states.iter_mut().enumerate() {
+            st.last_duration_seconds = Some(started.elapsed().as_secs_f64());
+            match &outcome {
+                Ok((o, _)) => match &o[i].result {
+                    Ok(r) => record_success(st, r),
+                    Err(e) => record_failure(st, e, o[i].after, vol.journal_max == 0),
+                },
+                Err(e) => record_failure(st, e, None, vol.journal_max == 0),
+            }
+        }
+        save_targets(state_dir, vol, &states)?;
         outcome
     })();
     match result {
-        Ok(r) => CycleResult {
-            volume: vol.name.clone(),
-            ok: true,
-            exit: 0,
-            error: None,
-            report: Some(r),
-        },
-        Err(e) => CycleResult {
-            volume: vol.name.clone(),
-            ok: false,
-            exit: classify(&e) as u8,
-            error: Some(format!("{e:#}")),
-            report: None,
-        },
+        Ok((outcomes, read_once)) => {
+            let targets: Vec<_> = outcomes
+                .iter()
+                .map(|o| TargetResult::of(&o.target, &o.result))
+                .collect();
+            let failed = targets.iter().find(|t| !t.ok);
+            CycleResult {
+                volume: vol.name.clone(),
+                ok: failed.is_none(),
+                exit: failed.map_or(0, |t| t.exit),
+                error: failed.and_then(|t| t.error.clone()),
+                report: targets[0].report.clone(),
+                source_bytes_read: read_once,
+                targets,
+            }
+        }
+        Err(e) => {
+            let targets = vol
+                .targets
+                .iter()
+                .map(|t| TargetResult {
+                    target: t.clone(),
+                    ok: false,
+                    exit: classify(&e) as u8,
+                    error: Some(format!("{e:#}")),
+                    report: None,
+                })
+                .collect();
+            CycleResult {
+                volume: vol.name.clone(),
+                ok: false,
+                exit: classify(&e) as u8,
+                error: Some(format!("{e:#}")),
+                report: None,
+                targets,
+                source_bytes_read: None,
+            }
+        }
     }
 }
 
@@ -226,21 +333,27 @@ fn transfer_args(vol: &config::Volume) -> TransferArgs {
     }
 }
 
-/// Records the source's identity. In `run` the configured pairing is the
-/// authority: a source recreated under the same name (a new identity)
-/// gets a full scan and a notice, not a `--force` refusal, and never a
-/// delta against the old source's base. Returns whether the session must
-/// overwrite the replica of the old identity.
-fn bind_source(st: &mut SourceState, vol: &config::Volume, id: &str) -> bool {
-    let changed = st.source_id.as_deref().is_some_and(|old| old != id);
-    if changed {
+/// Records the source's identity in every target's state. In `run` the
+/// configured pairing is the authority: a source recreated under the same
+/// name (a new identity) gets a full scan and a notice, not a `--force`
+/// refusal, and never a delta against the old source's base. Returns
+/// whether the sessions must overwrite replicas of the old identity.
+fn bind_source(states: &mut [SourceState], vol: &config::Volume, id: &str) -> bool {
+    let old = states
+        .iter()
+        .find_map(|st| st.source_id.as_deref().filter(|old| *old != id))
+        .map(str::to_owned);
+    if let Some(old) = &old {
         tracing::warn!(
-            "volume {}: the source {} is a new volume ({id}, was {}); this cycle does a full scan",
+            "volume {}: the source {} is a new volume ({id}, was {old}); this cycle does a full scan",
             vol.name,
             vol.source,
-            st.source_id.as_deref().unwrap_or("?")
         );
-        if let Some(b) = st.base.take() {
+        let mut removed = std::collections::HashSet::new();
+        for b in states.iter_mut().filter_map(|st| st.base.take()) {
+            if !removed.insert(b.snapshot.clone()) {
+                continue;
+            }
             if let Ok(n) = LvName::parse(&b.snapshot) {
                 if let Err(e) = Lvm::new().remove(&n) {
                     tracing::warn!("removing the old source's base {}: {e}", b.snapshot);
@@ -248,8 +361,10 @@ fn bind_source(st: &mut SourceState, vol: &config::Volume, id: &str) -> bool {
             }
         }
     }
-    st.source_id = Some(id.to_owned());
-    changed
+    for st in states.iter_mut() {
+        st.source_id = Some(id.to_owned());
+    }
+    old.is_some()
 }
 
 fn params(
@@ -291,21 +406,36 @@ fn lvm_source(vol: &config::Volume) -> bool {
     }
 }
 
+/// Each target's outcome, and (several targets) what the source read.
+type Outcomes = (Vec<Outcome>, Option<u64>);
+
 fn run_cycle(
     state_dir: &Path,
     vol: &config::Volume,
-    st: &mut SourceState,
+    states: &mut [SourceState],
     cancel: &Cancel,
-    after: &mut Option<ReplicaAfter>,
-) -> Result<Report> {
-    let dest = Destination::parse(&vol.target)?;
+) -> Result<Outcomes> {
+    let dests = vol
+        .targets
+        .iter()
+        .map(|t| Destination::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
     if lvm_source(vol) {
-        return lvm_cycle(state_dir, vol, st, &dest, cancel, after);
+        return lvm_cycle(state_dir, vol, states, &dests, cancel);
     }
     let src = crate::transport::absolute(Path::new(&vol.source))?;
     let source_id = crate::commands::sync::source_id(&src)?;
-    let force = bind_source(st, vol, &source_id);
+    let force = bind_source(states, vol, &source_id);
     let t = transfer_args(vol);
+    let scrub = scrub_cycle(vol, &states[0]);
+    let session = |snapshot_id: &str, v: Arc<dyn snapshot::Volume>, cancel: &Cancel| {
+        fan_out(v, &vol.targets, vol.fanout_buffer, |i, v, after| {
+            let mut p = params(vol, &dests[i], source_id.clone(), snapshot_id.to_owned())?;
+            p.force = force;
+            p.digest_map = digest_map(state_dir, vol, &vol.targets[i], scrub);
+            run_session(v, &dests[i], &t, &p, cancel, None, after)
+        })
+    };
     match vol.snapshot {
         SnapshotKind::None => {
             tracing::warn!(
@@ -314,15 +444,12 @@ fn run_cycle(
                 src.display()
             );
             let file = crate::commands::sync::open_source_file(&src, true)?;
-            let v = if scrub_cycle(vol, st) {
+            let v = if scrub {
                 file
             } else {
                 crate::commands::sync::mapped_source(&file)
             };
-            let mut p = params(vol, &dest, source_id, format!("live:{}", now()))?;
-            p.force = force;
-            p.digest_map = digest_map(state_dir, vol, st);
-            run_session(v, &dest, &t, &p, cancel, None, after)
+            Ok(session(&format!("live:{}", now()), v, cancel))
         }
         _ => {
             let name = src
@@ -330,41 +457,34 @@ fn run_cycle(
                 .context("source has no file name")?
                 .to_string_lossy()
                 .into_owned();
-            let snap_path = src.with_file_name(format!(".{name}.snapsync-{}", st.cycles));
+            let cycles = states[0].cycles;
+            let snap_path = src.with_file_name(format!(".{name}.snapsync-{cycles}"));
             let _ = std::fs::remove_file(&snap_path); // a leftover of a crashed run
             let snap = ReflinkSnapshot::create(&src, &snap_path).map_err(|e| Coded {
                 exit: Exit::Source,
                 message: format!("volume {}: {e}", vol.name),
             })?;
             let v = open_source(snap.path(), true)?;
-            let mut p = params(
-                vol,
-                &dest,
-                source_id,
-                format!("reflink:{}:{}", now(), st.cycles),
-            )?;
-            p.force = force;
-            p.digest_map = digest_map(state_dir, vol, st);
-            let r = run_session(v, &dest, &t, &p, cancel, None, after);
+            let r = session(&format!("reflink:{}:{cycles}", now()), v, cancel);
             snap.finish()
                 .with_context(|| format!("removing snapshot {}", snap_path.display()))?;
-            r
+            Ok(r)
         }
     }
 }
 
-/// The digest map of a volume without thin changed-block tracking; every
-/// `scrub_every`th cycle ignores it (and makes a new one).
+/// The digest map of a volume's target, for a source without thin
+/// changed-block tracking; a `scrub` cycle ignores it (and makes a new one).
 fn digest_map(
     state_dir: &Path,
     vol: &config::Volume,
-    st: &SourceState,
+    target: &str,
+    scrub: bool,
 ) -> Option<crate::engine::map::MapPlan> {
     if !vol.digest_map {
         return None;
     }
-    let scrub =
-        scrub_cycle(vol, st).then(|| format!("scrub cycle (scrub_every = {})", vol.scrub_every));
+    let scrub = scrub.then(|| format!("scrub cycle (scrub_every = {})", vol.scrub_every));
     let store = match crate::engine::map::MapStore::open(state_dir) {
         Ok(s) => s,
         Err(e) => {
@@ -373,7 +493,7 @@ fn digest_map(
         }
     };
     Some(crate::engine::map::MapPlan {
-        name: run_map_name(vol),
+        name: run_map_name(vol, target),
         store,
         scrub,
     })
@@ -385,8 +505,8 @@ fn scrub_cycle(vol: &config::Volume, st: &SourceState) -> bool {
     vol.scrub_every > 0 && st.cycles.is_multiple_of(vol.scrub_every)
 }
 
-fn run_map_name(vol: &config::Volume) -> String {
-    crate::engine::map::map_name("run", &vol.name, &vol.target)
+fn run_map_name(vol: &config::Volume, target: &str) -> String {
+    crate::engine::map::map_name("run", &vol.name, target)
 }
 
 /// Removes the digest maps of `run` whose volume or target is no longer
@@ -402,7 +522,7 @@ fn prune_maps(state_dir: &Path, volumes: &[config::Volume]) {
     let keep: std::collections::HashSet<String> = volumes
         .iter()
         .filter(|v| v.digest_map)
-        .map(run_map_name)
+        .flat_map(|v| v.targets.iter().map(|t| run_map_name(v, t)))
         .collect();
     for name in store.names() {
         if name.starts_with("run-") && !keep.contains(&name) {
@@ -424,14 +544,14 @@ fn lvm_err(vol: &config::Volume, what: &str) -> impl Fn(snapshot::lvm::LvmError)
 }
 
 /// Removes snapsync snapshots of this origin left by a crashed run, except
-/// the base that changed-block tracking still needs.
-fn cleanup_stale(lvm: &Lvm, origin: &LvInfo, vol_tag: &str, keep: Option<&str>) -> Result<()> {
+/// the bases that changed-block tracking still needs.
+fn cleanup_stale(lvm: &Lvm, origin: &LvInfo, vol_tag: &str, keep: &[&str]) -> Result<()> {
     for lv in lvm.list_tagged(&origin.vg, TAG)? {
         if !lv.has_tag(vol_tag) {
             continue;
         }
         let name = lv.lv_name().to_string();
-        if Some(name.as_str()) == keep {
+        if keep.contains(&name.as_str()) {
             continue;
         }
         tracing::info!("removing leftover snapshot {name}");
@@ -441,31 +561,91 @@ fn cleanup_stale(lvm: &Lvm, origin: &LvInfo, vol_tag: &str, keep: Option<&str>) 
     Ok(())
 }
 
+/// The distinct bases the targets' states name, newest first.
+fn bases(states: &[SourceState]) -> Vec<Base> {
+    let mut b: Vec<Base> = states.iter().filter_map(|st| st.base.clone()).collect();
+    b.sort_by(|x, y| y.cycle.cmp(&x.cycle).then(x.snapshot.cmp(&y.snapshot)));
+    b.dedup_by(|x, y| x.snapshot == y.snapshot);
+    b
+}
+
+/// After a thin cycle: each target that got generation `report.generation`
+/// of `new` now has it as its base; of the bases still named, the newest
+/// `keep_bases` stay (a target on an older one gets a full scan next
+/// time). Returns the bases of `before` to remove.
+fn advance_bases(
+    vol: &config::Volume,
+    states: &mut [SourceState],
+    before: &[Base],
+    outcomes: &[Outcome],
+    new: Option<(&LvName, u64)>,
+) -> Vec<String> {
+    if let Some((new, cycle)) = new {
+        for (st, o) in states.iter_mut().zip(outcomes) {
+            if let Ok(r) = &o.result {
+                st.base = Some(Base {
+                    snapshot: new.to_string(),
+                    generation: Generation {
+                        number: r.generation.unwrap_or(0),
+                        snapshot: new.to_string(),
+                    },
+                    cycle,
+                });
+            }
+        }
+    }
+    let kept: Vec<String> = bases(states)
+        .into_iter()
+        .take(vol.keep_bases)
+        .map(|b| b.snapshot)
+        .collect();
+    for (st, target) in states.iter_mut().zip(&vol.targets) {
+        if st
+            .base
+            .as_ref()
+            .is_some_and(|b| !kept.contains(&b.snapshot))
+        {
+            tracing::warn!(
+                "volume {}: {target} is more than keep_bases = {} generations behind; its next cycle is a full scan",
+                vol.name,
+                vol.keep_bases
+            );
+            st.base = None;
+        }
+    }
+    before
+        .iter()
+        .filter(|b| !kept.contains(&b.snapshot))
+        .map(|b| b.snapshot.clone())
+        .collect()
+}
+
 fn lvm_cycle(
     state_dir: &Path,
     vol: &config::Volume,
-    st: &mut SourceState,
-    dest: &Destination,
+    states: &mut [SourceState],
+    dests: &[Destination],
     cancel: &Cancel,
-    after: &mut Option<ReplicaAfter>,
-) -> Result<Report> {
+) -> Result<Outcomes> {
     let lvm = Lvm::new();
     let origin = lvm
         .resolve(&vol.source)
         .map_err(lvm_err(vol, "resolving the source"))?;
     let vol_tag = format!("snapsync-volume-{}", vol.name);
     // A base that no longer exists is useless; forget it.
-    if let Some(b) = &st.base {
-        let exists = LvName::parse(&b.snapshot)
-            .ok()
-            .and_then(|n| lvm.lv(&n).ok())
-            .is_some();
-        if !exists {
-            tracing::warn!(
-                "base snapshot {} is gone; this cycle does a full scan",
-                b.snapshot
-            );
-            st.base = None;
+    for st in states.iter_mut() {
+        if let Some(b) = &st.base {
+            let exists = LvName::parse(&b.snapshot)
+                .ok()
+                .and_then(|n| lvm.lv(&n).ok())
+                .is_some();
+            if !exists {
+                tracing::warn!(
+                    "base snapshot {} is gone; this cycle does a full scan",
+                    b.snapshot
+                );
+                st.base = None;
+            }
         }
     }
     // The origin's identity (its dm UUID, from the LV's UUID): a base of
@@ -476,17 +656,15 @@ fn lvm_cycle(
         .or_else(|| origin.path.clone())
         .context("the source LV has no device path")?;
     let source_id = crate::commands::sync::source_id(&dev)?;
-    let force = bind_source(st, vol, &source_id);
-    cleanup_stale(
-        &lvm,
-        &origin,
-        &vol_tag,
-        st.base.as_ref().map(|b| b.snapshot.as_str()),
-    )?;
+    let force = bind_source(states, vol, &source_id);
+    let before = bases(states);
+    let keep: Vec<&str> = before.iter().map(|b| b.snapshot.as_str()).collect();
+    cleanup_stale(&lvm, &origin, &vol_tag, &keep)?;
     // The cycle number keeps the name unique when two cycles start in the
     // same second (or the clock steps back), which would otherwise make
     // lvcreate fail on the name of the base.
-    let snap_name = format!("{}.snapsync.{}.{}", origin.name, now(), st.cycles);
+    let cycles = states[0].cycles;
+    let snap_name = format!("{}.snapsync.{}.{}", origin.name, now(), cycles);
     let tags = [TAG, vol_tag.as_str()];
     let t = transfer_args(vol);
 
@@ -496,7 +674,7 @@ fn lvm_cycle(
         let pool = lvm
             .pool_of(&origin)
             .map_err(lvm_err(vol, "finding the thin pool"))?;
-        let _pool_lock = acquire_pool_lock(
+        let pool_lock = acquire_pool_lock(
             &state_dir.join(format!("pool-{}-{}.lock", pool.lv.vg, pool.lv.name)),
             cancel,
         )?;
@@ -513,63 +691,82 @@ fn lvm_cycle(
             lvm: &lvm,
             lv: Some(snap.lv_name()),
         };
-        let scrub = scrub_cycle(vol, st);
-        let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
-        p.force = force;
-        // A thin snapshot's mapped space bounds its data (`data_percent`
-        // is rounded to 0.01%: one more hundredth of the size as slack).
-        p.data_bytes = snap
-            .data_percent
-            .map(|pct| (snap.size as f64 * pct / 100.0).ceil() as u64 + snap.size / 10_000);
-        let spill = state_dir.join(format!("volume-{}.delta", vol.name));
-        let mut v = open_source(
+        let scrub = scrub_cycle(vol, &states[0]);
+        let v = open_source(
             snap.path
                 .as_deref()
                 .context("thin snapshot has no device path")?,
             true,
         )?;
-        let mut changes = None;
-        if let (Some(base), false) = (&st.base, scrub) {
-            let base_lv = lvm.lv(&LvName::parse(&base.snapshot)?)?;
-            crate::cbt::compute(&lvm, &base_lv, &snap, &spill)?;
-            drop(_pool_lock);
-            p.mode = Mode::Delta;
-            p.base = Some(base.generation.clone());
-            changes = Some(crate::cbt::changes(
-                &lvm,
-                &base_lv,
-                v.clone(),
-                p.block_size,
-                &spill,
-            )?);
+        // What changed since each base a target holds, once per base.
+        let mut deltas = Vec::new();
+        if !scrub {
+            for (k, base) in before.iter().enumerate() {
+                let base_lv = lvm.lv(&LvName::parse(&base.snapshot)?)?;
+                let spill = state_dir.join(format!("volume-{}.delta{}", vol.name, k));
+                crate::cbt::compute(&lvm, &base_lv, &snap, &spill)?;
+                deltas.push((base.clone(), base_lv, spill));
+            }
+        }
+        // A full scan reads only what the snapshot maps: the rest of a
+        // thin volume reads as zeros, like the holes of a sparse file. A
+        // scrub trusts no metadata: it reads every block.
+        let full_scans = states.iter().any(|st| st.base.is_none() || scrub);
+        let v = if full_scans && !scrub {
+            crate::cbt::read_mapped(&lvm, &snap, v, crate::cbt::HOLD_WAIT)
         } else {
-            // A full scan reads only what the snapshot maps: the rest of a
-            // thin volume reads as zeros, like the holes of a sparse file.
-            // A scrub trusts no metadata: it reads every block.
-            if !scrub {
-                v = crate::cbt::read_mapped(&lvm, &snap, v, crate::cbt::HOLD_WAIT);
-            }
-            drop(_pool_lock);
-        }
-        let result = run_session(v, dest, &t, &p, cancel, changes, after);
-        let _ = std::fs::remove_file(&spill);
-        let report = result?;
-        // The new snapshot is the next base; the old base goes.
-        let new_base = guard.keep();
-        if let Some(old) = st.base.take() {
-            if let Err(e) = lvm.remove(&LvName::parse(&old.snapshot)?) {
-                tracing::warn!("removing the old base snapshot {}: {e}", old.snapshot);
-            }
-        }
-        let generation = Generation {
-            number: report.generation.unwrap_or(0),
-            snapshot: new_base.to_string(),
+            v
         };
-        st.base = Some(Base {
-            snapshot: new_base.to_string(),
-            generation,
+        drop(pool_lock);
+        let snapshot_id = snap.lv_name().to_string();
+        let outcomes = fan_out(v, &vol.targets, vol.fanout_buffer, |i, v, after| {
+            let mut p = params(vol, &dests[i], source_id.clone(), snapshot_id.clone())?;
+            p.force = force;
+            // A thin snapshot's mapped space bounds its data (`data_percent`
+            // is rounded to 0.01%: one more hundredth of the size as slack).
+            p.data_bytes = snap
+                .data_percent
+                .map(|pct| (snap.size as f64 * pct / 100.0).ceil() as u64 + snap.size / 10_000);
+            let delta = states[i]
+                .base
+                .as_ref()
+                .and_then(|b| deltas.iter().find(|(d, ..)| d.snapshot == b.snapshot));
+            let mut changes = None;
+            if let Some((_, base_lv, spill)) = delta {
+                p.mode = Mode::Delta;
+                p.base = states[i].base.as_ref().map(|b| b.generation.clone());
+                changes = Some(crate::cbt::changes(
+                    &lvm,
+                    base_lv,
+                    v.clone(),
+                    p.block_size,
+                    spill,
+                )?);
+            }
+            run_session(v, &dests[i], &t, &p, cancel, changes, after)
         });
-        return Ok(report);
+        for (_, _, spill) in &deltas {
+            let _ = std::fs::remove_file(spill);
+        }
+        // The new snapshot is the next base of every target that got it.
+        let new = outcomes
+            .0
+            .iter()
+            .any(|o| o.result.is_ok())
+            .then(|| guard.keep());
+        let gone = advance_bases(
+            vol,
+            states,
+            &before,
+            &outcomes.0,
+            new.as_ref().map(|n| (n, cycles)),
+        );
+        for old in gone {
+            if let Err(e) = LvName::parse(&old).map(|n| lvm.remove(&n)) {
+                tracing::warn!("removing the old base snapshot {old}: {e}");
+            }
+        }
+        return Ok(outcomes);
     }
 
     // Thick LVM: a copy-on-write snapshot sized for the cycle's writes.
@@ -581,9 +778,7 @@ fn lvm_cycle(
         lvm: &lvm,
         lv: Some(snap.lv_name()),
     };
-    let mut p = params(vol, dest, source_id, snap.lv_name().to_string())?;
-    p.force = force;
-    p.digest_map = digest_map(state_dir, vol, st);
+    let scrub = scrub_cycle(vol, &states[0]);
     // Watch the snapshot while it is read: once its COW space overflows
     // it is invalid and what we read from it is garbage.
     let session_cancel = Cancel::new();
@@ -618,7 +813,13 @@ fn lvm_cycle(
             .context("snapshot has no device path")?,
         true,
     )?;
-    let result = run_session(v, dest, &t, &p, &session_cancel, None, after);
+    let snapshot_id = snap.lv_name().to_string();
+    let outcomes = fan_out(v, &vol.targets, vol.fanout_buffer, |i, v, after| {
+        let mut p = params(vol, &dests[i], source_id.clone(), snapshot_id.clone())?;
+        p.force = force;
+        p.digest_map = digest_map(state_dir, vol, &vol.targets[i], scrub);
+        run_session(v, &dests[i], &t, &p, &session_cancel, None, after)
+    });
     done.store(true, Ordering::SeqCst);
     let _ = watcher.join();
     let invalid = overflowed.load(Ordering::SeqCst)
@@ -639,7 +840,7 @@ fn lvm_cycle(
         }
         .into());
     }
-    result
+    Ok(outcomes)
 }
 
 /// How long a cycle waits for another volume of the same thin pool to
@@ -782,16 +983,21 @@ pub fn run(
 fn write_metrics(path: &Path, state_dir: &Path, volumes: &[config::Volume]) -> Result<()> {
     let states = volumes
         .iter()
-        .map(|v| load_state(state_dir, &v.name))
+        .map(|v| load_targets(state_dir, v))
         .collect::<Result<Vec<_>>>()?;
     let series: Vec<_> = volumes
         .iter()
         .zip(&states)
-        .map(|(v, st)| crate::metrics::VolumeMetrics {
-            volume: &v.name,
-            target: &v.target,
-            interval: Some(v.interval),
-            state: st,
+        .flat_map(|(v, states)| {
+            v.targets
+                .iter()
+                .zip(states)
+                .map(|(target, st)| crate::metrics::VolumeMetrics {
+                    volume: &v.name,
+                    target,
+                    interval: Some(v.interval),
+                    state: st,
+                })
         })
         .collect();
     crate::metrics::write(path, &crate::metrics::render(&series, now()))
@@ -846,34 +1052,47 @@ fn report_cycle(r: &CycleResult, json: bool) {
         crate::cli::print_line(&serde_json::to_string(r).expect("serialises"));
         return;
     }
-    match (&r.report, &r.error) {
-        (Some(rep), _) => {
-            eprintln!(
-                "{}: generation {} ({}, {}): {} changed, {} on the wire, {:.1}s",
-                r.volume,
-                rep.generation.unwrap_or(0),
-                rep.mode,
-                rep.apply_mode,
-                crate::cli::iec(rep.data_bytes + rep.zero_bytes),
-                crate::cli::iec(rep.wire_bytes_sent + rep.wire_bytes_received),
-                rep.elapsed_seconds
-            );
-            if let Some(f) = &rep.fallback {
-                eprintln!("{}: note: {f}", r.volume);
+    for t in &r.targets {
+        // One target: the volume's name; several: each target after it.
+        let label = match r.targets.len() {
+            1 => r.volume.clone(),
+            _ => format!("{} → {}", r.volume, t.target),
+        };
+        match (&t.report, &t.error) {
+            (Some(rep), _) => {
+                eprintln!(
+                    "{label}: generation {} ({}, {}): {} changed, {} on the wire, {:.1}s",
+                    rep.generation.unwrap_or(0),
+                    rep.mode,
+                    rep.apply_mode,
+                    crate::cli::iec(rep.data_bytes + rep.zero_bytes),
+                    crate::cli::iec(rep.wire_bytes_sent + rep.wire_bytes_received),
+                    rep.elapsed_seconds
+                );
+                if let Some(f) = &rep.fallback {
+                    eprintln!("{label}: note: {f}");
+                }
             }
+            (None, Some(e)) => eprintln!(
+                "{label}: failed (exit {}): {}",
+                t.exit,
+                crate::cli::one_line(e)
+            ),
+            (None, None) => {}
         }
-        (None, Some(e)) => eprintln!(
-            "{}: failed (exit {}): {}",
+    }
+    if let Some(read) = r.source_bytes_read {
+        eprintln!(
+            "{}: source read once for {} targets: {}",
             r.volume,
-            r.exit,
-            crate::cli::one_line(e)
-        ),
-        (None, None) => {}
+            r.targets.len(),
+            crate::cli::iec(read)
+        );
     }
 }
 
 /// One volume's line of `snapsync status`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StatusLine {
     pub volume: String,
     pub source: String,
@@ -894,14 +1113,17 @@ pub struct StatusLine {
     /// as stale (local targets).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Each target's own line (the volume's line is its first target's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<StatusLine>,
 }
 
 /// What `status` warns about for a local target: a replica or state file
 /// readable by other users, and states set aside in `stale/`.
-fn target_warnings(v: &config::Volume) -> Vec<String> {
+fn target_warnings(v: &config::Volume, target: &str) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let mut w = Vec::new();
-    let Ok(Destination::Local(replica)) = Destination::parse(&v.target) else {
+    let Ok(Destination::Local(replica)) = Destination::parse(target) else {
         return w;
     };
     let dir = v
@@ -937,25 +1159,43 @@ pub fn status(config_path: &Path, json: bool) -> Result<Exit> {
     let t = now();
     let mut lines = Vec::new();
     for v in &volumes {
-        let st = load_state(&cfg.state_dir, &v.name)?;
+        let states = load_targets(&cfg.state_dir, v)?;
         let lock = cfg.state_dir.join(format!("volume-{}.lock", v.name));
         let running = lock.exists() && VolumeLock::acquire(&lock).is_err();
-        lines.push(StatusLine {
-            volume: v.name.clone(),
-            source: v.source.clone(),
-            target: v.target.clone(),
-            last_success: st.last_success,
-            last_attempt: st.last_attempt,
-            last_exit: st.last_exit,
-            generation: st.generation,
-            lag_seconds: st.last_snapshot_time.map(|s| t.saturating_sub(s)),
-            mode: st.last_mode.clone(),
-            last_wire_bytes: st.last_wire_bytes,
-            base_snapshot: st.base.as_ref().map(|b| b.snapshot.clone()),
-            last_error: st.last_error.clone(),
-            running,
-            warnings: target_warnings(v),
-        });
+        let mut targets: Vec<_> = v
+            .targets
+            .iter()
+            .zip(&states)
+            .map(|(target, st)| StatusLine {
+                volume: v.name.clone(),
+                source: v.source.clone(),
+                target: target.clone(),
+                last_success: st.last_success,
+                last_attempt: st.last_attempt,
+                last_exit: st.last_exit,
+                generation: st.generation,
+                lag_seconds: st.last_snapshot_time.map(|s| t.saturating_sub(s)),
+                mode: st.last_mode.clone(),
+                last_wire_bytes: st.last_wire_bytes,
+                base_snapshot: st.base.as_ref().map(|b| b.snapshot.clone()),
+                last_error: st.last_error.clone(),
+                running,
+                warnings: target_warnings(v, target),
+                targets: Vec::new(),
+            })
+            .collect();
+        let mut line = targets.remove(0);
+        if !targets.is_empty() {
+            let first = StatusLine {
+                targets: Vec::new(),
+                ..line.clone()
+            };
+            targets.insert(0, first);
+            // Warnings of every target, on the volume's line.
+            line.warnings = targets.iter().flat_map(|l| l.warnings.clone()).collect();
+            line.targets = targets;
+        }
+        lines.push(line);
     }
     if json {
         crate::cli::print_line(&serde_json::to_string_pretty(&lines).expect("serialises"));
@@ -993,7 +1233,16 @@ fn status_table(lines: &[StatusLine]) -> Vec<String> {
         "WIRE".into(),
         "LAST ERROR".into(),
     ]];
-    for l in lines {
+    // A volume with several targets: a row per target.
+    let expanded = lines.iter().flat_map(|l| match l.targets.len() {
+        0 => vec![(l.volume.clone(), l)],
+        _ => l
+            .targets
+            .iter()
+            .map(|t| (format!("{} → {}", l.volume, t.target), t))
+            .collect(),
+    });
+    for (name, l) in expanded {
         let when = l.last_success.map_or("never".into(), |s| {
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s))
                 .to_string()
@@ -1011,7 +1260,7 @@ fn status_table(lines: &[StatusLine]) -> Vec<String> {
             error = format!("(running) {error}");
         }
         rows.push([
-            l.volume.clone(),
+            name,
             when,
             l.lag_seconds.map_or("-".into(), short_age),
             l.generation.map_or("-".into(), |g| g.to_string()),
@@ -1076,6 +1325,7 @@ mod tests {
                 last_error: err.map(Into::into),
                 running: false,
                 warnings: Vec::new(),
+                targets: Vec::new(),
             };
         let t = status_table(&[
             line("data", Some(12), Some(3 << 29), None),
@@ -1100,6 +1350,96 @@ mod tests {
         let col = t[0].find("LAST SUCCESS").unwrap();
         assert_eq!(t[1].find("2023").unwrap(), col);
         assert_eq!(t[2].find("never").unwrap(), col);
+    }
+
+    #[test]
+    fn each_target_keeps_its_base_and_only_the_newest_bases_stay() {
+        let (_, vols) = config::parse(
+            r#"
+            [[volume]]
+            name = "v"
+            source = "vg/lv"
+            target = ["/a", "/b", "/c"]
+            "#,
+        )
+        .unwrap();
+        let vol = &vols[0];
+        let base = |name: &str, cycle| Base {
+            snapshot: name.into(),
+            generation: Generation {
+                number: cycle,
+                snapshot: name.into(),
+            },
+            cycle,
+        };
+        let outcome = |ok: bool, gen: u64| Outcome {
+            target: String::new(),
+            result: if ok {
+                Ok(Report {
+                    generation: Some(gen),
+                    ..Default::default()
+                })
+            } else {
+                Err(anyhow::anyhow!("failed"))
+            },
+            after: None,
+        };
+        let mut states = vec![SourceState::default(); 3];
+        states[0].base = Some(base("vg/s1", 1));
+        states[1].base = Some(base("vg/s1", 1));
+        // Cycle 2: a and c succeed, b fails and keeps s1.
+        let before = bases(&states);
+        let s2 = LvName::parse("vg/s2").unwrap();
+        let gone = advance_bases(
+            vol,
+            &mut states,
+            &before,
+            &[outcome(true, 2), outcome(false, 0), outcome(true, 1)],
+            Some((&s2, 2)),
+        );
+        assert!(gone.is_empty(), "{gone:?}");
+        let named = |st: &SourceState| st.base.as_ref().map(|b| b.snapshot.clone());
+        assert_eq!(named(&states[0]).as_deref(), Some("vg/s2"));
+        assert_eq!(named(&states[1]).as_deref(), Some("vg/s1"));
+        assert_eq!(states[2].base.as_ref().unwrap().generation.number, 1);
+        // Cycle 3: b fails again; a and c move on to s3. s1 and s3 are the
+        // two bases named; s2 is nobody's any more.
+        let before = bases(&states);
+        let s3 = LvName::parse("vg/s3").unwrap();
+        let gone = advance_bases(
+            vol,
+            &mut states,
+            &before,
+            &[outcome(true, 3), outcome(false, 0), outcome(true, 2)],
+            Some((&s3, 3)),
+        );
+        assert_eq!(gone, ["vg/s2"]);
+        assert_eq!(named(&states[1]).as_deref(), Some("vg/s1"));
+        // keep_bases = 1: b's old base goes, and b gets a full scan.
+        let mut one = vol.clone();
+        one.keep_bases = 1;
+        let before = bases(&states);
+        let s4 = LvName::parse("vg/s4").unwrap();
+        let gone = advance_bases(
+            &one,
+            &mut states,
+            &before,
+            &[outcome(true, 4), outcome(false, 0), outcome(true, 3)],
+            Some((&s4, 4)),
+        );
+        assert_eq!(gone, ["vg/s3", "vg/s1"]);
+        assert!(states[1].base.is_none());
+        // Every target failed: no new base, nothing removed.
+        let before = bases(&states);
+        let gone = advance_bases(
+            vol,
+            &mut states,
+            &before,
+            &[outcome(false, 0), outcome(false, 0), outcome(false, 0)],
+            None,
+        );
+        assert!(gone.is_empty());
+        assert_eq!(named(&states[0]).as_deref(), Some("vg/s4"));
     }
 
     #[test]

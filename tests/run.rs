@@ -259,3 +259,96 @@ fn bad_config_is_a_usage_error() {
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("--snapshot-size"), "{r}");
 }
+
+#[test]
+fn a_volume_with_several_targets_reads_its_source_once_for_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.img");
+    let (a, b) = (tmp.path().join("a.img"), tmp.path().join("b.img"));
+    let broken = tmp.path().join("no/such/dir/c.img");
+    let size = 12 * MIB;
+    write_random_file(&src, size, 8);
+    let metrics = tmp.path().join("m.prom");
+    let config = |targets: &[&Path]| {
+        let list: Vec<String> = targets.iter().map(|t| format!("\"{}\"", s(t))).collect();
+        write_config(
+            tmp.path(),
+            &format!(
+                "state_dir = \"{st}\"\nmetrics_file = \"{m}\"\n[defaults]\nsnapshot = \"none\"\n\
+                 interval = \"1s\"\ntarget_state_dir = \"{st}\"\n\
+                 [[volume]]\nname = \"v\"\nsource = \"{src}\"\ntarget = [{list}]\n",
+                st = s(&tmp.path().join("st")),
+                m = s(&metrics),
+                src = s(&src),
+                list = list.join(", "),
+            ),
+        )
+    };
+    let cfg = config(&[&a, &b]);
+    let r = run_once(&cfg);
+    r.assert_ok();
+    let c = cycles(&r);
+    assert_eq!(c.len(), 1, "{r}");
+    assert_eq!(c[0]["source_bytes_read"], size, "{r}");
+    let t = c[0]["targets"].as_array().unwrap();
+    assert_eq!(
+        (t[0]["target"].as_str(), t[1]["target"].as_str()),
+        (Some(s(&a)), Some(s(&b)))
+    );
+    assert!(
+        t.iter()
+            .all(|t| t["ok"] == true && t["report"]["generation"] == 1),
+        "{r}"
+    );
+    // The volume's own fields are its first target's.
+    assert_eq!(c[0]["report"]["generation"], 1);
+    assert_same_content(&src, &a);
+    assert_same_content(&src, &b);
+
+    // A third target that cannot be written: the others go on; the
+    // cycle's exit code is the failing target's.
+    write_at(&src, 5 * MIB, &random_bytes(9, 100_000));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let cfg = config(&[&a, &broken, &b]);
+    let r = run_once(&cfg);
+    assert_eq!(r.code, Some(4), "{r}");
+    let c = cycles(&r);
+    let t = c[0]["targets"].as_array().unwrap();
+    assert_eq!(t[1]["ok"], false, "{r}");
+    assert_eq!(t[1]["exit"], 4, "{r}");
+    assert_eq!(c[0]["exit"], 4);
+    assert_eq!(t[0]["report"]["generation"], 2, "{r}");
+    // b moved from the second place to the third: its state starts over
+    // (a full scan), but its replica's generation goes on.
+    assert_eq!(t[2]["report"]["generation"], 2, "{r}");
+    assert_same_content(&src, &a);
+    assert_same_content(&src, &b);
+    assert!(r.stderr.contains("its next cycle is a full scan"), "{r}");
+
+    // status: a line per target in the table, a targets array in JSON.
+    let st = run(&["status", "--json", "--config", s(&cfg)]);
+    st.assert_ok();
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(v[0]["target"], s(&a));
+    assert_eq!(v[0]["generation"], 2);
+    let t = v[0]["targets"].as_array().unwrap();
+    assert_eq!(t.len(), 3);
+    assert_eq!(t[1]["last_exit"], 4);
+    assert_eq!(t[2]["generation"], 2);
+    let st = run(&["status", "--config", s(&cfg)]);
+    st.assert_ok();
+    assert_eq!(
+        st.stdout.lines().filter(|l| l.starts_with("v → ")).count(),
+        3,
+        "{st}"
+    );
+    // Metrics: a series per target.
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    for target in [&a, &broken, &b] {
+        let series = format!(
+            "snapsync_last_exit_code{{volume=\"v\",target=\"{}\"}}",
+            s(target)
+        );
+        assert!(m.contains(&series), "{series} not in {m}");
+    }
+}

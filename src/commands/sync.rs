@@ -58,42 +58,12 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
             }
             return Err(e);
         }
-        Ok(file) if dests.len() == 1 => {
-            let mut after = None;
-            let r = sync_one(&a, &dests[0], mapped_source(&file), &cancel, &mut after);
-            (vec![Outcome::of(&a.dst[0], r, after, false)], None)
-        }
-        Ok(file) => {
-            let fan = Fanout::new(
-                mapped_source(&file),
-                dests.len(),
-                a.fanout_buffer,
-                fanout::DEFAULT_GRACE,
-            );
-            let handles = fan.handles();
-            let outcomes = std::thread::scope(|s| {
-                let threads: Vec<_> = dests
-                    .iter()
-                    .zip(handles)
-                    .zip(&a.dst)
-                    .map(|((dest, h), name)| {
-                        let (a, cancel) = (&a, &cancel);
-                        s.spawn(move || {
-                            let mut after = None;
-                            let source: Arc<dyn Volume> = h.clone();
-                            let r = sync_one(a, dest, source, cancel, &mut after);
-                            h.finish();
-                            Outcome::of(name, r, after, h.dropped())
-                        })
-                    })
-                    .collect();
-                threads
-                    .into_iter()
-                    .map(|t| t.join().expect("a target's session panicked"))
-                    .collect::<Vec<_>>()
-            });
-            (outcomes, Some(fan.bytes_read()))
-        }
+        Ok(file) => fan_out(
+            mapped_source(&file),
+            &a.dst,
+            a.fanout_buffer,
+            |i, source, after| sync_one(&a, &dests[i], source, &cancel, after),
+        ),
     };
     if let (Some(path), false) = (&a.metrics_file, a.dry_run) {
         if let Err(e) = write_metrics(path, &a, &outcomes, started) {
@@ -160,11 +130,60 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     Ok(first_failure.map_or(Exit::Ok, |e| crate::exit::classify(&e)))
 }
 
-/// One target's outcome of a `sync`.
-struct Outcome {
-    target: String,
-    result: Result<Report>,
-    after: Option<ReplicaAfter>,
+/// One target's outcome of a session.
+#[derive(Debug)]
+pub struct Outcome {
+    pub target: String,
+    pub result: Result<Report>,
+    /// What the replica is after a failure (see [`source::run`]).
+    pub after: Option<ReplicaAfter>,
+}
+
+/// One session per target from `source`: with one target, on this
+/// thread; with several, at once, reading the source once through a
+/// [`Fanout`] holding at most `buffer` bytes for the slowest. `session`
+/// runs target `i`'s session from the volume it is given. Returns each
+/// target's outcome and, for a fan-out, the bytes the source really read.
+pub fn fan_out<F>(
+    source: Arc<dyn Volume>,
+    targets: &[String],
+    buffer: u64,
+    session: F,
+) -> (Vec<Outcome>, Option<u64>)
+where
+    F: Fn(usize, Arc<dyn Volume>, &mut Option<ReplicaAfter>) -> Result<Report> + Sync,
+{
+    if targets.len() == 1 {
+        let mut after = None;
+        let r = session(0, source, &mut after);
+        return (vec![Outcome::of(&targets[0], r, after, false)], None);
+    }
+    let fan = Fanout::new(source, targets.len(), buffer, fanout::DEFAULT_GRACE);
+    let outcomes = std::thread::scope(|s| {
+        let threads: Vec<_> = fan
+            .handles()
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let session = &session;
+                s.spawn(move || {
+                    let mut after = None;
+                    let r = session(i, h.clone(), &mut after);
+                    h.finish();
+                    (r, after, h.dropped())
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .zip(targets)
+            .map(|(t, name)| {
+                let (r, after, dropped) = t.join().expect("a target's session panicked");
+                Outcome::of(name, r, after, dropped)
+            })
+            .collect()
+    });
+    (outcomes, Some(fan.bytes_read()))
 }
 
 impl Outcome {

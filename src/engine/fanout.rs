@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use snapshot::{Volume, VolumeError};
 
-/// Bytes per page of the shared read: one IO of the readers' chunks.
-pub const PAGE: u64 = super::CHUNK_BYTES as u64;
+/// Bytes per page of the shared read: what is kept and evicted as one.
+/// A read loads all the missing pages it covers at once.
+pub const PAGE: u64 = 64 << 10;
 /// What a fan-out holds for its slowest session, by default.
 pub const DEFAULT_LIMIT: u64 = 64 << 20;
 /// How long the others may wait for the slowest in all, by default.
@@ -51,7 +52,22 @@ enum Reader {
 #[derive(Debug)]
 enum Page {
     Loading,
-    Ready(Arc<Vec<u8>>),
+    Ready(Bytes),
+}
+
+/// A page's bytes: its part of the one read that loaded it.
+#[derive(Debug, Clone)]
+struct Bytes {
+    data: Arc<[u8]>,
+    from: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[self.from..self.from + self.len]
+    }
 }
 
 #[derive(Debug)]
@@ -104,7 +120,8 @@ impl Fanout {
                 readers: vec![Reader::Waiting; n],
             }),
             changed: Condvar::new(),
-            limit: limit.max(PAGE),
+            // Room for a whole read of a scan, at least.
+            limit: limit.max(4 * super::CHUNK_BYTES as u64),
             grace,
             read: AtomicU64::new(0),
         })
@@ -158,8 +175,10 @@ impl Fanout {
         self.changed.notify_all();
     }
 
-    /// Page `page` for reader `id`, read from the source if nobody has it.
-    fn page(&self, id: usize, page: u64) -> Result<Arc<Vec<u8>>, VolumeError> {
+    /// Page `page` for reader `id`, read from the source if nobody has
+    /// it, with the pages after it up to `last` that nobody has either, in
+    /// one read: a scan reads in large IOs, a delta only its changes.
+    fn page(&self, id: usize, page: u64, last: u64) -> Result<Bytes, VolumeError> {
         let mut s = self.lock();
         loop {
             if let Reader::Gone { dropped: true } = s.readers[id] {
@@ -173,7 +192,11 @@ impl Fanout {
                 }
                 None => {}
             }
-            let len = self.page_len(page);
+            let mut end = page + 1;
+            while end <= last && !s.pages.contains_key(&end) {
+                end += 1;
+            }
+            let len: u64 = (page..end).map(|p| self.page_len(p)).sum();
             // Full: only a reader ahead of the slowest waits for it (the
             // slowest itself, or a reader going back, is never held up).
             let ahead = page * PAGE > s.low_water();
@@ -192,27 +215,42 @@ impl Fanout {
                 self.drop_slowest(&mut s, id);
                 continue;
             }
-            s.pages.insert(page, Page::Loading);
+            for p in page..end {
+                s.pages.insert(p, Page::Loading);
+            }
             s.held += len;
             drop(s);
             let mut data = vec![0u8; len as usize];
             let r = self.inner.read_at(&mut data, page * PAGE);
             self.read.fetch_add(len, Ordering::Relaxed);
             let mut s = self.lock();
-            return match r {
+            let r = match r {
                 Ok(()) => {
-                    let data = Arc::new(data);
-                    s.pages.insert(page, Page::Ready(data.clone()));
-                    self.changed.notify_all();
-                    Ok(data)
+                    let data: Arc<[u8]> = data.into();
+                    for p in page..end {
+                        let from = ((p - page) * PAGE) as usize;
+                        let bytes = Bytes {
+                            data: data.clone(),
+                            from,
+                            len: self.page_len(p) as usize,
+                        };
+                        s.pages.insert(p, Page::Ready(bytes));
+                    }
+                    match s.pages.get(&page) {
+                        Some(Page::Ready(d)) => Ok(d.clone()),
+                        _ => unreachable!("just inserted"),
+                    }
                 }
                 Err(e) => {
-                    s.pages.remove(&page);
+                    for p in page..end {
+                        s.pages.remove(&p);
+                    }
                     s.held -= len;
-                    self.changed.notify_all();
                     Err(e)
                 }
             };
+            self.changed.notify_all();
+            return r;
         }
     }
 
@@ -224,17 +262,8 @@ impl Fanout {
         let low = s.low_water();
         for (i, r) in s.readers.iter_mut().enumerate() {
             match r {
-                Reader::Waiting if low == 0 && i != id => {
-                    tracing::info!(
-                        "fan-out: target {} is slow to start; the others go on",
-                        i + 1
-                    );
-                    *r = Reader::Late;
-                }
-                Reader::At(o) if *o == low && i != id => {
-                    tracing::warn!("fan-out: target {} {DROPPED}", i + 1);
-                    *r = Reader::Gone { dropped: true };
-                }
+                Reader::Waiting if low == 0 && i != id => *r = Reader::Late,
+                Reader::At(o) if *o == low && i != id => *r = Reader::Gone { dropped: true },
                 _ => {}
             }
         }
@@ -303,10 +332,11 @@ impl Volume for Handle {
         if end > f.inner.size() {
             return f.inner.read_at(buf, offset);
         }
+        let last = (end.max(offset + 1) - 1) / PAGE;
         let mut at = offset;
         while at < end {
             let page = at / PAGE;
-            let data = f.page(self.id, page)?;
+            let data = f.page(self.id, page, last)?;
             let from = (at - page * PAGE) as usize;
             let n = (data.len() - from).min((end - at) as usize);
             let dst = (at - offset) as usize;
@@ -358,6 +388,9 @@ mod tests {
     use super::*;
     use snapshot::MemVolume;
 
+    /// Sizes in the readers' chunks (the smallest buffer holds 4).
+    const MB: u64 = super::super::CHUNK_BYTES as u64;
+
     fn source(len: usize) -> (Arc<dyn Volume>, Vec<u8>) {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
         (Arc::new(MemVolume::new("src", data.clone(), false)), data)
@@ -378,30 +411,30 @@ mod tests {
 
     #[test]
     fn every_session_sees_the_source_which_is_read_once() {
-        let (src, data) = source(9 * PAGE as usize + 12345);
-        let f = Fanout::new(src, 3, 4 * PAGE, DEFAULT_GRACE);
+        let (src, data) = source(9 * MB as usize + 12345);
+        let f = Fanout::new(src, 3, 4 * MB, DEFAULT_GRACE);
         let hs = f.handles();
         // Chunks not aligned to pages, one session starting late in the
         // volume (a resumed copy).
         let got: Vec<_> = std::thread::scope(|s| {
             let t: Vec<_> = hs
                 .iter()
-                .zip([(0, 1 << 20), (0, 300_001), (3 * PAGE + 4096, 65536)])
+                .zip([(0, 1 << 20), (0, 300_001), (3 * MB + 4096, 65536)])
                 .map(|(h, (from, chunk))| s.spawn(move || read_all(h, from, chunk).unwrap()))
                 .collect();
             t.into_iter().map(|t| t.join().unwrap()).collect()
         });
         assert_eq!(got[0], data);
         assert_eq!(got[1], data);
-        assert_eq!(got[2], data[3 * PAGE as usize + 4096..]);
+        assert_eq!(got[2], data[3 * MB as usize + 4096..]);
         assert_eq!(f.bytes_read(), data.len() as u64);
         assert!(hs.iter().all(|h| !h.dropped()));
     }
 
     #[test]
     fn a_stalled_session_is_dropped_and_the_others_finish() {
-        let (src, data) = source(16 * PAGE as usize);
-        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_millis(100));
+        let (src, data) = source(16 * MB as usize);
+        let f = Fanout::new(src, 2, 4 * MB, Duration::from_millis(100));
         let hs = f.handles();
         // The second reads one page and stalls.
         let mut buf = vec![0; 4096];
@@ -418,8 +451,8 @@ mod tests {
 
     #[test]
     fn a_session_slow_to_start_is_late_not_dropped() {
-        let (src, data) = source(8 * PAGE as usize);
-        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_millis(50));
+        let (src, data) = source(12 * MB as usize);
+        let f = Fanout::new(src, 2, 4 * MB, Duration::from_millis(50));
         let hs = f.handles();
         assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
         assert_eq!(read_all(&hs[1], 0, 1 << 20).unwrap(), data);
@@ -429,36 +462,59 @@ mod tests {
 
     #[test]
     fn a_finished_session_holds_nothing() {
-        let (src, data) = source(8 * PAGE as usize);
-        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_secs(600));
+        let (src, data) = source(12 * MB as usize);
+        let f = Fanout::new(src, 2, 4 * MB, Duration::from_secs(600));
         let mut hs = f.handles();
         // Never reads; gone before the other needs room: no wait, no drop.
         drop(hs.pop());
         assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
-        assert!(f.lock().held <= 2 * PAGE);
+        assert!(f.lock().held <= 4 * MB);
     }
 
     #[test]
     fn a_session_behind_the_kept_pages_reads_them_again() {
-        let (src, data) = source(8 * PAGE as usize);
-        let f = Fanout::new(src, 2, 2 * PAGE, Duration::from_secs(600));
+        let (src, data) = source(12 * MB as usize);
+        let f = Fanout::new(src, 2, 4 * MB, Duration::from_secs(600));
         let hs = f.handles();
-        let mut buf = vec![0; PAGE as usize];
-        hs[1].read_at(&mut buf, 6 * PAGE).unwrap();
+        let mut buf = vec![0; MB as usize];
+        hs[1].read_at(&mut buf, 10 * MB).unwrap();
         assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
-        hs[1].read_at(&mut buf, PAGE).unwrap();
-        assert_eq!(buf, data[PAGE as usize..2 * PAGE as usize]);
-        assert_eq!(f.bytes_read(), 9 * PAGE);
+        hs[1].read_at(&mut buf, MB).unwrap();
+        assert_eq!(buf, data[MB as usize..2 * MB as usize]);
+        assert_eq!(f.bytes_read(), 13 * MB);
+    }
+
+    #[test]
+    fn sparse_reads_load_only_their_pages() {
+        // Two deltas against different bases: scattered 64 KiB reads,
+        // some shared. The source reads each page once, no more.
+        let (src, data) = source(8 * MB as usize);
+        let f = Fanout::new(src, 2, 4 * MB, DEFAULT_GRACE);
+        let hs = f.handles();
+        let one = [3 * PAGE, 40 * PAGE, 41 * PAGE, 100 * PAGE];
+        let two = [3 * PAGE, 41 * PAGE, 70 * PAGE];
+        std::thread::scope(|s| {
+            for (h, reads) in hs.iter().zip([&one[..], &two[..]]) {
+                let data = &data;
+                s.spawn(move || {
+                    for &at in reads {
+                        let mut buf = vec![0; PAGE as usize];
+                        h.read_at(&mut buf, at).unwrap();
+                        assert_eq!(buf, data[at as usize..(at + PAGE) as usize]);
+                    }
+                });
+            }
+        });
+        assert_eq!(f.bytes_read(), 5 * PAGE);
     }
 
     #[test]
     fn a_read_error_reaches_the_session_that_asked() {
-        let (_, data) = source(4 * PAGE as usize);
+        let (_, data) = source(4 * MB as usize);
         let src: Arc<dyn Volume> = Arc::new(
-            MemVolume::new("src", data, false)
-                .with_fault(snapshot::volume::Fault::Read { at: PAGE }),
+            MemVolume::new("src", data, false).with_fault(snapshot::volume::Fault::Read { at: MB }),
         );
-        let f = Fanout::new(src, 1, 4 * PAGE, DEFAULT_GRACE);
+        let f = Fanout::new(src, 1, 4 * MB, DEFAULT_GRACE);
         let hs = f.handles();
         assert!(read_all(&hs[0], 0, 1 << 20).is_err());
     }
