@@ -5,6 +5,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::engine::source::Connection;
 use crate::engine::target::{self, ServeConfig, ServeSummary, TargetError};
-use crate::engine::Cancel;
+use crate::engine::{Cancel, Clock};
 use crate::exit::UsageError;
 
 /// The remote shell unless `--rsh` says otherwise. Keepalives make a dead
@@ -280,29 +282,60 @@ fn kill_group(child: &Child) {
 }
 
 impl Peer {
-    /// Ends the peer at once when `cancel` is set (a signal), so a session
-    /// blocked on a silent remote stops promptly. The returned flag stops
-    /// the watcher.
+    /// Ends the peer at once when `cancel` is set (a signal), or when it
+    /// has sent nothing at all for `silence` (as `heard` tells: a peer that
+    /// never answers the handshake, which no session timer covers yet),
+    /// so a session blocked on a silent remote stops promptly. Returns the
+    /// flag that stops the watcher and the one it sets when the silence
+    /// ended the peer.
     pub fn kill_on_cancel(
         &self,
         cancel: &Cancel,
-    ) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        heard: &Clock,
+        silence: Duration,
+    ) -> Option<(Arc<AtomicBool>, Arc<AtomicBool>)> {
         let Peer::Child { child, .. } = self else {
             return None;
         };
         let pid = rustix::process::Pid::from_raw(child.id() as i32)?;
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (flag, cancel) = (done.clone(), cancel.clone());
+        let done = Arc::new(AtomicBool::new(false));
+        let silent = Arc::new(AtomicBool::new(false));
+        let (flag, cancel, heard, timed_out) =
+            (done.clone(), cancel.clone(), heard.clone(), silent.clone());
         thread::spawn(move || {
-            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                if cancel.is_cancelled() {
+            while !flag.load(Ordering::SeqCst) {
+                let quiet = heard.idle() > silence;
+                if cancel.is_cancelled() || quiet {
+                    timed_out.store(quiet, Ordering::SeqCst);
                     let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
                     return;
                 }
                 thread::sleep(Duration::from_millis(50));
             }
         });
-        Some(done)
+        Some((done, silent))
+    }
+}
+
+/// A reader that tells `clock` whenever bytes arrive.
+pub struct Heard<R> {
+    pub inner: R,
+    pub clock: Clock,
+}
+
+impl<R> std::fmt::Debug for Heard<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Heard")
+    }
+}
+
+impl<R: Read> Read for Heard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.clock.touch();
+        }
+        Ok(n)
     }
 }
 

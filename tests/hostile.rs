@@ -643,3 +643,24 @@ fn serve_does_not_take_impossible_heartbeats_as_progress() {
     m.assert_faster_than(Duration::from_secs(15));
     assert!(lock_is_free(&state, &dst));
 }
+
+#[test]
+fn a_target_that_never_answers_the_handshake_times_out() {
+    // A remote shell that connects and then says nothing: before the
+    // session's own progress checks begin, only the silence tells.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, MIB, 3);
+    let rsh = write_script(&dir.path().join("mute-rsh"), "exec sleep 600");
+    let mut c = volume_cmd(
+        "sync",
+        &src,
+        &format!("localhost:{}", s(&dir.path().join("dst.img"))),
+        &dir.path().join("state"),
+    );
+    c.args(["--timeout", "2s", "--rsh", s(&rsh)]);
+    let r = run_with_deadline(&mut c, Duration::from_secs(60));
+    r.assert_code(5);
+    r.assert_says("sent nothing for 2s", "the silence is named");
+    assert!(r.elapsed < Duration::from_secs(20), "took {:?}", r.elapsed);
+}

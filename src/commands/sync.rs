@@ -514,19 +514,26 @@ pub fn run_session(
     };
     // Pace what we send; the target paces itself (the limit travels in
     // the handshake).
+    // Whatever the target sends counts as hearing from it: one that sends
+    // nothing at all for the timeout (e.g. never answers the handshake,
+    // before the session's own progress checks start) is ended.
+    let heard = crate::engine::Clock::new();
     let conn = source::Connection {
         writer: Box::new(crate::bwlimit::Limited::new(
             conn.writer,
             crate::bwlimit::Rate::new(params.bwlimit),
         )),
-        ..conn
+        reader: Box::new(transport::Heard {
+            inner: conn.reader,
+            clock: heard.clone(),
+        }),
     };
     let progress = Progress::new(
         source.size(),
         &source.path().display().to_string(),
         t.quiet || t.json,
     );
-    let watcher = peer.kill_on_cancel(cancel);
+    let watcher = peer.kill_on_cancel(cancel, &heard, params.io_timeout);
     let result = source::run(
         source.clone(),
         conn,
@@ -537,8 +544,10 @@ pub fn run_session(
         after,
     );
     progress.finish();
-    if let Some(w) = watcher {
-        w.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut silent = false;
+    if let Some((done, quiet)) = watcher {
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        silent = quiet.load(std::sync::atomic::Ordering::SeqCst);
     }
     let peer_failure = peer.finish();
     // A signal may surface as a dropped connection or a remote error first.
@@ -549,6 +558,14 @@ pub fn run_session(
     };
     match result {
         Ok(r) => Ok(r),
+        Err(_) if silent => Err(Coded {
+            exit: Exit::Transport,
+            message: format!(
+                "the target sent nothing for {}; gave up (--timeout)",
+                humantime::format_duration(params.io_timeout)
+            ),
+        }
+        .into()),
         // A dropped connection is best explained by how the peer ended.
         Err(SyncError::Transport(e)) => {
             let msg = match peer_failure {
