@@ -32,7 +32,7 @@ pub const PAGE: u64 = 64 << 10;
 /// What a fan-out holds for its slowest session, by default.
 pub const DEFAULT_LIMIT: u64 = 64 << 20;
 /// How long the others may wait for the slowest in all, by default.
-pub const DEFAULT_GRACE: Duration = Duration::from_millis(250);
+pub const DEFAULT_GRACE: Duration = Duration::from_millis(100);
 /// The error of a dropped session's reads, as the report shows it.
 pub const DROPPED: &str = "fell too far behind the other targets and was dropped from this cycle";
 
