@@ -142,6 +142,27 @@ fn sparse_image_to_new_target_costs_its_data_not_its_size() {
     );
 }
 
+#[test]
+fn scattered_data_is_read_where_it_is_not_a_mebibyte_at_a_time() {
+    // 64 KiB of data every MiB: a scan reads each piece up to the hole
+    // after it, not the whole chunk it starts.
+    let f = Fixture::new();
+    let size = 64 * MIB;
+    let extents: Vec<(u64, u64)> = (0..64).map(|i| (i * MIB + 128 * KIB, 64 * KIB)).collect();
+    sparse_file(&f.src, size, &extents, 2);
+    let r = f.sync();
+    assert_same_sparse(&f.src, &f.dst);
+    assert_eq!(r.u("data_bytes"), 4 * MIB, "{r}");
+    assert!(
+        r.u("source_bytes_read") <= 4 * MIB + 64 * KIB,
+        "the source reads its data, not the holes after it: {r}"
+    );
+    // The same onto the sparse replica: each side reads what it holds.
+    let r = sync_json(&f.src, s(&f.dst), &f.state, &["--no-digest-map"]);
+    assert!(r.u("source_bytes_read") <= 4 * MIB + 64 * KIB, "{r}");
+    assert!(r.u("target_bytes_read") <= 4 * MIB + 64 * KIB, "{r}");
+}
+
 /// Both ends sparse with different layouts, the size not a multiple of
 /// the block: the replica equals the source and allocates what it does.
 #[test]

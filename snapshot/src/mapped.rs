@@ -100,6 +100,18 @@ impl Volume for MappedVolume {
         }
     }
 
+    fn next_hole(&self, offset: u64) -> u64 {
+        let size = self.size();
+        if offset >= self.known_until.min(size) {
+            return size;
+        }
+        match self.ranges.get(self.first_after(offset)) {
+            Some(r) if r.start <= offset && r.end >= self.known_until => size,
+            Some(r) if r.start <= offset => r.end.min(size),
+            _ => offset,
+        }
+    }
+
     fn data_bytes_in(&self, from: u64, to: u64) -> Option<u64> {
         let mut bytes = to.saturating_sub(self.known_until.max(from));
         let known_to = to.min(self.known_until);
@@ -170,6 +182,8 @@ mod tests {
             let data = |b: u64| b >= known || ranges.iter().any(|&(s, e)| s <= b && b < e);
             let expect = (probe..size).find(|&b| data(b));
             prop_assert_eq!(v.next_data(probe), expect);
+            let hole = (probe..size).find(|&b| !data(b)).unwrap_or(size);
+            prop_assert_eq!(v.next_hole(probe), hole);
             let count = (probe..to.max(probe)).filter(|&b| data(b)).count() as u64;
             prop_assert_eq!(v.data_bytes_in(probe, to.max(probe)), Some(count));
         }

@@ -96,6 +96,12 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn next_data(&self, offset: u64) -> Option<u64> {
         Some(offset)
     }
+    /// Next offset at or after `offset` known to hold no data (the start
+    /// of a hole, `SEEK_HOLE`); the volume's size when it cannot tell or
+    /// there is none. A scan reads data up to here in one piece, not past.
+    fn next_hole(&self, _offset: u64) -> u64 {
+        self.size()
+    }
     /// Bytes of `[from, to)` that may hold data (allocated extents of a
     /// sparse file, found with `SEEK_DATA`/`SEEK_HOLE`); `None` when the
     /// volume cannot tell.
@@ -388,6 +394,18 @@ impl Volume for FileVolume {
             // ENXIO: no data at or after offset.
             Err(rustix::io::Errno::NXIO) => None,
             Err(_) => Some(offset),
+        }
+    }
+
+    fn next_hole(&self, offset: u64) -> u64 {
+        let size = self.size();
+        if self.kind != VolumeKind::File || offset >= size {
+            return size;
+        }
+        // Every file ends in a (virtual) hole: at worst its size.
+        match rustix::fs::seek(self.file.as_fd(), rustix::fs::SeekFrom::Hole(offset)) {
+            Ok(pos) => pos.min(size),
+            Err(_) => size,
         }
     }
 }

@@ -378,6 +378,10 @@ impl Volume for Handle {
         self.fanout.inner.next_data(offset)
     }
 
+    fn next_hole(&self, offset: u64) -> u64 {
+        self.fanout.inner.next_hole(offset)
+    }
+
     fn data_bytes_in(&self, from: u64, to: u64) -> Option<u64> {
         self.fanout.inner.data_bytes_in(from, to)
     }

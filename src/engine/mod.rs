@@ -107,10 +107,16 @@ impl ChunkReader {
                         hole_blocks_at(volume.as_ref(), block, offset, readable, size)
                             .min(total - b)
                             .min(HOLE_CHUNK_BLOCKS);
+                    // A data chunk ends where a hole begins (whole blocks):
+                    // scattered data costs what it holds, not 1 MiB apiece.
                     let n = if hole_blocks > 0 {
                         hole_blocks
                     } else {
-                        per.min(total - b)
+                        let to_hole = volume
+                            .next_hole(offset)
+                            .saturating_sub(offset)
+                            .div_ceil(block.bytes() as u64);
+                        per.min(total - b).min(to_hole.max(1))
                     };
                     let len = (size - offset).min(n * block.bytes() as u64) as usize;
                     let real_end = (offset + len as u64).min(readable);
