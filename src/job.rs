@@ -184,16 +184,20 @@ pub struct TargetResult {
     pub exit: u8,
     pub error: Option<String>,
     pub report: Option<Report>,
+    /// Too slow to share the others' read: it read the source on its own.
+    pub left_behind: bool,
 }
 
 impl TargetResult {
-    fn of(target: &str, r: &Result<Report>) -> Self {
+    fn of(o: &Outcome) -> Self {
+        let r = &o.result;
         Self {
-            target: target.to_owned(),
+            target: o.target.clone(),
             ok: r.is_ok(),
             exit: r.as_ref().err().map_or(0, |e| classify(e) as u8),
             error: r.as_ref().err().map(|e| format!("{e:#}")),
             report: r.as_ref().ok().cloned(),
+            left_behind: o.left_behind,
         }
     }
 }
@@ -228,10 +232,7 @@ pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleRe
     })();
     match result {
         Ok((outcomes, read_once)) => {
-            let targets: Vec<_> = outcomes
-                .iter()
-                .map(|o| TargetResult::of(&o.target, &o.result))
-                .collect();
+            let targets: Vec<_> = outcomes.iter().map(TargetResult::of).collect();
             let failed = targets.iter().find(|t| !t.ok);
             CycleResult {
                 volume: vol.name.clone(),
@@ -253,6 +254,7 @@ pub fn cycle(state_dir: &Path, vol: &config::Volume, cancel: &Cancel) -> CycleRe
                     exit: classify(&e) as u8,
                     error: Some(format!("{e:#}")),
                     report: None,
+                    left_behind: false,
                 })
                 .collect();
             CycleResult {
@@ -1080,6 +1082,11 @@ fn report_cycle(r: &CycleResult, json: bool) {
             ),
             (None, None) => {}
         }
+        if t.left_behind {
+            eprintln!(
+                "{label}: note: too slow to share the others' read; read the source on its own"
+            );
+        }
     }
     if let Some(read) = r.source_bytes_read {
         eprintln!(
@@ -1383,6 +1390,7 @@ mod tests {
                 Err(anyhow::anyhow!("failed"))
             },
             after: None,
+            left_behind: false,
         };
         let mut states = vec![SourceState::default(); 3];
         states[0].base = Some(base("vg/s1", 1));

@@ -101,6 +101,11 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
     let mut first_failure = None;
     for (o, dest) in outcomes.into_iter().zip(&dests) {
         let label = format!("{}: ", o.target);
+        if o.left_behind && !a.transfer.json && !a.transfer.quiet {
+            eprintln!(
+                "{label}note: too slow to share the others' read; read the source on its own"
+            );
+        }
         match o.result {
             Ok(report) => {
                 if !a.transfer.json {
@@ -137,6 +142,9 @@ pub struct Outcome {
     pub result: Result<Report>,
     /// What the replica is after a failure (see [`source::run`]).
     pub after: Option<ReplicaAfter>,
+    /// The others went on without it (it was too slow to share their
+    /// read) and it read the source on its own.
+    pub left_behind: bool,
 }
 
 /// One session per target from `source`: with one target, on this
@@ -170,7 +178,7 @@ where
                     let mut after = None;
                     let r = session(i, h.clone(), &mut after);
                     h.finish();
-                    (r, after, h.dropped())
+                    (r, after, h.left_behind())
                 })
             })
             .collect();
@@ -178,8 +186,8 @@ where
             .into_iter()
             .zip(targets)
             .map(|(t, name)| {
-                let (r, after, dropped) = t.join().expect("a target's session panicked");
-                Outcome::of(name, r, after, dropped)
+                let (r, after, behind) = t.join().expect("a target's session panicked");
+                Outcome::of(name, r, after, behind)
             })
             .collect()
     });
@@ -191,22 +199,13 @@ impl Outcome {
         target: &str,
         result: Result<Report>,
         after: Option<ReplicaAfter>,
-        dropped: bool,
+        left_behind: bool,
     ) -> Self {
-        // A session dropped for falling behind fails on its reads of the
-        // source: it is the target that was slow, not the source.
-        let result = match result {
-            Err(_) if dropped => Err(Coded {
-                exit: Exit::Transport,
-                message: format!("{target} {}; it is retried next time", fanout::DROPPED),
-            }
-            .into()),
-            r => r,
-        };
         Self {
             target: target.to_owned(),
             result,
             after,
+            left_behind,
         }
     }
 
@@ -214,6 +213,7 @@ impl Outcome {
         match &self.result {
             Ok(r) => serde_json::json!({
                 "target": self.target, "ok": true, "exit": 0, "error": null, "report": r,
+                "left_behind": self.left_behind,
             }),
             Err(e) => serde_json::json!({
                 "target": self.target,
@@ -221,6 +221,7 @@ impl Outcome {
                 "exit": crate::exit::classify(e) as u8,
                 "error": format!("{e:#}"),
                 "report": null,
+                "left_behind": self.left_behind,
             }),
         }
     }

@@ -6,16 +6,15 @@
 //! kept until every session still reading has read past it, so a volume
 //! is read once however many targets there are. What is held is bounded
 //! (`limit` bytes): when the fastest session would need more, the slowest
-//! is dropped — its reads fail with [`DROPPED`] and its session ends, to
-//! be retried next cycle — rather than slowing every target to the
-//! slowest one. A short stall is forgiven: the others wait for it, up to
-//! `grace` in all over the fan-out's life. A session that has
-//! not read anything by then (a slow connection or image open) is not
-//! dropped but left behind: it reads what it needs when it gets there.
+//! is left behind — it no longer holds pages for itself and reads what
+//! the others no longer hold from the source on its own — rather than
+//! slowing every target to the slowest one. A short stall is forgiven:
+//! the others wait for it, up to `grace` in all over the fan-out's life.
+//! A session that has not read anything yet (a slow connection or image
+//! open) is left behind the same way.
 //!
-//! A session that reads behind what was evicted (one left behind, or one
-//! reading backwards) reads those pages again, and [`Fanout::bytes_read`]
-//! counts them: it is what the source really read.
+//! [`Fanout::bytes_read`] counts every read of the source, those of the
+//! sessions left behind too: it is what the source really read.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -33,20 +32,17 @@ pub const PAGE: u64 = 64 << 10;
 pub const DEFAULT_LIMIT: u64 = 64 << 20;
 /// How long the others may wait for the slowest in all, by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(100);
-/// The error of a dropped session's reads, as the report shows it.
-pub const DROPPED: &str = "fell too far behind the other targets and was dropped from this cycle";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reader {
     /// Has read nothing yet: holds every page from 0 (it may need them).
     Waiting,
-    /// Was slow to start and let the others go on: holds nothing until it
-    /// reads, and then reads what was evicted again.
-    Late,
     /// Holds the pages from the one that contains this offset.
     At(u64),
-    /// Finished or dropped: holds nothing.
-    Gone { dropped: bool },
+    /// Left behind by the others: holds nothing, reads for itself.
+    Behind,
+    /// Finished: holds nothing.
+    Gone,
 }
 
 #[derive(Debug)]
@@ -78,6 +74,8 @@ struct Shared {
     /// How long readers waited for room so far.
     waited: Duration,
     readers: Vec<Reader>,
+    /// Which readers were ever left behind.
+    behind: Vec<bool>,
 }
 
 impl Shared {
@@ -88,7 +86,7 @@ impl Shared {
             .filter_map(|r| match r {
                 Reader::Waiting => Some(0),
                 Reader::At(o) => Some(*o),
-                Reader::Late | Reader::Gone { .. } => None,
+                Reader::Behind | Reader::Gone => None,
             })
             .min()
             .unwrap_or(u64::MAX)
@@ -109,7 +107,7 @@ pub struct Fanout {
 impl Fanout {
     /// `n` handles reading `inner`, holding at most `limit` bytes for the
     /// slowest; the others wait for it `grace` in all before the slowest
-    /// is dropped at once whenever it holds them up.
+    /// is left behind at once whenever it holds them up.
     pub fn new(inner: Arc<dyn Volume>, n: usize, limit: u64, grace: Duration) -> Arc<Self> {
         Arc::new(Self {
             inner,
@@ -118,6 +116,7 @@ impl Fanout {
                 held: 0,
                 waited: Duration::ZERO,
                 readers: vec![Reader::Waiting; n],
+                behind: vec![false; n],
             }),
             changed: Condvar::new(),
             // Room for a whole read of a scan, at least.
@@ -145,9 +144,9 @@ impl Fanout {
         self.read.load(Ordering::Relaxed)
     }
 
-    /// Whether session `id` was dropped for falling behind.
-    pub fn dropped(&self, id: usize) -> bool {
-        self.lock().readers[id] == Reader::Gone { dropped: true }
+    /// Whether session `id` was left behind by the others.
+    pub fn left_behind(&self, id: usize) -> bool {
+        self.lock().behind[id]
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -181,9 +180,6 @@ impl Fanout {
     fn page(&self, id: usize, page: u64, last: u64) -> Result<Bytes, VolumeError> {
         let mut s = self.lock();
         loop {
-            if let Reader::Gone { dropped: true } = s.readers[id] {
-                return Err(self.dropped_error());
-            }
             match s.pages.get(&page) {
                 Some(Page::Ready(d)) => return Ok(d.clone()),
                 Some(Page::Loading) => {
@@ -212,7 +208,7 @@ impl Fanout {
                     s.waited += since.elapsed();
                     continue;
                 }
-                self.drop_slowest(&mut s, id);
+                self.leave_slowest(&mut s, id);
                 continue;
             }
             for p in page..end {
@@ -255,27 +251,21 @@ impl Fanout {
     }
 
     /// Lets the others go on without the readers (other than `id`) that
-    /// hold the oldest page: one that has not started yet (a slow
-    /// connection) becomes late and reads for itself; one that is reading
-    /// is dropped.
-    fn drop_slowest(&self, s: &mut Shared, id: usize) {
+    /// hold the oldest page: from now on they read for themselves.
+    fn leave_slowest(&self, s: &mut Shared, id: usize) {
         let low = s.low_water();
-        for (i, r) in s.readers.iter_mut().enumerate() {
-            match r {
-                Reader::Waiting if low == 0 && i != id => *r = Reader::Late,
-                Reader::At(o) if *o == low && i != id => *r = Reader::Gone { dropped: true },
-                _ => {}
+        for i in 0..s.readers.len() {
+            let holds = match s.readers[i] {
+                Reader::Waiting => low == 0,
+                Reader::At(o) => o == low,
+                Reader::Behind | Reader::Gone => false,
+            };
+            if holds && i != id {
+                s.readers[i] = Reader::Behind;
+                s.behind[i] = true;
             }
         }
         self.evict(s);
-    }
-
-    fn dropped_error(&self) -> VolumeError {
-        VolumeError::Other {
-            op: "reading",
-            path: self.inner.path().to_owned(),
-            source: io::Error::other(DROPPED),
-        }
     }
 }
 
@@ -288,17 +278,16 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Whether this session was dropped for falling behind.
-    pub fn dropped(&self) -> bool {
-        self.fanout.dropped(self.id)
+    /// Whether this session was left behind by the others (and read the
+    /// source on its own from then on).
+    pub fn left_behind(&self) -> bool {
+        self.fanout.left_behind(self.id)
     }
 
     /// Ends this session's reading: it holds no page any more.
     pub fn finish(&self) {
         let mut s = self.fanout.lock();
-        if !matches!(s.readers[self.id], Reader::Gone { .. }) {
-            s.readers[self.id] = Reader::Gone { dropped: false };
-        }
+        s.readers[self.id] = Reader::Gone;
         self.fanout.evict(&mut s);
     }
 }
@@ -345,9 +334,8 @@ impl Volume for Handle {
         }
         let mut s = f.lock();
         match s.readers[self.id] {
-            Reader::Gone { dropped: true } => return Err(f.dropped_error()),
-            Reader::Gone { dropped: false } => {}
-            Reader::Waiting | Reader::Late => s.readers[self.id] = Reader::At(end),
+            Reader::Behind | Reader::Gone => {}
+            Reader::Waiting => s.readers[self.id] = Reader::At(end),
             Reader::At(o) => s.readers[self.id] = Reader::At(o.max(end)),
         }
         f.evict(&mut s);
@@ -432,35 +420,36 @@ mod tests {
         assert_eq!(got[1], data);
         assert_eq!(got[2], data[3 * MB as usize + 4096..]);
         assert_eq!(f.bytes_read(), data.len() as u64);
-        assert!(hs.iter().all(|h| !h.dropped()));
+        assert!(hs.iter().all(|h| !h.left_behind()));
     }
 
     #[test]
-    fn a_stalled_session_is_dropped_and_the_others_finish() {
+    fn a_stalled_session_is_left_behind_and_the_others_finish() {
         let (src, data) = source(16 * MB as usize);
         let f = Fanout::new(src, 2, 4 * MB, Duration::from_millis(100));
         let hs = f.handles();
-        // The second reads one page and stalls.
+        // The second reads a little and stalls.
         let mut buf = vec![0; 4096];
         hs[1].read_at(&mut buf, 0).unwrap();
         let started = Instant::now();
         assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
         assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(hs[1].dropped() && !hs[0].dropped());
-        let e = hs[1].read_at(&mut buf, 4096).unwrap_err();
-        assert!(e.to_string().contains(DROPPED), "{e}");
-        // What the fast one read, it read once.
+        assert!(hs[1].left_behind() && !hs[0].left_behind());
         assert_eq!(f.bytes_read(), data.len() as u64);
+        // It goes on at its own pace, reading the source again.
+        assert_eq!(read_all(&hs[1], 4096, 300_000).unwrap(), data[4096..]);
+        assert!(f.bytes_read() > data.len() as u64);
+        assert!(f.lock().held <= 4 * MB);
     }
 
     #[test]
-    fn a_session_slow_to_start_is_late_not_dropped() {
+    fn a_session_slow_to_start_is_left_behind() {
         let (src, data) = source(12 * MB as usize);
         let f = Fanout::new(src, 2, 4 * MB, Duration::from_millis(50));
         let hs = f.handles();
         assert_eq!(read_all(&hs[0], 0, 1 << 20).unwrap(), data);
+        assert!(hs[1].left_behind());
         assert_eq!(read_all(&hs[1], 0, 1 << 20).unwrap(), data);
-        assert!(!hs[1].dropped());
         assert_eq!(f.bytes_read(), 2 * data.len() as u64);
     }
 
