@@ -614,34 +614,10 @@ impl snapshot::Volume for RbdVolume {
                 },
             ));
         }
-        // One request at a time leaves the OSDs idle between round trips:
-        // a large read goes out as several requests in flight (measured:
-        // 1 in flight reads at ~0.5-0.8x `rbd export`, 4 at ~1.5-1.8x).
-        let pieces = (buf.len() / PARALLEL_READ_MIN).clamp(1, PARALLEL_READS);
-        if pieces == 1 {
-            return self
-                .image
-                .read_exact_at(buf, offset)
-                .map_err(|e| self.io_err("read", offset, len, e));
-        }
-        let per = buf.len().div_ceil(pieces);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = buf
-                .chunks_mut(per)
-                .enumerate()
-                .map(|(i, part)| {
-                    let at = offset + (i * per) as u64;
-                    let image = &self.image;
-                    scope.spawn(move || image.read_exact_at(part, at))
-                })
-                .collect();
-            for h in handles {
-                h.join()
-                    .expect("rbd read thread panicked")
-                    .map_err(|e| self.io_err("read", offset, len, e))?;
-            }
-            Ok(())
-        })
+        // A scan keeps many of these in flight (see `reads_in_flight`).
+        self.image
+            .read_exact_at(buf, offset)
+            .map_err(|e| self.io_err("read", offset, len, e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> snapshot::volume::Result<()> {
@@ -686,6 +662,14 @@ impl snapshot::Volume for RbdVolume {
         true
     }
 
+    fn preferred_read(&self) -> Option<usize> {
+        Some(SCAN_READ)
+    }
+
+    fn reads_in_flight(&self) -> usize {
+        SCANS_IN_FLIGHT
+    }
+
     fn next_data(&self, offset: u64) -> Option<u64> {
         let mut a = self.allocated.lock().expect("allocated lock");
         let extents = a.get_or_insert_with(|| {
@@ -724,10 +708,13 @@ fn add_extent(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
 
 const EINVAL: i32 = 22;
 
-/// Requests in flight for one large read, at most.
-const PARALLEL_READS: usize = 4;
-/// Smallest piece a read is split into.
-const PARALLEL_READ_MIN: usize = 256 << 10;
+/// What a scan reads at once: an object of the default 4 MiB.
+const SCAN_READ: usize = 4 << 20;
+/// Scan reads in flight at once. One at a time leaves the OSDs idle
+/// between round trips; measured on a single-node cluster, 512 MiB image
+/// (`verify`, medians of 5): 1 MiB reads split 4 ways, one at a time,
+/// 0.59 s; 4 MiB reads, 16 in flight, 0.37 s (`rbd export`: 0.21 s).
+const SCANS_IN_FLIGHT: usize = 16;
 
 #[cfg(test)]
 mod tests {

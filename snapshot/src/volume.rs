@@ -102,6 +102,16 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn next_hole(&self, _offset: u64) -> u64 {
         self.size()
     }
+    /// Bytes a sequential scan should read at once, when more than its
+    /// usual chunk pays (a network store keeping many requests in flight).
+    fn preferred_read(&self) -> Option<usize> {
+        None
+    }
+    /// How many reads of a sequential scan should be in flight at once
+    /// (a network store answers many requests together).
+    fn reads_in_flight(&self) -> usize {
+        1
+    }
     /// Bytes of `[from, to)` that may hold data (allocated extents of a
     /// sparse file, found with `SEEK_DATA`/`SEEK_HOLE`); `None` when the
     /// volume cannot tell.

@@ -62,12 +62,15 @@ pub struct Chunk {
     pub data: Vec<u8>,
     /// Known to be all zeros without reading (a hole, or past the end of
     /// what the volume held before it grew). A hole chunk may cover up to
-    /// [`HOLE_CHUNK_BLOCKS`] blocks; a data chunk [`blocks_per_chunk`].
+    /// [`HOLE_CHUNK_BLOCKS`] blocks; a data chunk [`blocks_per_chunk`], or
+    /// the volume's preferred read.
     pub hole: bool,
 }
 
-/// A thread reading a volume front to back in [`CHUNK_BYTES`] chunks ahead
-/// of its consumer, so reading and hashing overlap. Buffers come back
+/// A thread reading a volume front to back in [`CHUNK_BYTES`] chunks (or
+/// the volume's [`preferred_read`](snapshot::Volume::preferred_read)) ahead
+/// of its consumer, so reading and hashing overlap; with as many reads in
+/// flight as the volume asks for, delivered in order. Buffers come back
 /// through [`ChunkReader::recycle`] so a scan of any size reuses the same
 /// few megabytes.
 #[derive(Debug)]
@@ -89,62 +92,37 @@ impl ChunkReader {
         start_block: u64,
         cancel: Cancel,
     ) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD);
-        let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(READ_AHEAD + 2);
+        // Larger reads where the volume asks for them, with as many bytes
+        // read ahead as usual (at least two chunks), and as many in flight
+        // at once as it wants.
+        let per = blocks_per_chunk(block).max(
+            volume
+                .preferred_read()
+                .map_or(0, |n| n as u64 / block.bytes() as u64),
+        );
+        let workers = volume.reads_in_flight().clamp(1, 64);
+        let ahead = (READ_AHEAD * CHUNK_BYTES / (per * block.bytes() as u64) as usize).max(2);
+        let (tx, rx) = crossbeam_channel::bounded(ahead);
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(ahead + workers + 2);
         let bytes_read = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = bytes_read.clone();
+        let reading = Reading {
+            volume,
+            block,
+            size,
+            readable,
+            per,
+            free: free_rx,
+            counter: bytes_read.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("volume-read".into())
             .spawn(move || {
-                let total = block.blocks_in(size);
-                let per = blocks_per_chunk(block);
-                let mut b = start_block;
-                while b < total && !cancel.is_cancelled() {
-                    let offset = block.offset_of(b);
-                    // Whole blocks of hole from here: one SEEK_DATA per
-                    // hole, not one per chunk (holes are ranges).
-                    let hole_blocks =
-                        hole_blocks_at(volume.as_ref(), block, offset, readable, size)
-                            .min(total - b)
-                            .min(HOLE_CHUNK_BLOCKS);
-                    // A data chunk ends where a hole begins (whole blocks):
-                    // scattered data costs what it holds, not 1 MiB apiece.
-                    let n = if hole_blocks > 0 {
-                        hole_blocks
-                    } else {
-                        let to_hole = volume
-                            .next_hole(offset)
-                            .saturating_sub(offset)
-                            .div_ceil(block.bytes() as u64);
-                        per.min(total - b).min(to_hole.max(1))
-                    };
-                    let len = (size - offset).min(n * block.bytes() as u64) as usize;
-                    let real_end = (offset + len as u64).min(readable);
-                    let hole = hole_blocks > 0
-                        || offset >= real_end
-                        || volume.next_data(offset).is_none_or(|d| d >= real_end);
-                    let mut data = Vec::new();
-                    let mut r = Ok(());
-                    if !hole {
-                        data = free_rx.try_recv().unwrap_or_default();
-                        data.resize(len, 0);
-                        let n_real = (real_end - offset) as usize;
-                        r = volume.read_at(&mut data[..n_real], offset);
-                        data[n_real..].fill(0);
-                        counter.fetch_add(n_real as u64, Ordering::Relaxed);
-                        volume.done_with(offset, n_real as u64);
-                    }
-                    let failed = r.is_err();
-                    let item = r.map(|()| Chunk {
-                        first_block: b,
-                        blocks: n,
-                        data,
-                        hole,
+                if workers == 1 {
+                    reading.front_to_back(start_block, &cancel, |plan| {
+                        tx.send(reading.read(plan)).is_ok()
                     });
-                    if tx.send(item).is_err() || failed {
-                        return;
-                    }
-                    b += n;
+                } else {
+                    reading.in_flight(start_block, &cancel, workers, tx);
                 }
             })
             .expect("spawn volume reader");
@@ -178,6 +156,141 @@ impl Drop for ChunkReader {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// What a [`ChunkReader`] reads next: `blocks` blocks from `first_block`,
+/// a hole or data.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    first_block: u64,
+    blocks: u64,
+    hole: bool,
+}
+
+/// A [`ChunkReader`]'s reading side.
+struct Reading {
+    volume: Arc<dyn snapshot::Volume>,
+    block: blockdiff::BlockSize,
+    size: u64,
+    readable: u64,
+    per: u64,
+    free: crossbeam_channel::Receiver<Vec<u8>>,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Reading {
+    /// Plans the chunks from `start_block` in order, handing each to
+    /// `next` until it returns false.
+    fn front_to_back(&self, start_block: u64, cancel: &Cancel, mut next: impl FnMut(Plan) -> bool) {
+        let (volume, block, size, readable) =
+            (self.volume.as_ref(), self.block, self.size, self.readable);
+        let total = block.blocks_in(size);
+        let mut b = start_block;
+        while b < total && !cancel.is_cancelled() {
+            let offset = block.offset_of(b);
+            // Whole blocks of hole from here: one SEEK_DATA per hole, not
+            // one per chunk (holes are ranges).
+            let hole_blocks = hole_blocks_at(volume, block, offset, readable, size)
+                .min(total - b)
+                .min(HOLE_CHUNK_BLOCKS);
+            // A data chunk ends where a hole begins (whole blocks):
+            // scattered data costs what it holds, not 1 MiB apiece.
+            let n = if hole_blocks > 0 {
+                hole_blocks
+            } else {
+                let to_hole = volume
+                    .next_hole(offset)
+                    .saturating_sub(offset)
+                    .div_ceil(block.bytes() as u64);
+                self.per.min(total - b).min(to_hole.max(1))
+            };
+            let len = (size - offset).min(n * block.bytes() as u64);
+            let real_end = (offset + len).min(readable);
+            let hole = hole_blocks > 0
+                || offset >= real_end
+                || volume.next_data(offset).is_none_or(|d| d >= real_end);
+            let plan = Plan {
+                first_block: b,
+                blocks: n,
+                hole,
+            };
+            if !next(plan) {
+                return;
+            }
+            b += n;
+        }
+    }
+
+    /// Reads what `plan` says (nothing for a hole).
+    fn read(&self, plan: Plan) -> Result<Chunk, snapshot::VolumeError> {
+        let offset = self.block.offset_of(plan.first_block);
+        let len = (self.size - offset).min(plan.blocks * self.block.bytes() as u64) as usize;
+        let mut data = Vec::new();
+        if !plan.hole {
+            let real_end = (offset + len as u64).min(self.readable);
+            data = self.free.try_recv().unwrap_or_default();
+            data.resize(len, 0);
+            let n_real = (real_end - offset) as usize;
+            self.volume.read_at(&mut data[..n_real], offset)?;
+            data[n_real..].fill(0);
+            self.counter.fetch_add(n_real as u64, Ordering::Relaxed);
+            self.volume.done_with(offset, n_real as u64);
+        }
+        Ok(Chunk {
+            first_block: plan.first_block,
+            blocks: plan.blocks,
+            data,
+            hole: plan.hole,
+        })
+    }
+
+    /// Reads the chunks with `workers` reads in flight, delivering them
+    /// to `tx` in order. Returns once every thread it started ended.
+    fn in_flight(
+        &self,
+        start_block: u64,
+        cancel: &Cancel,
+        workers: usize,
+        tx: crossbeam_channel::Sender<Result<Chunk, snapshot::VolumeError>>,
+    ) {
+        type Slot = crossbeam_channel::Receiver<Result<Chunk, snapshot::VolumeError>>;
+        let (jobs_tx, jobs_rx) =
+            crossbeam_channel::bounded::<(Plan, crossbeam_channel::Sender<_>)>(workers);
+        let (order_tx, order_rx) = crossbeam_channel::bounded::<Slot>(workers);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let jobs = jobs_rx.clone();
+                s.spawn(move || {
+                    for (plan, slot) in jobs {
+                        let _ = crossbeam_channel::Sender::send(&slot, self.read(plan));
+                    }
+                });
+            }
+            drop(jobs_rx);
+            // In order: each chunk as soon as it and those before it are in.
+            s.spawn(move || {
+                for slot in order_rx {
+                    let Ok(item) = slot.recv() else { return };
+                    let failed = item.is_err();
+                    if tx.send(item).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            self.front_to_back(start_block, cancel, |plan| {
+                let (slot_tx, slot_rx) = crossbeam_channel::bounded(1);
+                if order_tx.send(slot_rx).is_err() {
+                    return false;
+                }
+                if plan.hole {
+                    return slot_tx.send(self.read(plan)).is_ok();
+                }
+                jobs_tx.send((plan, slot_tx)).is_ok()
+            });
+            drop(jobs_tx);
+            drop(order_tx);
+        });
     }
 }
 
@@ -245,5 +358,126 @@ impl Clock {
     pub fn idle(&self) -> std::time::Duration {
         let now = self.start.elapsed().as_millis() as u64;
         std::time::Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::{MemVolume, Volume};
+
+    /// A volume that asks for several reads in flight, holes where its
+    /// bytes are zero in whole 64 KiB pieces, and slower reads early on
+    /// (so later reads finish first).
+    #[derive(Debug)]
+    struct Remote(MemVolume, Vec<u8>);
+
+    impl Volume for Remote {
+        fn path(&self) -> &std::path::Path {
+            self.0.path()
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> snapshot::volume::Result<()> {
+            if offset < (4 << 20) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> snapshot::volume::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn zero(&self, offset: u64, len: u64) -> snapshot::volume::Result<()> {
+            self.0.zero(offset, len)
+        }
+        fn sync(&self) -> snapshot::volume::Result<()> {
+            Ok(())
+        }
+        fn set_size(&self, size: u64) -> snapshot::volume::Result<()> {
+            self.0.set_size(size)
+        }
+        fn resizable(&self) -> bool {
+            false
+        }
+        fn preferred_read(&self) -> Option<usize> {
+            Some(2 << 20)
+        }
+        fn reads_in_flight(&self) -> usize {
+            4
+        }
+        fn next_data(&self, offset: u64) -> Option<u64> {
+            (offset..self.size())
+                .step_by(64 << 10)
+                .find(|&o| self.1[(o >> 16) as usize] != 0)
+        }
+        fn next_hole(&self, offset: u64) -> u64 {
+            (offset..self.size())
+                .step_by(64 << 10)
+                .find(|&o| self.1[(o >> 16) as usize] == 0)
+                .unwrap_or(self.size())
+        }
+    }
+
+    #[test]
+    fn reads_in_flight_arrive_in_order_with_holes_between() {
+        let size = 19 * CHUNK_BYTES + 4096;
+        let mut data: Vec<u8> = (0..size).map(|i| (i / 7) as u8 | 1).collect();
+        // Pieces of zeros (holes) in several places.
+        let mut mapped = vec![1u8; size.div_ceil(64 << 10)];
+        for piece in [3, 4, 5, 40, 100, 101, 200, 201, 202, 203] {
+            data[piece << 16..(piece + 1) << 16].fill(0);
+            mapped[piece] = 0;
+        }
+        let v = Arc::new(Remote(MemVolume::new("r", data.clone(), false), mapped));
+        let block = blockdiff::BlockSize::new(64 << 10).unwrap();
+        for start in [0, 7] {
+            let r = ChunkReader::spawn(
+                v.clone(),
+                block,
+                size as u64,
+                size as u64,
+                start,
+                Cancel::new(),
+            );
+            let mut got = Vec::new();
+            let mut next = start;
+            for c in r.chunks.iter() {
+                let c = c.unwrap();
+                assert_eq!(c.first_block, next, "in order");
+                next += c.blocks;
+                let len = block.offset_of(next).min(size as u64) - block.offset_of(c.first_block);
+                assert!(c.hole || c.data.len() as u64 == len);
+                if c.hole {
+                    got.resize(got.len() + len as usize, 0);
+                } else {
+                    assert!(c.data.len() <= 2 << 20);
+                    got.extend_from_slice(&c.data);
+                }
+                r.recycle(c);
+            }
+            assert_eq!(got, data[(start << 16) as usize..], "start {start}");
+            assert_eq!(next, block.blocks_in(size as u64));
+        }
+        // A consumer that stops early: dropping the reader ends its threads.
+        let r = ChunkReader::spawn(v, block, size as u64, size as u64, 0, Cancel::new());
+        assert!(r.chunks.recv().unwrap().is_ok());
+        drop(r);
+    }
+
+    #[test]
+    fn a_read_error_in_flight_ends_the_chunks() {
+        let size = 12 * CHUNK_BYTES;
+        let data = vec![1u8; size];
+        let v = Arc::new(Remote(
+            MemVolume::new("r", data, false)
+                .with_fault(snapshot::volume::Fault::Read { at: 6 << 20 }),
+            vec![1; size >> 16],
+        ));
+        let block = blockdiff::BlockSize::new(64 << 10).unwrap();
+        let r = ChunkReader::spawn(v, block, size as u64, size as u64, 0, Cancel::new());
+        let items: Vec<_> = r.chunks.iter().collect();
+        assert!(items.last().unwrap().is_err());
+        assert!(items[..items.len() - 1].iter().all(|c| c.is_ok()));
     }
 }
