@@ -25,12 +25,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(size: u64, seed: u64) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("snapsync-map-")
-            .tempdir()
-            .unwrap();
-        let src = dir.path().join("src.img");
-        write_random_file(&src, size, seed);
+        let (dir, src) = scratch_with_source("snapsync-map-", size, seed);
         Fixture {
             src,
             dst: dir.path().join("dst.img"),

@@ -18,12 +18,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(size: u64, seed: u64) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("snapsync-fanout-")
-            .tempdir()
-            .unwrap();
-        let src = dir.path().join("src.img");
-        write_random_file(&src, size, seed);
+        let (dir, src) = scratch_with_source("snapsync-fanout-", size, seed);
         Fixture {
             src,
             state: dir.path().join("state"),
@@ -148,39 +143,36 @@ fn a_target_named_twice_is_refused() {
     assert!(!a.exists());
 }
 
-/// A remote shell whose link to the target carries about 8 MiB/s.
-fn slow_rsh(dir: &Path) -> PathBuf {
+/// A remote shell whose link to the target passes 64 KiB every `pause`
+/// seconds, and after `limit` bytes nothing more (keeping it open).
+fn link_rsh(dir: &Path, name: &str, pause: f64, limit: u64) -> PathBuf {
     write_script(
-        &dir.join("slow-rsh"),
-        r#"shift
-python3 -c '
-import sys, time
-i, o = sys.stdin.buffer.raw, sys.stdout.buffer
-while True:
-    b = i.read(65536)
-    if not b: break
-    o.write(b); o.flush(); time.sleep(0.008)
-' | "$@""#,
-    )
-}
-
-/// A remote shell that passes the first 256 KiB to the target and then
-/// nothing more, keeping the connection open.
-fn stalling_rsh(dir: &Path) -> PathBuf {
-    write_script(
-        &dir.join("stalling-rsh"),
-        r#"shift
+        &dir.join(name),
+        &format!(
+            r#"shift
 python3 -c '
 import sys, time
 i, o = sys.stdin.buffer.raw, sys.stdout.buffer
 n = 0
-while n < 262144:
+while n < {limit}:
     b = i.read(65536)
     if not b: break
-    o.write(b); o.flush(); n += len(b)
-time.sleep(600)
-' | "$@""#,
+    o.write(b); o.flush(); n += len(b); time.sleep({pause})
+else:
+    time.sleep(600)
+' | "$@""#
+        ),
     )
+}
+
+/// About 8 MiB/s.
+fn slow_rsh(dir: &Path) -> PathBuf {
+    link_rsh(dir, "slow-rsh", 0.008, u64::MAX >> 1)
+}
+
+/// The first 256 KiB, then nothing.
+fn stalling_rsh(dir: &Path) -> PathBuf {
+    link_rsh(dir, "stalling-rsh", 0.0, 256 << 10)
 }
 
 #[test]

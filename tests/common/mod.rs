@@ -514,6 +514,15 @@ pub fn volume_cmd(what: &str, src: &Path, dst: &str, state: &Path) -> Command {
     c
 }
 
+/// A scratch directory (`PREFIX…` under the temp dir) holding `src.img`
+/// of `size` random bytes.
+pub fn scratch_with_source(prefix: &str, size: u64, seed: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_random_file(&src, size, seed);
+    (dir, src)
+}
+
 /// Path as a `&str` (test paths are ASCII).
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
