@@ -193,10 +193,18 @@ impl Fanout {
                 end += 1;
             }
             let len: u64 = (page..end).map(|p| self.page_len(p)).sum();
-            // Full: only a reader ahead of the slowest waits for it (the
-            // slowest itself, or a reader going back, is never held up).
-            let ahead = page * PAGE > s.low_water();
-            if ahead && s.held + len > self.limit {
+            // Full: only a reader ahead of another that holds pages waits
+            // for it (the slowest itself, or a reader going back, is never
+            // held up, nor one the pages are held for by nobody else).
+            let behind_us = s.readers.iter().enumerate().any(|(i, r)| {
+                i != id
+                    && match r {
+                        Reader::Waiting => true,
+                        Reader::At(o) => *o < page * PAGE,
+                        Reader::Behind | Reader::Gone => false,
+                    }
+            });
+            if behind_us && s.held + len > self.limit {
                 let left = self.grace.saturating_sub(s.waited);
                 if !left.is_zero() {
                     let since = Instant::now();
@@ -250,17 +258,24 @@ impl Fanout {
         }
     }
 
-    /// Lets the others go on without the readers (other than `id`) that
-    /// hold the oldest page: from now on they read for themselves.
+    /// Lets `id` go on without the slowest of the other readers: from now
+    /// on they read for themselves. (Each call leaves at least one behind
+    /// while any other still holds pages.)
     fn leave_slowest(&self, s: &mut Shared, id: usize) {
-        let low = s.low_water();
+        let at = |r: &Reader| match r {
+            Reader::Waiting => Some(0),
+            Reader::At(o) => Some(*o),
+            Reader::Behind | Reader::Gone => None,
+        };
+        let low = s
+            .readers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != id)
+            .filter_map(|(_, r)| at(r))
+            .min();
         for i in 0..s.readers.len() {
-            let holds = match s.readers[i] {
-                Reader::Waiting => low == 0,
-                Reader::At(o) => o == low,
-                Reader::Behind | Reader::Gone => false,
-            };
-            if holds && i != id {
+            if i != id && low.is_some() && at(&s.readers[i]) == low {
                 s.readers[i] = Reader::Behind;
                 s.behind[i] = true;
             }
@@ -499,6 +514,26 @@ mod tests {
             }
         });
         assert_eq!(f.bytes_read(), 5 * PAGE);
+    }
+
+    #[test]
+    fn a_reader_left_alone_jumps_past_pages_it_holds() {
+        // The other read far ahead and finished: what it loaded is held for
+        // the one left, which then skips ahead (a delta): it must not wait
+        // for itself.
+        let (src, data) = source(16 * MB as usize);
+        let f = Fanout::new(src, 2, 4 * MB, Duration::from_millis(20));
+        let hs = f.handles();
+        let mut buf = vec![0; 4096];
+        hs[0].read_at(&mut buf, 0).unwrap();
+        let mut big = vec![0; 4 * MB as usize];
+        hs[1].read_at(&mut big, 4096).unwrap();
+        hs[1].finish();
+        let started = Instant::now();
+        let mut far = vec![0; MB as usize];
+        hs[0].read_at(&mut far, 12 * MB).unwrap();
+        assert_eq!(far, data[12 * MB as usize..13 * MB as usize]);
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
