@@ -536,6 +536,58 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Any mix of readers (scans from any block, sparse forward
+        /// jumps, some stopping early, any read sizes) over any window:
+        /// every read returns the source's bytes and nobody hangs.
+        #[test]
+        fn any_readers_get_the_bytes_and_finish(
+            readers in proptest::collection::vec(
+                (0u64..8, 1u64..3, proptest::collection::vec(1u64..6, 1..40), 0usize..60),
+                1..5,
+            ),
+            limit_mb in 0u64..8,
+        ) {
+            let size = 8 * MB;
+            let (src, data) = source(size as usize);
+            let data = Arc::new(data);
+            let f = Fanout::new(src, readers.len(), limit_mb * MB, Duration::from_millis(5));
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            for (h, (start, stride, sizes, stop)) in f.handles().into_iter().zip(readers.clone()) {
+                let (data, done_tx) = (data.clone(), done_tx.clone());
+                // Not scoped: a reader that hangs fails the test, not the run.
+                std::thread::spawn(move || {
+                    // Reads of 1-5 pages from START MiB on, jumping STRIDE-1
+                    // such reads ahead each time, STOP reads.
+                    let mut at = start * MB;
+                    for pages in sizes.iter().cycle().take(stop) {
+                        let len = (pages * PAGE).min(size.saturating_sub(at));
+                        if len == 0 {
+                            break;
+                        }
+                        let mut buf = vec![0; len as usize];
+                        let ok = h.read_at(&mut buf, at).is_ok()
+                            && buf == data[at as usize..(at + len) as usize];
+                        if !ok {
+                            let _ = done_tx.send(Err(at));
+                            return;
+                        }
+                        at += len * stride;
+                    }
+                    h.finish();
+                    let _ = done_tx.send(Ok(()));
+                });
+            }
+            for _ in &readers {
+                let r = done_rx.recv_timeout(Duration::from_secs(20));
+                proptest::prop_assert!(r.is_ok(), "a reader hung");
+                proptest::prop_assert_eq!(r.unwrap(), Ok(()), "wrong bytes read at this offset");
+            }
+        }
+    }
+
     #[test]
     fn a_read_error_reaches_the_session_that_asked() {
         let (_, data) = source(4 * MB as usize);
