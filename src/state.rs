@@ -360,7 +360,7 @@ pub fn others_at_path(state_dir: &Path, path: &Path, id: &str) -> Vec<PathBuf> {
 /// An exclusive per-volume lock, held while the file stays open.
 #[derive(Debug)]
 pub struct VolumeLock {
-    _file: File,
+    _held: snapshot::lock::Held,
     path: PathBuf,
 }
 
@@ -391,12 +391,12 @@ impl VolumeLock {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
-        match snapshot::lock::try_exclusive(&file) {
-            Ok(true) => Ok(Self {
-                _file: file,
+        match snapshot::lock::try_exclusive(file) {
+            Ok(Some(held)) => Ok(Self {
+                _held: held,
                 path: path.to_owned(),
             }),
-            Ok(false) => Err(Busy {
+            Ok(None) => Err(Busy {
                 path: path.to_owned(),
             }
             .into()),

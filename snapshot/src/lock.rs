@@ -1,30 +1,35 @@
 //! Host-wide locks (`flock`) taken without waiting for another holder.
 
+use std::fs::File;
 use std::os::fd::AsFd;
-use std::time::Duration;
 
 use rustix::fs::{flock, FlockOperation};
 
-/// How often a lock is tried before it counts as held: about 50 ms in all.
-const TRIES: u32 = 25;
-
-/// Takes an exclusive `flock` on `file`; `Ok(false)` while another open
-/// of the file (another process) holds it.
+/// An exclusive `flock`, given up when dropped.
 ///
 /// A child that another thread of this process is spawning holds a copy
 /// of every descriptor, a lock's too, from its fork until its exec closes
-/// them: a lock given up a moment ago can still look taken to its own
-/// process. That window is short, so the lock is tried for about 50 ms
-/// before it counts as held; another holder's hold lasts longer.
-pub fn try_exclusive(file: &impl AsFd) -> std::io::Result<bool> {
-    for _ in 0..TRIES {
-        match flock(file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(true),
-            Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(e.into()),
-        }
+/// them; closing our descriptor would leave the lock held by that copy
+/// for a moment, and a lock given up would look taken to its own process.
+/// So the lock is given up explicitly (`LOCK_UN` releases it for every
+/// copy of the open file) before the file is closed.
+#[derive(Debug)]
+pub struct Held(File);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = flock(&self.0, FlockOperation::Unlock);
     }
-    Ok(false)
+}
+
+/// Takes an exclusive `flock` on `file`; `None` while another open of the
+/// file (another process, or another lock of this one) holds it.
+pub fn try_exclusive(file: File) -> std::io::Result<Option<Held>> {
+    match flock(file.as_fd(), FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(Held(file))),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Runs `f` while another thread spawns processes back to back: what made
@@ -71,7 +76,7 @@ mod tests {
         let tries = 5000;
         let busy = while_spawning(|| {
             (0..tries)
-                .filter(|_| !try_exclusive(&open(&path)).unwrap())
+                .filter(|_| try_exclusive(open(&path)).unwrap().is_none())
                 .count()
         });
         assert_eq!(busy, 0, "a free lock looked taken {busy} times in {tries}");
@@ -81,10 +86,9 @@ mod tests {
     fn a_held_lock_is_held() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("l.lock");
-        let first = open(&path);
-        assert!(try_exclusive(&first).unwrap());
-        assert!(!try_exclusive(&open(&path)).unwrap());
+        let first = try_exclusive(open(&path)).unwrap().expect("free");
+        assert!(try_exclusive(open(&path)).unwrap().is_none());
         drop(first);
-        assert!(try_exclusive(&open(&path)).unwrap());
+        assert!(try_exclusive(open(&path)).unwrap().is_some());
     }
 }

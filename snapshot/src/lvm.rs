@@ -1764,7 +1764,7 @@ impl Lvm {
 
     /// The host-wide lock on `pool`'s metadata snapshot, or `None` while
     /// another process has it.
-    fn lock_pool(&self, pool: &ThinPool) -> Result<Option<std::fs::File>, LvmError> {
+    fn lock_pool(&self, pool: &ThinPool) -> Result<Option<crate::lock::Held>, LvmError> {
         let path = self
             .lock_dir
             .join(format!("snapsync-pool-{}.lock", pool.dm_name));
@@ -1778,11 +1778,7 @@ impl Lvm {
             .write(true)
             .open(&path)
             .map_err(io_err)?;
-        match crate::lock::try_exclusive(&file) {
-            Ok(true) => Ok(Some(file)),
-            Ok(false) => Ok(None),
-            Err(e) => Err(io_err(e)),
-        }
+        crate::lock::try_exclusive(file).map_err(io_err)
     }
 
     /// Starts `thin_delta -m --snap1 LEFT --snap2 RIGHT <tmeta>`, which
@@ -1908,7 +1904,7 @@ pub struct MetadataSnapHold {
     released: bool,
     /// The host-wide lock, given up after the release (fields drop after
     /// `Drop::drop`).
-    _lock: std::fs::File,
+    _lock: crate::lock::Held,
 }
 
 impl MetadataSnapHold {
