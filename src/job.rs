@@ -176,7 +176,7 @@ pub struct CycleResult {
     pub source_bytes_read: Option<u64>,
 }
 
-/// One target's part of a cycle.
+/// One target's part of a cycle (or of a `sync` to several).
 #[derive(Debug, Serialize)]
 pub struct TargetResult {
     pub target: String,
@@ -189,7 +189,7 @@ pub struct TargetResult {
 }
 
 impl TargetResult {
-    fn of(o: &Outcome) -> Self {
+    pub fn of(o: &Outcome) -> Self {
         let r = &o.result;
         Self {
             target: o.target.clone(),

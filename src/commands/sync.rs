@@ -89,7 +89,7 @@ pub fn sync(a: SyncArgs) -> Result<Exit> {
         .iter()
         .find_map(|o| o.result.as_ref().ok().map(|r| r.volume_bytes));
     if a.transfer.json {
-        let targets: Vec<_> = outcomes.iter().map(Outcome::json).collect();
+        let targets: Vec<_> = outcomes.iter().map(crate::job::TargetResult::of).collect();
         let doc = serde_json::json!({
             "volume_bytes": size,
             "source_bytes_read": read_once,
@@ -206,23 +206,6 @@ impl Outcome {
             result,
             after,
             left_behind,
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        match &self.result {
-            Ok(r) => serde_json::json!({
-                "target": self.target, "ok": true, "exit": 0, "error": null, "report": r,
-                "left_behind": self.left_behind,
-            }),
-            Err(e) => serde_json::json!({
-                "target": self.target,
-                "ok": false,
-                "exit": crate::exit::classify(e) as u8,
-                "error": format!("{e:#}"),
-                "report": null,
-                "left_behind": self.left_behind,
-            }),
         }
     }
 }
