@@ -187,20 +187,30 @@ impl Reading {
             (self.volume.as_ref(), self.block, self.size, self.readable);
         let total = block.blocks_in(size);
         let mut b = start_block;
+        // Data runs up to here without a hole: asked once per extent,
+        // not once per chunk.
+        let mut data_until = 0;
         while b < total && !cancel.is_cancelled() {
             let offset = block.offset_of(b);
+            let in_data = offset < data_until;
             // Whole blocks of hole from here: one SEEK_DATA per hole, not
             // one per chunk (holes are ranges).
-            let hole_blocks = hole_blocks_at(volume, block, offset, readable, size)
-                .min(total - b)
-                .min(HOLE_CHUNK_BLOCKS);
+            let hole_blocks = if in_data {
+                0
+            } else {
+                hole_blocks_at(volume, block, offset, readable, size)
+                    .min(total - b)
+                    .min(HOLE_CHUNK_BLOCKS)
+            };
             // A data chunk ends where a hole begins (whole blocks):
             // scattered data costs what it holds, not 1 MiB apiece.
             let n = if hole_blocks > 0 {
                 hole_blocks
             } else {
-                let to_hole = volume
-                    .next_hole(offset)
+                if !in_data {
+                    data_until = volume.next_hole(offset);
+                }
+                let to_hole = data_until
                     .saturating_sub(offset)
                     .div_ceil(block.bytes() as u64);
                 self.per.min(total - b).min(to_hole.max(1))
@@ -209,7 +219,7 @@ impl Reading {
             let real_end = (offset + len).min(readable);
             let hole = hole_blocks > 0
                 || offset >= real_end
-                || volume.next_data(offset).is_none_or(|d| d >= real_end);
+                || (!in_data && volume.next_data(offset).is_none_or(|d| d >= real_end));
             let plan = Plan {
                 first_block: b,
                 blocks: n,
