@@ -150,8 +150,29 @@ pub struct FileVolume {
     path: PathBuf,
     kind: VolumeKind,
     size: Mutex<u64>,
-    drop_cache: bool,
+    /// Pages read and done with, not yet handed back to the kernel: see
+    /// [`FileVolume::advise_sequential`]. `None` keeps the cache.
+    drop_behind: Option<Mutex<DropBehind>>,
 }
+
+/// A run of bytes a scan is done with, waiting to be dropped from the
+/// page cache in one aligned piece.
+#[derive(Debug, Default)]
+struct DropBehind {
+    start: u64,
+    end: u64,
+}
+
+/// Page-cache folios are up to this large and aligned to their size; the
+/// kernel drops only folios wholly inside an advised range, so a range
+/// that does not start and end on this boundary keeps the folios at its
+/// edges (measured: dropping 1 MiB pieces just read left every page
+/// cached).
+const FOLIO_ALIGN: u64 = 2 << 20;
+
+/// Bytes dropped at once: one call per this many bytes read, not one per
+/// chunk (each call drains the per-CPU LRU lists: measured 17 µs apiece).
+const DROP_BATCH: u64 = 8 << 20;
 
 impl FileVolume {
     /// Opens an operator-given path (a source, a test image). Symlinks are
@@ -205,7 +226,7 @@ impl FileVolume {
             path: path.to_owned(),
             kind,
             size: Mutex::new(size),
-            drop_cache: false,
+            drop_behind: None,
         })
     }
 
@@ -218,7 +239,26 @@ impl FileVolume {
     /// large volume does not evict everything else.
     pub fn advise_sequential(&mut self, drop_behind: bool) {
         let _ = fadvise(self.file.as_fd(), 0, None, Advice::Sequential);
-        self.drop_cache = drop_behind;
+        self.drop_behind = drop_behind.then(Default::default);
+    }
+
+    /// Drops the whole folios of `[start, end)` from the page cache (to
+    /// the end of the file when `end` reaches `size`); returns where the
+    /// bytes not dropped begin.
+    fn drop_pages(&self, start: u64, end: u64, size: u64) -> u64 {
+        let from = start.next_multiple_of(FOLIO_ALIGN);
+        let to = if end >= size {
+            u64::MAX
+        } else {
+            end / FOLIO_ALIGN * FOLIO_ALIGN
+        };
+        if to <= from {
+            return start;
+        }
+        // Length 0: to the end of the file.
+        let len = if to == u64::MAX { 0 } else { to - from };
+        self.advise(from, len, Advice::DontNeed);
+        to.min(end)
     }
 
     /// A page-cache hint for `[offset, offset+len)`; a hint the kernel
@@ -354,8 +394,22 @@ impl Volume for FileVolume {
     }
 
     fn done_with(&self, offset: u64, len: u64) {
-        if self.drop_cache {
-            self.advise(offset, len, Advice::DontNeed);
+        let Some(behind) = &self.drop_behind else {
+            return;
+        };
+        let mut run = behind.lock().unwrap_or_else(|p| p.into_inner());
+        let size = self.size();
+        if offset != run.end {
+            // Not where the last read ended: what waits goes now.
+            self.drop_pages(run.start, run.end, size);
+            *run = DropBehind {
+                start: offset,
+                end: offset,
+            };
+        }
+        run.end = offset + len;
+        if run.end - run.start >= DROP_BATCH || run.end >= size {
+            run.start = self.drop_pages(run.start, run.end, size);
         }
     }
 
@@ -901,6 +955,47 @@ impl Volume for MemVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes of `path` in the page cache, as `fincore` (util-linux)
+    /// counts them.
+    fn cached_bytes(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    #[test]
+    fn a_scan_that_drops_behind_leaves_the_file_uncached() {
+        // On disk, not tmpfs: the page cache of a tmpfs file is the file.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = dir.path().join("img");
+        let size = 48u64 << 20;
+        let mut data = vec![0u8; size as usize];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 4096) as u8 | 1;
+        }
+        std::fs::write(&p, &data).unwrap();
+        File::open(&p).unwrap().sync_all().unwrap();
+        let mut v = FileVolume::open(&p, Access::Read).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let read_all = |v: &FileVolume, buf: &mut [u8]| {
+            for off in (0..size).step_by(buf.len()) {
+                v.read_at(buf, off).unwrap();
+                v.done_with(off, buf.len() as u64);
+            }
+        };
+        // Without drop-behind everything read stays cached.
+        read_all(&v, &mut buf);
+        assert_eq!(cached_bytes(&p), size);
+        // With it, every page is handed back once the scan is past it.
+        v.advise_sequential(true);
+        read_all(&v, &mut buf);
+        assert_eq!(cached_bytes(&p), 0, "pages left cached after the scan");
+    }
 
     #[test]
     fn file_volume_round_trip_and_sparse_zero() {
