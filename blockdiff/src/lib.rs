@@ -198,13 +198,18 @@ pub enum Decision {
 /// same block (`None` when the block lies beyond the target's old end).
 pub fn decide(signer: &Signer, source: &[u8], target: Option<&Digest>) -> (Decision, Digest) {
     let digest = signer.block_digest(source);
-    let decision = match target {
+    (decide_digest(digest, source, target), digest)
+}
+
+/// [`decide`] for a block whose digest (`signer.block_digest(source)`)
+/// is already known.
+pub fn decide_digest(digest: Digest, source: &[u8], target: Option<&Digest>) -> Decision {
+    match target {
         Some(t) if *t == digest => Decision::Same,
         _ if is_zero(source) => Decision::Zero,
         Some(_) => Decision::Refine,
         None => Decision::SendWhole,
-    };
-    (decision, digest)
+    }
 }
 
 /// Runs of differing sub-blocks inside one block, as `(offset within block,

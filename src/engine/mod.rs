@@ -53,6 +53,15 @@ pub const HOLE_CHUNK_BLOCKS: u64 = WINDOW_BLOCKS;
 /// Chunks a reader may hold ready ahead of its consumer.
 pub const READ_AHEAD: usize = 8;
 
+/// What a [`ChunkReader`] may compute of each block it reads, on the
+/// thread that read it while the bytes are still in its cache: one entry
+/// per block of a data chunk. A reader with one read in flight computes it
+/// only while its consumer falls behind (reading costs less than hashing,
+/// so the two threads share the hashing and both cores stay busy); a
+/// reader with several, always. The consumer computes what it finds
+/// missing.
+pub type BlockHash = Arc<dyn Fn(&[u8]) -> Option<blockdiff::Digest> + Send + Sync>;
+
 /// A run of whole blocks read from a volume.
 #[derive(Debug)]
 pub struct Chunk {
@@ -65,6 +74,9 @@ pub struct Chunk {
     /// [`HOLE_CHUNK_BLOCKS`] blocks; a data chunk [`blocks_per_chunk`], or
     /// the volume's preferred read.
     pub hole: bool,
+    /// The reader's [`BlockHash`] of each block of a data chunk; empty
+    /// for a hole, or when the reader left it to the consumer.
+    pub digests: Vec<Option<blockdiff::Digest>>,
 }
 
 /// A thread reading a volume front to back in [`CHUNK_BYTES`] chunks (or
@@ -83,7 +95,8 @@ pub struct ChunkReader {
 
 impl ChunkReader {
     /// Reads blocks `start_block..` of a volume of logical size `size`,
-    /// of which only the first `readable` bytes exist (past them: zeros).
+    /// of which only the first `readable` bytes exist (past them: zeros),
+    /// computing `hash` of each block read.
     pub fn spawn(
         volume: Arc<dyn snapshot::Volume>,
         block: blockdiff::BlockSize,
@@ -91,6 +104,7 @@ impl ChunkReader {
         readable: u64,
         start_block: u64,
         cancel: Cancel,
+        hash: Option<BlockHash>,
     ) -> Self {
         // Larger reads where the volume asks for them, with as many bytes
         // read ahead as usual (at least two chunks), and as many in flight
@@ -113,13 +127,17 @@ impl ChunkReader {
             per,
             free: free_rx,
             counter: bytes_read.clone(),
+            hash,
         };
         let handle = std::thread::Builder::new()
             .name("volume-read".into())
             .spawn(move || {
                 if workers == 1 {
                     reading.front_to_back(start_block, &cancel, |plan| {
-                        tx.send(reading.read(plan)).is_ok()
+                        // Hash here too while the consumer has half the
+                        // read-ahead still to hash.
+                        let hash = tx.len() >= ahead.div_ceil(2);
+                        tx.send(reading.read(plan, hash)).is_ok()
                     });
                 } else {
                     reading.in_flight(start_block, &cancel, workers, tx);
@@ -177,6 +195,7 @@ struct Reading {
     per: u64,
     free: crossbeam_channel::Receiver<Vec<u8>>,
     counter: Arc<std::sync::atomic::AtomicU64>,
+    hash: Option<BlockHash>,
 }
 
 impl Reading {
@@ -232,11 +251,13 @@ impl Reading {
         }
     }
 
-    /// Reads what `plan` says (nothing for a hole).
-    fn read(&self, plan: Plan) -> Result<Chunk, snapshot::VolumeError> {
+    /// Reads what `plan` says (nothing for a hole), with its blocks'
+    /// [`BlockHash`] if `hash`.
+    fn read(&self, plan: Plan, hash: bool) -> Result<Chunk, snapshot::VolumeError> {
         let offset = self.block.offset_of(plan.first_block);
         let len = (self.size - offset).min(plan.blocks * self.block.bytes() as u64) as usize;
         let mut data = Vec::new();
+        let mut digests = Vec::new();
         if !plan.hole {
             let real_end = (offset + len as u64).min(self.readable);
             data = self.free.try_recv().unwrap_or_default();
@@ -246,12 +267,17 @@ impl Reading {
             data[n_real..].fill(0);
             self.counter.fetch_add(n_real as u64, Ordering::Relaxed);
             self.volume.done_with(offset, n_real as u64);
+            if let Some(hash) = self.hash.as_ref().filter(|_| hash) {
+                let bs = self.block.bytes() as usize;
+                digests.extend(data.chunks(bs).map(|b| hash(b)));
+            }
         }
         Ok(Chunk {
             first_block: plan.first_block,
             blocks: plan.blocks,
             data,
             hole: plan.hole,
+            digests,
         })
     }
 
@@ -273,7 +299,7 @@ impl Reading {
                 let jobs = jobs_rx.clone();
                 s.spawn(move || {
                     for (plan, slot) in jobs {
-                        let _ = crossbeam_channel::Sender::send(&slot, self.read(plan));
+                        let _ = crossbeam_channel::Sender::send(&slot, self.read(plan, true));
                     }
                 });
             }
@@ -294,7 +320,7 @@ impl Reading {
                     return false;
                 }
                 if plan.hole {
-                    return slot_tx.send(self.read(plan)).is_ok();
+                    return slot_tx.send(self.read(plan, false)).is_ok();
                 }
                 jobs_tx.send((plan, slot_tx)).is_ok()
             });
@@ -441,7 +467,12 @@ mod tests {
         }
         let v = Arc::new(Remote(MemVolume::new("r", data.clone(), false), mapped));
         let block = blockdiff::BlockSize::new(64 << 10).unwrap();
-        for start in [0, 7] {
+        let signer = blockdiff::Signer::new(blockdiff::HashKey([3; 32]));
+        let hashing = signer.clone();
+        let hash: BlockHash = Arc::new(move |b: &[u8]| Some(hashing.block_digest(b)));
+        for (start, hash) in [(0, None), (7, None), (0, Some(hash.clone())), (7, Some(hash))] {
+            let hashed = hash.is_some();
+            let mut hashed_some = false;
             let r = ChunkReader::spawn(
                 v.clone(),
                 block,
@@ -449,6 +480,7 @@ mod tests {
                 size as u64,
                 start,
                 Cancel::new(),
+                hash,
             );
             let mut got = Vec::new();
             let mut next = start;
@@ -463,14 +495,25 @@ mod tests {
                 } else {
                     assert!(c.data.len() <= 2 << 20);
                     got.extend_from_slice(&c.data);
+                    // Each block's digest, computed by the reader.
+                    let want: Vec<_> = c
+                        .data
+                        .chunks(64 << 10)
+                        .map(|b| Some(signer.block_digest(b)))
+                        .collect();
+                    // All of them or none (the consumer's to compute).
+                    assert!(c.digests == want || c.digests.is_empty());
+                    hashed_some |= !c.digests.is_empty();
                 }
                 r.recycle(c);
             }
             assert_eq!(got, data[(start << 16) as usize..], "start {start}");
+            // Four reads in flight: each worker hashes what it reads.
+            assert_eq!(hashed_some, hashed);
             assert_eq!(next, block.blocks_in(size as u64));
         }
         // A consumer that stops early: dropping the reader ends its threads.
-        let r = ChunkReader::spawn(v, block, size as u64, size as u64, 0, Cancel::new());
+        let r = ChunkReader::spawn(v, block, size as u64, size as u64, 0, Cancel::new(), None);
         assert!(r.chunks.recv().unwrap().is_ok());
         drop(r);
     }
@@ -485,7 +528,7 @@ mod tests {
             vec![1; size >> 16],
         ));
         let block = blockdiff::BlockSize::new(64 << 10).unwrap();
-        let r = ChunkReader::spawn(v, block, size as u64, size as u64, 0, Cancel::new());
+        let r = ChunkReader::spawn(v, block, size as u64, size as u64, 0, Cancel::new(), None);
         let items: Vec<_> = r.chunks.iter().collect();
         assert!(items.last().unwrap().is_err());
         assert!(items[..items.len() - 1].iter().all(|c| c.is_ok()));

@@ -25,7 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockdiff::{
-    changed_runs, decide, decide_holes, BlockSize, Decision, Digest, HashKey, HoleDecision, Signer,
+    changed_runs, decide_digest, decide_holes, BlockSize, Decision, Digest, HashKey, HoleDecision, Signer,
     Theirs,
 };
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
@@ -1026,6 +1026,15 @@ impl Comparer<'_> {
 
     fn run_scan(&mut self, opened: &Opened) -> Result<(), SyncError> {
         let total = self.block.blocks_in(self.size);
+        // The map's digest of every block read, computed by the readers
+        // (on every core): in digest-map mode it is the whole comparison.
+        let hash = match (&self.map_signer, self.map_old.is_some() || self.map_new.is_some()) {
+            (Some(ms), true) => {
+                let ms = ms.clone();
+                Some(Arc::new(move |b: &[u8]| Some(ms.block_digest(b))) as super::BlockHash)
+            }
+            _ => None,
+        };
         let reader = ChunkReader::spawn(
             self.source.clone(),
             self.block,
@@ -1033,6 +1042,7 @@ impl Comparer<'_> {
             self.size,
             opened.start_block,
             self.cancel.clone(),
+            hash,
         );
         for chunk in reader.chunks.iter() {
             if self.cancel.is_cancelled() {
@@ -1090,10 +1100,11 @@ impl Comparer<'_> {
             let len = self.block.len_of(b, self.size) as usize;
             let i = (b - chunk.first_block) as usize;
             let data = (!chunk.hole).then(|| &chunk.data[i * bs..i * bs + len]);
+            let map_digest = chunk.digests.get(i).copied().flatten();
             let decision = if self.map_old.is_some() {
                 // Digest-map mode: the map of the base stands in for the
                 // target's digests (the target scans nothing).
-                self.map_decision(data, len)?
+                self.map_decision(data, len, map_digest)?
             } else {
                 let (theirs, run_end) = self.target_view(b)?;
                 if chunk.hole && theirs == Theirs::Hole {
@@ -1109,7 +1120,7 @@ impl Comparer<'_> {
                 }
                 let zero_digest = self.zero_digest(len);
                 let d = decide_holes(&self.signer, &zero_digest, data, &theirs);
-                self.record_map(data, len, None);
+                self.record_map(data, len, map_digest);
                 d
             };
             self.report.blocks_compared += 1;
@@ -1233,7 +1244,13 @@ impl Comparer<'_> {
 
     /// Digest-map mode: what to do with a block, compared against the
     /// base's digest in the map (read in step with the scan).
-    fn map_decision(&mut self, data: Option<&[u8]>, len: usize) -> Result<HoleDecision, SyncError> {
+    /// `digest` is the map's digest of `data` when the reader computed it.
+    fn map_decision(
+        &mut self,
+        data: Option<&[u8]>,
+        len: usize,
+        digest: Option<Digest>,
+    ) -> Result<HoleDecision, SyncError> {
         let theirs = match &mut self.map_old {
             Some(r) => r.next_digest().map_err(|e| map_error(&self.source, e))?,
             None => unreachable!("map_decision outside digest-map mode"),
@@ -1248,11 +1265,15 @@ impl Comparer<'_> {
                 HoleDecision::Zero
             });
         };
-        let ms = self
-            .map_signer
-            .as_ref()
-            .expect("digest-map mode has a signer");
-        let (d, digest) = decide(ms, data, Some(&theirs));
+        let digest = match digest {
+            Some(d) => d,
+            None => self
+                .map_signer
+                .as_ref()
+                .expect("digest-map mode has a signer")
+                .block_digest(data),
+        };
+        let d = decide_digest(digest, data, Some(&theirs));
         self.record_map(Some(data), len, Some(digest));
         Ok(match d {
             Decision::Same => HoleDecision::Same,

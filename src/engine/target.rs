@@ -1829,6 +1829,11 @@ fn write_loop<W: Write>(
 /// Hashes the volume front to back, announcing runs of zero blocks as
 /// holes (no digest) and the rest as digests (see [`super::holes`]).
 fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError> {
+    let signer = s.signer.clone();
+    // Zeros cost no digest: they go out as a hole.
+    let hash: super::BlockHash = Arc::new(move |b: &[u8]| {
+        (!blockdiff::is_zero(b)).then(|| signer.block_digest(b))
+    });
     let reader = ChunkReader::spawn(
         s.volume.clone(),
         s.block,
@@ -1836,10 +1841,10 @@ fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError
         s.old_size,
         start,
         s.cancel.clone(),
+        Some(hash.clone()),
     );
     let mut announcer = Announcer::new();
     let mut frames = Vec::new();
-    let bs = s.block.bytes() as u64;
     for chunk in reader.chunks.iter() {
         let chunk = chunk.map_err(volume_err)?;
         let last = chunk.first_block + chunk.blocks - 1;
@@ -1858,14 +1863,17 @@ fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError
         } else {
             for i in 0..chunk.blocks {
                 let b = chunk.first_block + i;
-                let blen = s.block.len_of(b, s.new_size) as usize;
-                let from = (i * bs) as usize;
-                let data = &chunk.data[from..from + blen];
-                // Zeros cost no digest: they go out as a hole.
-                if blockdiff::is_zero(data) {
-                    announcer.hole(b, 1, &mut frames);
-                } else {
-                    announcer.digest(b, s.signer.block_digest(data), &mut frames);
+                let digest = match chunk.digests.get(i as usize) {
+                    Some(d) => *d,
+                    None => {
+                        let blen = s.block.len_of(b, s.new_size) as usize;
+                        let from = i as usize * s.block.bytes() as usize;
+                        hash(&chunk.data[from..from + blen])
+                    }
+                };
+                match digest {
+                    Some(d) => announcer.digest(b, d, &mut frames),
+                    None => announcer.hole(b, 1, &mut frames),
                 }
             }
             announcer.flush_digests(&mut frames);
