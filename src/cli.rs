@@ -81,7 +81,8 @@ pub struct TransferArgs {
     #[arg(short, long)]
     pub quiet: bool,
     /// Keep the volumes' pages in the page cache after reading them
-    /// (by default a scan drops what it read, to spare other users' cache).
+    /// (by default a scan drops the pages it brought in, to spare other
+    /// users' cache, and leaves those that were cached before it came).
     #[arg(long)]
     pub keep_cache: bool,
     /// Give up when the other side makes no progress for this long (a hung
