@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::source::Compress;
 use crate::exit::UsageError;
 
 #[derive(Debug, Parser)]
@@ -151,7 +152,8 @@ pub struct SyncArgs {
     /// before that target is dropped from this sync.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub fanout_buffer: u64,
-    /// Data frame compression: auto (zstd when remote), none, zstd[:LEVEL].
+    /// Data frame compression: auto (zstd for remote targets while the link
+    /// is slower than compressing), none, zstd[:LEVEL] (always).
     #[arg(long, default_value = "auto")]
     pub compress: String,
     /// Compare and report what would be sent; write nothing.
@@ -247,14 +249,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("bad size {s:?}: {e}"))
 }
 
-/// Compression choice: `None` for no compression, `Some(level)` for zstd.
-pub fn parse_compress(s: &str, remote: bool) -> Result<Option<i32>, UsageError> {
+/// Compression choice: `None` for no compression, else zstd at a level,
+/// adaptive for `auto` (see [`crate::engine::source::Compress`]).
+pub fn parse_compress(s: &str, remote: bool) -> Result<Option<Compress>, UsageError> {
+    let always = |level| Some(Compress { level, adaptive: false });
     match s {
-        "auto" => Ok(remote.then_some(3)),
+        "auto" => Ok(remote.then_some(Compress {
+            level: 3,
+            adaptive: true,
+        })),
         "none" => Ok(None),
-        "zstd" => Ok(Some(3)),
+        "zstd" => Ok(always(3)),
         _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
-            Some(Ok(l)) if (1..=19).contains(&l) => Ok(Some(l)),
+            Some(Ok(l)) if (1..=19).contains(&l) => Ok(always(l)),
             _ => Err(UsageError(format!(
                 "--compress {s:?}: use auto, none, zstd or zstd:LEVEL (1-19)"
             ))),
@@ -351,8 +358,10 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert_eq!(parse_compress("auto", false).unwrap(), None);
-        assert_eq!(parse_compress("auto", true).unwrap(), Some(3));
-        assert_eq!(parse_compress("zstd:9", false).unwrap(), Some(9));
+        let auto = parse_compress("auto", true).unwrap().unwrap();
+        assert!(auto.adaptive && auto.level == 3);
+        let z9 = parse_compress("zstd:9", false).unwrap().unwrap();
+        assert!(!z9.adaptive && z9.level == 9);
         assert!(parse_compress("zstd:99", false).is_err());
         assert!(parse_compress("gzip", false).is_err());
     }

@@ -68,8 +68,8 @@ impl From<WireError> for SyncError {
 pub struct SessionParams {
     pub target_path: String,
     pub block_size: BlockSize,
-    /// zstd level for data frames, if compression is wanted.
-    pub compress: Option<i32>,
+    /// Compression of data frames, if wanted.
+    pub compress: Option<Compress>,
     pub mode: Mode,
     pub dry_run: bool,
     pub force: bool,
@@ -816,12 +816,15 @@ fn recv_loop<R: Read>(
 fn write_loop<W: Write>(
     mut wr: FrameWriter<W>,
     rx: Receiver<(Msg, Vec<u8>)>,
-    compress: Option<i32>,
+    compress: Option<Compress>,
     clock: Clock,
     sent: Arc<AtomicU64>,
 ) -> Result<u64, WireError> {
     let mut zbuf = Vec::new();
-    let mut zstd = compress.map(wire::Compressor::new).transpose()?;
+    let mut zstd = compress
+        .map(|c| wire::Compressor::new(c.level))
+        .transpose()?;
+    let mut adapt = compress.filter(|c| c.adaptive).map(|_| Adaptive::new());
     let mut finished = false;
     loop {
         let (msg, payload) = match rx.try_recv() {
@@ -844,10 +847,17 @@ fn write_loop<W: Write>(
         // Counted before the bytes can reach the target.
         let bound = wr.bytes() + (9 + wire::MAX_HEADER + payload.len()) as u64;
         sent.fetch_max(bound, Ordering::SeqCst);
+        let is_data = matches!(msg, Msg::Data(_));
+        let started = Instant::now();
         let compressed = match (&msg, zstd.as_mut()) {
-            (Msg::Data(_), Some(z)) => z.compress(&payload, &mut zbuf),
+            (Msg::Data(_), Some(z)) if adapt.as_ref().is_none_or(|a| a.on) => {
+                z.compress(&payload, &mut zbuf)
+            }
             _ => false,
         };
+        let compressing = started.elapsed();
+        let raw = payload.len();
+        let out = if compressed { zbuf.len() } else { raw };
         match msg {
             Msg::Data(d) if compressed => {
                 wr.send(
@@ -860,12 +870,120 @@ fn write_loop<W: Write>(
             }
             msg => wr.send(&msg, &payload)?,
         }
+        if let Some(a) = adapt.as_mut().filter(|_| is_data) {
+            a.record(raw, out, compressing, started.elapsed() - compressing);
+        }
         // The target takes what we send: that is progress too (heartbeats
         // aside, which go out whatever the target does).
         if !is_beat {
             clock.touch();
         }
     }
+}
+
+/// Data-frame compression: zstd at `level`; `adaptive` (what `auto`
+/// means for a remote target) compresses only while that makes the
+/// session faster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compress {
+    pub level: i32,
+    pub adaptive: bool,
+}
+
+/// Decides, a window of data frames at a time, whether compressing pays,
+/// from the writer's own clock: the time it takes to compress, and the
+/// time the link takes the bytes (a write blocks while the link is
+/// full). Over a fast link (a LAN, loopback) compression only costs CPU
+/// on both ends (measured: a first copy over ssh on 127.0.0.1 took 2.1 s
+/// compressed against 1.4 s raw); over a slow one it saves more link time
+/// than it takes.
+#[derive(Debug)]
+struct Adaptive {
+    on: bool,
+    frames: u32,
+    raw: u64,
+    out: u64,
+    compressing: Duration,
+    writing: Duration,
+    /// Raw bytes per second compressed, and the share of bytes left,
+    /// from the last window that compressed.
+    speed: f64,
+    ratio: f64,
+    windows_off: u32,
+}
+
+/// Data frames per decision (2 MiB at 64 KiB blocks).
+const ADAPT_FRAMES: u32 = 32;
+/// Windows without compression before one compressed window measures
+/// again what compression would do (the data may have changed).
+const ADAPT_REPROBE: u32 = 16;
+
+impl Adaptive {
+    fn new() -> Self {
+        Self {
+            on: true,
+            frames: 0,
+            raw: 0,
+            out: 0,
+            compressing: Duration::ZERO,
+            writing: Duration::ZERO,
+            speed: f64::INFINITY,
+            ratio: 1.0,
+            windows_off: 0,
+        }
+    }
+
+    /// One data frame: `raw` payload bytes went out as `out` bytes.
+    fn record(&mut self, raw: usize, out: usize, compressing: Duration, writing: Duration) {
+        self.frames += 1;
+        self.raw += raw as u64;
+        self.out += out as u64;
+        self.compressing += compressing;
+        self.writing += writing;
+        if self.frames < ADAPT_FRAMES || self.raw == 0 {
+            return;
+        }
+        let per_sec = |bytes: u64, t: Duration| match t.as_secs_f64() {
+            0.0 => f64::INFINITY,
+            s => bytes as f64 / s,
+        };
+        let link = per_sec(self.out, self.writing);
+        let was = self.on;
+        if self.on {
+            self.speed = per_sec(self.raw, self.compressing);
+            self.ratio = self.out as f64 / self.raw as f64;
+            self.windows_off = 0;
+            self.on = compression_pays(link, self.speed, self.ratio);
+        } else {
+            self.windows_off += 1;
+            self.on = compression_pays(link, self.speed, self.ratio)
+                || self.windows_off >= ADAPT_REPROBE;
+        }
+        if self.on != was {
+            tracing::debug!(
+                "compression {}: link {:.0} MB/s, zstd {:.0} MB/s to {:.0}%",
+                if self.on { "on" } else { "off" },
+                link / 1e6,
+                self.speed / 1e6,
+                self.ratio * 100.0
+            );
+        }
+        *self = Self {
+            frames: 0,
+            raw: 0,
+            out: 0,
+            compressing: Duration::ZERO,
+            writing: Duration::ZERO,
+            ..*self
+        };
+    }
+}
+
+/// Compression saves `1 - ratio` of each byte's time on a link of `link`
+/// bytes per second and costs `1 / speed` seconds per byte: it pays when
+/// it saves more than it costs.
+fn compression_pays(link: f64, speed: f64, ratio: f64) -> bool {
+    (1.0 - ratio) / link > 1.0 / speed
 }
 
 struct Comparer<'a> {
@@ -1536,6 +1654,61 @@ impl Comparer<'_> {
 mod tests {
     use super::*;
     use wire::{Generation, ReplicaState};
+
+    /// Feeds one window of frames of 64 KiB each: compressing at
+    /// `speed` MB/s to `ratio`, over a link of `link` MB/s.
+    fn window(a: &mut Adaptive, speed: f64, ratio: f64, link: f64) {
+        for _ in 0..ADAPT_FRAMES {
+            let raw = 64 << 10;
+            let out = if a.on {
+                (raw as f64 * ratio) as usize
+            } else {
+                raw
+            };
+            let compressing = if a.on {
+                Duration::from_secs_f64(raw as f64 / (speed * 1e6))
+            } else {
+                Duration::ZERO
+            };
+            let writing = Duration::from_secs_f64(out as f64 / (link * 1e6));
+            a.record(raw, out, compressing, writing);
+        }
+    }
+
+    #[test]
+    fn compression_pays_only_where_the_link_is_slower_than_what_it_saves() {
+        // zstd at 400 MB/s leaving 40%: it saves 60% of a byte's link time.
+        assert!(compression_pays(100e6, 400e6, 0.4)); // 1 Gbit/s
+        assert!(!compression_pays(600e6, 400e6, 0.4)); // ssh on loopback
+        assert!(!compression_pays(100e6, 400e6, 1.0)); // random data
+        assert!(!compression_pays(f64::INFINITY, 400e6, 0.1));
+    }
+
+    #[test]
+    fn adaptive_compression_follows_the_link() {
+        let mut a = Adaptive::new();
+        assert!(a.on, "measures compression first");
+        // A fast link: compression is turned off after one window...
+        window(&mut a, 400.0, 0.4, 2000.0);
+        assert!(!a.on);
+        // ...and tried again after ADAPT_REPROBE windows, then off again.
+        for _ in 0..ADAPT_REPROBE - 1 {
+            window(&mut a, 400.0, 0.4, 2000.0);
+            assert!(!a.on);
+        }
+        window(&mut a, 400.0, 0.4, 2000.0);
+        assert!(a.on, "re-measures");
+        window(&mut a, 400.0, 0.4, 2000.0);
+        assert!(!a.on);
+        // The link slows down (a WAN): raw writes block, compression pays.
+        window(&mut a, 400.0, 0.4, 50.0);
+        assert!(a.on);
+        window(&mut a, 400.0, 0.4, 50.0);
+        assert!(a.on, "stays on while it pays");
+        // Incompressible data: nothing saved, compression stops.
+        window(&mut a, 400.0, 1.0, 50.0);
+        assert!(!a.on);
+    }
 
     #[test]
     fn the_replica_after_a_failure_follows_what_the_target_reported() {
