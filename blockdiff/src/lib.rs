@@ -662,15 +662,11 @@ mod tests {
             seed in any::<u64>(),
             key in any::<[u8; 32]>(),
         ) {
-            let mut x = seed | 1;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let mut data = vec![0u8; len];
+            blake3::Hasher::new()
+                .update(&seed.to_le_bytes())
+                .finalize_xof()
+                .fill(&mut data);
             let s = Signer::new(HashKey(key));
             let mut got = Vec::new();
             s.sub_digests(&data, &mut got);
