@@ -252,7 +252,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Compression choice: `None` for no compression, else zstd at a level,
 /// adaptive for `auto` (see [`crate::engine::source::Compress`]).
 pub fn parse_compress(s: &str, remote: bool) -> Result<Option<Compress>, UsageError> {
-    let always = |level| Some(Compress { level, adaptive: false });
+    let always = |level| {
+        Some(Compress {
+            level,
+            adaptive: false,
+        })
+    };
     match s {
         "auto" => Ok(remote.then_some(Compress {
             level: 3,

@@ -241,7 +241,16 @@ impl Signer {
                 .try_into()
                 .expect("two chaining values")
         });
-        platform.hash_many(&roots[..n], &key, 0, No, flags | ROOT, 0, 0, &mut cvs[..n * CV]);
+        platform.hash_many(
+            &roots[..n],
+            &key,
+            0,
+            No,
+            flags | ROOT,
+            0,
+            0,
+            &mut cvs[..n * CV],
+        );
         for d in cvs[..n * CV].chunks_exact(CV) {
             let mut digest = [0u8; DIGEST_LEN];
             digest.copy_from_slice(&d[..DIGEST_LEN]);

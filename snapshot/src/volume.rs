@@ -188,7 +188,6 @@ const FOLIO_ALIGN: u64 = 2 << 20;
 /// chunk (each call drains the per-CPU LRU lists: measured 17 µs apiece).
 const DROP_BATCH: u64 = 8 << 20;
 
-
 impl FileVolume {
     /// Opens an operator-given path (a source, a test image). Symlinks are
     /// followed; the file type is checked on an `O_PATH` descriptor before
@@ -450,7 +449,11 @@ impl Volume for FileVolume {
         while run.kept.front().is_some_and(|&(_, e)| e <= offset) {
             run.kept.pop_front();
         }
-        if run.kept.front().is_some_and(|&(s, e)| s <= offset && end <= e) {
+        if run
+            .kept
+            .front()
+            .is_some_and(|&(s, e)| s <= offset && end <= e)
+        {
             // Found cached: it stays, and so what came before it goes.
             self.drop_pages(run.start, run.end, size);
             run.start = end;

@@ -470,7 +470,12 @@ mod tests {
         let signer = blockdiff::Signer::new(blockdiff::HashKey([3; 32]));
         let hashing = signer.clone();
         let hash: BlockHash = Arc::new(move |b: &[u8]| Some(hashing.block_digest(b)));
-        for (start, hash) in [(0, None), (7, None), (0, Some(hash.clone())), (7, Some(hash))] {
+        for (start, hash) in [
+            (0, None),
+            (7, None),
+            (0, Some(hash.clone())),
+            (7, Some(hash)),
+        ] {
             let hashed = hash.is_some();
             let mut hashed_some = false;
             let r = ChunkReader::spawn(

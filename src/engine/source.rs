@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockdiff::{
-    changed_runs, decide_digest, decide_holes, BlockSize, Decision, Digest, HashKey, HoleDecision, Signer,
-    Theirs,
+    changed_runs, decide_digest, decide_holes, BlockSize, Decision, Digest, HashKey, HoleDecision,
+    Signer, Theirs,
 };
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use serde::Serialize;
@@ -956,8 +956,8 @@ impl Adaptive {
             self.on = compression_pays(link, self.speed, self.ratio);
         } else {
             self.windows_off += 1;
-            self.on = compression_pays(link, self.speed, self.ratio)
-                || self.windows_off >= ADAPT_REPROBE;
+            self.on =
+                compression_pays(link, self.speed, self.ratio) || self.windows_off >= ADAPT_REPROBE;
         }
         if self.on != was {
             tracing::debug!(
@@ -1146,7 +1146,10 @@ impl Comparer<'_> {
         let total = self.block.blocks_in(self.size);
         // The map's digest of every block read, computed by the readers
         // (on every core): in digest-map mode it is the whole comparison.
-        let hash = match (&self.map_signer, self.map_old.is_some() || self.map_new.is_some()) {
+        let hash = match (
+            &self.map_signer,
+            self.map_old.is_some() || self.map_new.is_some(),
+        ) {
             (Some(ms), true) => {
                 let ms = ms.clone();
                 Some(Arc::new(move |b: &[u8]| Some(ms.block_digest(b))) as super::BlockHash)

@@ -1831,9 +1831,8 @@ fn write_loop<W: Write>(
 fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError> {
     let signer = s.signer.clone();
     // Zeros cost no digest: they go out as a hole.
-    let hash: super::BlockHash = Arc::new(move |b: &[u8]| {
-        (!blockdiff::is_zero(b)).then(|| signer.block_digest(b))
-    });
+    let hash: super::BlockHash =
+        Arc::new(move |b: &[u8]| (!blockdiff::is_zero(b)).then(|| signer.block_digest(b)));
     let reader = ChunkReader::spawn(
         s.volume.clone(),
         s.block,
