@@ -466,7 +466,7 @@ impl Volume for FileVolume {
             run.start = offset;
             run.end = offset;
         }
-        run.end = offset + len;
+        run.end = end;
         if run.end - run.start >= DROP_BATCH || run.end >= size {
             run.start = self.drop_pages(run.start, run.end, size);
         }

@@ -45,6 +45,17 @@ enum Reader {
     Gone,
 }
 
+impl Reader {
+    /// The first offset whose pages are held for this reader, if any.
+    fn holds_from(&self) -> Option<u64> {
+        match self {
+            Reader::Waiting => Some(0),
+            Reader::At(o) => Some(*o),
+            Reader::Behind | Reader::Gone => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Page {
     Loading,
@@ -83,11 +94,7 @@ impl Shared {
     fn low_water(&self) -> u64 {
         self.readers
             .iter()
-            .filter_map(|r| match r {
-                Reader::Waiting => Some(0),
-                Reader::At(o) => Some(*o),
-                Reader::Behind | Reader::Gone => None,
-            })
+            .filter_map(Reader::holds_from)
             .min()
             .unwrap_or(u64::MAX)
     }
@@ -200,8 +207,7 @@ impl Fanout {
                 i != id
                     && match r {
                         Reader::Waiting => true,
-                        Reader::At(o) => *o < page * PAGE,
-                        Reader::Behind | Reader::Gone => false,
+                        r => r.holds_from().is_some_and(|o| o < page * PAGE),
                     }
             });
             if behind_us && s.held + len > self.limit {
@@ -262,20 +268,15 @@ impl Fanout {
     /// on they read for themselves. (Each call leaves at least one behind
     /// while any other still holds pages.)
     fn leave_slowest(&self, s: &mut Shared, id: usize) {
-        let at = |r: &Reader| match r {
-            Reader::Waiting => Some(0),
-            Reader::At(o) => Some(*o),
-            Reader::Behind | Reader::Gone => None,
-        };
         let low = s
             .readers
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != id)
-            .filter_map(|(_, r)| at(r))
+            .filter_map(|(_, r)| r.holds_from())
             .min();
         for i in 0..s.readers.len() {
-            if i != id && low.is_some() && at(&s.readers[i]) == low {
+            if i != id && low.is_some() && s.readers[i].holds_from() == low {
                 s.readers[i] = Reader::Behind;
                 s.behind[i] = true;
             }

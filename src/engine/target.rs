@@ -1860,16 +1860,11 @@ fn scan_loop(s: &Shared, tx: &Sender<Out>, start: u64) -> Result<(), TargetError
         if chunk.hole {
             announcer.hole(chunk.first_block, chunk.blocks, &mut frames);
         } else {
-            for i in 0..chunk.blocks {
-                let b = chunk.first_block + i;
-                let digest = match chunk.digests.get(i as usize) {
-                    Some(d) => *d,
-                    None => {
-                        let blen = s.block.len_of(b, s.new_size) as usize;
-                        let from = i as usize * s.block.bytes() as usize;
-                        hash(&chunk.data[from..from + blen])
-                    }
-                };
+            // The chunk's blocks, the last one short at the volume's end;
+            // their digests from the reader, or computed here.
+            let blocks = chunk.data.chunks(s.block.bytes() as usize);
+            for ((i, data), b) in blocks.enumerate().zip(chunk.first_block..) {
+                let digest = chunk.digests.get(i).copied().unwrap_or_else(|| hash(data));
                 match digest {
                     Some(d) => announcer.digest(b, d, &mut frames),
                     None => announcer.hole(b, 1, &mut frames),
