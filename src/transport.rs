@@ -185,6 +185,8 @@ pub fn remote(
         .with_context(|| format!("starting remote shell `{program}`"))?;
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
+    widen_pipe(&stdin);
+    widen_pipe(&stdout);
     let mut err = child.stderr.take().expect("piped");
     // Keep the last 16 KiB the remote side says, for error messages.
     let stderr = thread::spawn(move || {
@@ -213,6 +215,16 @@ pub fn remote(
         },
     ))
 }
+
+/// Pipes hold 64 KiB by default: a 1 MiB data frame then takes sixteen
+/// round trips of wake-ups between us and the remote shell. A wider pipe
+/// (1 MiB, the unprivileged limit) lets each side run longer between
+/// them. Best effort: a pipe that stays narrow only costs time.
+pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
+    let _ = rustix::pipe::fcntl_setpipe_size(fd, PIPE_BYTES);
+}
+
+const PIPE_BYTES: usize = 1 << 20;
 
 impl Peer {
     /// Waits for the peer to end. For a child: a bounded wait, then kill,

@@ -24,6 +24,8 @@ pub fn serve(args: ServeArgs) -> Result<Exit> {
     };
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
+    crate::transport::widen_pipe(&stdin);
+    crate::transport::widen_pipe(&stdout);
     match target::serve(stdin, stdout, &cfg) {
         Ok(summary) => {
             tracing::info!(
