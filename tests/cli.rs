@@ -824,9 +824,10 @@ fn forced_command_refuses_dangling_symlink_out_of_allowed_dir() {
 
 /// A sync through the remote shell `rsh` (script `body`) that loses its
 /// connection: a transport error, exit 5, reported promptly.
-fn connection_lost_case(f: &Fixture, rsh: &str, body: &str) -> Run {
+fn connection_lost_case(f: &Fixture, rsh: &str, body: &str, extra: &[&str]) -> Run {
     let rsh = write_script(&f.dir.path().join(rsh), body);
-    let args = remote_args(&rsh);
+    let mut args = remote_args(&rsh);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let started = Instant::now();
     let r = sync_run(&f.src, &f.remote_dst(), &f.state, &strs(&args));
     assert!(
@@ -852,6 +853,7 @@ fn remote_closing_mid_stream_is_a_transport_error() {
         &f,
         "cut-rsh",
         "shift\ndd bs=64k iflag=count_bytes count=1000000 status=none | \"$@\"",
+        &[],
     );
 }
 
@@ -859,7 +861,14 @@ fn remote_closing_mid_stream_is_a_transport_error() {
 fn remote_killed_mid_stream_is_a_transport_error() {
     let f = Fixture::new();
     write_random_file(&f.src, 256 * MIB, 37);
-    let r = connection_lost_case(&f, "kill-rsh", "shift\nexec timeout -s KILL 0.3 \"$@\"");
+    // Limited to 128 MiB/s, the copy takes 2 s: the kill at 0.3 s is
+    // mid-stream however fast the machine (unlimited, it finished first).
+    let r = connection_lost_case(
+        &f,
+        "kill-rsh",
+        "shift\nexec timeout -s KILL 0.3 \"$@\"",
+        &["--bwlimit", "128M"],
+    );
     assert!(!r.stderr.contains("panicked"), "{r}");
 }
 
