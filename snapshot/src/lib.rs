@@ -4,6 +4,7 @@
 //!
 //! All `unsafe` code of the workspace lives in [`sys`].
 
+pub mod direct;
 pub mod identity;
 pub mod lock;
 pub mod mapped;

@@ -10,13 +10,14 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use rustix::fs::{
     fadvise, fallocate, fstat, openat, openat2, Advice, FallocateFlags, FileType, Mode, OFlags,
     ResolveFlags, CWD,
 };
 
+use crate::direct::{DirectWrites, Failure};
 use crate::identity::{self, VolumeIdentity};
 
 use crate::sys;
@@ -123,6 +124,13 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn free_space(&self) -> Option<u64> {
         None
     }
+    /// Asks the volume to write long runs of data around the page cache
+    /// from now on (a replica is written once and not read back soon);
+    /// whether it will. Writes are then durable, and visible to other
+    /// openers, after [`Volume::sync`], as before.
+    fn write_runs_direct(&self) -> bool {
+        false
+    }
 }
 
 /// After this many extents, [`Volume::data_bytes_in`] counts the rest of
@@ -153,6 +161,9 @@ pub struct FileVolume {
     /// Pages read and done with, not yet handed back to the kernel: see
     /// [`FileVolume::advise_sequential`]. `None` keeps the cache.
     drop_behind: Option<Mutex<DropBehind>>,
+    /// Long runs of writes around the page cache, once asked for: see
+    /// [`Volume::write_runs_direct`]. Holds no writes when unset.
+    direct: OnceLock<Option<Mutex<DirectWrites>>>,
 }
 
 /// A run of bytes a scan is done with, waiting to be dropped from the
@@ -241,11 +252,41 @@ impl FileVolume {
             kind,
             size: Mutex::new(size),
             drop_behind: None,
+            direct: OnceLock::new(),
         })
     }
 
     pub fn kind(&self) -> VolumeKind {
         self.kind
+    }
+
+    /// The direct writer, if one was asked for and could be made.
+    fn direct(&self) -> Option<MutexGuard<'_, DirectWrites>> {
+        let d = self.direct.get()?.as_ref()?;
+        Some(d.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Waits for every write handed to the direct writer.
+    fn drain_direct(&self) -> Result<()> {
+        match self.direct() {
+            Some(mut d) => d.drain().map_err(|f| self.failed_write(f)),
+            None => Ok(()),
+        }
+    }
+
+    /// Before asking the file system where data lies in
+    /// `[offset, offset+len)`: writes to it are made first. A failure is
+    /// kept for the next write or sync to report.
+    fn settle(&self, offset: u64, len: u64) {
+        if let Some(mut d) = self.direct() {
+            if d.overlaps(offset, len) {
+                let _ = d.drain();
+            }
+        }
+    }
+
+    fn failed_write(&self, f: Failure) -> VolumeError {
+        self.io_err("writing", f.offset, f.len, f.error)
     }
 
     /// Tells the kernel we read front to back, and (with `drop_behind`)
@@ -360,12 +401,22 @@ impl Volume for FileVolume {
             let mut run = behind.lock().unwrap_or_else(|p| p.into_inner());
             self.note_cached(&mut run, offset, offset + buf.len() as u64);
         }
+        if let Some(mut d) = self.direct() {
+            if d.overlaps(offset, buf.len() as u64) {
+                d.drain().map_err(|f| self.failed_write(f))?;
+            }
+        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| self.io_err("reading", offset, buf.len() as u64, e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(mut d) = self.direct() {
+            if d.write(buf, offset).map_err(|f| self.failed_write(f))? {
+                return Ok(());
+            }
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.io_err("writing", offset, buf.len() as u64, e))
@@ -375,6 +426,7 @@ impl Volume for FileVolume {
         if len == 0 {
             return Ok(());
         }
+        self.drain_direct()?;
         let fd = self.file.as_fd();
         // Fallbacks in order of preference (see DESIGN.md, Volume IO).
         // Never BLKDISCARD: discarded blocks need not read back as zeros.
@@ -405,6 +457,7 @@ impl Volume for FileVolume {
     }
 
     fn sync(&self) -> Result<()> {
+        self.drain_direct()?;
         self.file.sync_all().map_err(|source| VolumeError::Other {
             op: "flushing",
             path: self.path.clone(),
@@ -413,6 +466,7 @@ impl Volume for FileVolume {
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
+        self.drain_direct()?;
         let mut cur = self.size.lock().expect("size lock");
         match self.kind {
             VolumeKind::File => {
@@ -433,6 +487,12 @@ impl Volume for FileVolume {
 
     fn resizable(&self) -> bool {
         self.kind == VolumeKind::File
+    }
+
+    fn write_runs_direct(&self) -> bool {
+        self.direct
+            .get_or_init(|| DirectWrites::new(&self.file).map(Mutex::new))
+            .is_some()
     }
 
     fn will_need(&self, offset: u64, len: u64) {
@@ -478,6 +538,7 @@ impl Volume for FileVolume {
             return None;
         }
         let to = to.min(self.size());
+        self.settle(from, to.saturating_sub(from));
         let fd = self.file.as_fd();
         let (mut pos, mut data) = (from, 0u64);
         for _ in 0..MAX_EXTENTS_WALKED {
@@ -505,13 +566,20 @@ impl Volume for FileVolume {
             return None;
         }
         let st = rustix::fs::fstatvfs(self.file.as_fd()).ok()?;
-        Some(st.f_bavail.saturating_mul(st.f_frsize))
+        // Writes not made yet may still take space.
+        let pending = self.direct().map_or(0, |d| d.pending_bytes());
+        Some(
+            st.f_bavail
+                .saturating_mul(st.f_frsize)
+                .saturating_sub(pending),
+        )
     }
 
     fn next_data(&self, offset: u64) -> Option<u64> {
         if self.kind != VolumeKind::File {
             return Some(offset);
         }
+        self.settle(offset, u64::MAX - offset);
         match rustix::fs::seek(self.file.as_fd(), rustix::fs::SeekFrom::Data(offset)) {
             Ok(pos) => Some(pos),
             // ENXIO: no data at or after offset.
@@ -525,6 +593,7 @@ impl Volume for FileVolume {
         if self.kind != VolumeKind::File || offset >= size {
             return size;
         }
+        self.settle(offset, u64::MAX - offset);
         // Every file ends in a (virtual) hole: at worst its size.
         match rustix::fs::seek(self.file.as_fd(), rustix::fs::SeekFrom::Hole(offset)) {
             Ok(pos) => pos.min(size),

@@ -754,6 +754,11 @@ impl Session {
             ))
         };
 
+        if !matches!(applier, Applier::DryRun) {
+            // Long runs of data (a first copy, a large changed region) are
+            // written around the page cache: see `snapshot::direct`.
+            volume.write_runs_direct();
+        }
         let opened = Opened {
             target_size: old_size,
             state: ReplicaState {
