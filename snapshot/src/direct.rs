@@ -415,16 +415,13 @@ mod tests {
         v
     }
 
+    /// Deterministic bytes that never repeat within a test.
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut out = vec![0u8; len];
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        h.finalize_xof().fill(&mut out);
+        out
     }
 
     /// Pages of `path` in the page cache.
