@@ -230,6 +230,11 @@ impl Peer {
     /// Waits for the peer to end. For a child: a bounded wait, then kill,
     /// so a hung remote never hangs us. Returns a description of a failure.
     pub fn finish(self) -> Option<String> {
+        self.finish_within(Duration::from_secs(10))
+    }
+
+    /// [`Peer::finish`], giving a child `grace` to exit by itself.
+    pub fn finish_within(self, grace: Duration) -> Option<String> {
         match self {
             Peer::Thread(h) => match h.join() {
                 Ok(Ok(_)) => None,
@@ -241,7 +246,7 @@ impl Peer {
                 stderr,
                 what,
             } => {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + grace;
                 let status = loop {
                     match child.try_wait() {
                         Ok(Some(s)) => break Some(s),

@@ -210,6 +210,30 @@ fn a_slow_target_is_left_behind_and_still_completes() {
     assert_same_content(&f.src, &b);
 }
 
+/// A target that stops answering mid-session is given up at `--timeout`,
+/// and its remote shell (which keeps the pipes open) is not waited out
+/// as well: it used to cost another 10 s.
+#[test]
+fn a_stalled_target_is_given_up_at_its_timeout() {
+    let size = 8 * MIB;
+    let f = Fixture::new(size, 10);
+    let b = f.path("b.img");
+    let rsh = stalling_rsh(f.dir.path());
+    let remote = format!("localhost:{}", s(&b));
+    let args = remote_args(&rsh);
+    let mut extra = strs(&args);
+    extra.extend(["--compress", "none", "--timeout", "2s"]);
+    let started = std::time::Instant::now();
+    let r = f.sync(&[&remote], &extra);
+    let took = started.elapsed();
+    assert_eq!(r.code, Some(5), "{}", r.stderr);
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "took {took:?}\n{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn a_stalled_target_fails_alone_and_keeps_its_generation() {
     let size = 8 * MIB;

@@ -533,7 +533,14 @@ pub fn run_session(
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         silent = quiet.load(std::sync::atomic::Ordering::SeqCst);
     }
-    let peer_failure = peer.finish();
+    // A target that went silent or stalled for --timeout is not waited
+    // for again: its remote shell may keep the pipes open for good.
+    let stalled = silent || result.as_ref().is_err_and(SyncError::is_stall);
+    let peer_failure = if stalled {
+        peer.finish_within(STALLED_GRACE)
+    } else {
+        peer.finish()
+    };
     // A signal may surface as a dropped connection or a remote error first.
     let result = if cancel.is_cancelled() && result.is_err() {
         Err(SyncError::Interrupted)
@@ -566,6 +573,10 @@ pub fn run_session(
         Err(e) => Err(e).with_context(|| format!("syncing {} to {}", source.path().display(), params.target_path)),
     }
 }
+
+/// How long a target that stalled gets to exit by itself before it is
+/// killed (one that is working ends within this of its session).
+const STALLED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A session's report on stdout (`--json`) or a line on stderr, each
 /// line after `label`.

@@ -54,6 +54,14 @@ pub enum SyncError {
     Interrupted,
 }
 
+impl SyncError {
+    /// The target made no progress for the session's timeout: it is stuck,
+    /// and nothing more is waited for from it.
+    pub fn is_stall(&self) -> bool {
+        matches!(self, SyncError::Transport(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut)
+    }
+}
+
 impl From<WireError> for SyncError {
     fn from(e: WireError) -> Self {
         match e {
@@ -679,8 +687,13 @@ pub fn run(
         ));
         // A writer stuck on a peer that stopped reading (or a reader on one
         // that stopped writing) ends when the caller kills the peer; don't
-        // wait for it here.
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // wait for it here (at all, when the peer is known to be stuck).
+        let wait = if e.is_stall() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(2)
+        };
+        let deadline = Instant::now() + wait;
         while !(writer.is_finished() && receiver.is_finished()) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
