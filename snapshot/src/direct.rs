@@ -463,28 +463,40 @@ mod tests {
         assert_eq!(cached(&path), 32 * (64 << 10), "written through the cache");
     }
 
+    /// Runs `test` in a fresh tmpfs of `size` bytes; skipped (with a
+    /// word) where mounting one is not allowed.
+    fn in_tmpfs(name: &str, size: &str, test: impl FnOnce(&Path) + std::panic::UnwindSafe) {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = dir.path().join("fs");
+        std::fs::create_dir(&fs).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&fs)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED {name}: cannot mount a tmpfs (needs root)");
+            return;
+        }
+        let result = std::panic::catch_unwind(|| test(&fs));
+        let _ = std::process::Command::new("umount").arg(&fs).status();
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    fn statvfs_free(path: &Path) -> u64 {
+        let st = rustix::fs::statvfs(path).unwrap();
+        st.f_bavail * st.f_frsize
+    }
+
     /// A file system that fills up under direct writes: the failure comes
     /// back (as ENOSPC) from a later write or the sync, and from every
     /// call after it; nothing claims the data durable.
     #[test]
     fn a_failed_direct_write_fails_the_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = dir.path().join("fs");
-        std::fs::create_dir(&fs).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-            .arg(&fs)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!(
-                "SKIPPED a_failed_direct_write_fails_the_sync: cannot mount a tmpfs (needs root)"
-            );
-            return;
-        }
-        let path = fs.join("replica.img");
-        let result = std::panic::catch_unwind(|| {
-            let v = direct_volume(&path, 16 * MIB);
+        in_tmpfs("a_failed_direct_write_fails_the_sync", "4m", |fs| {
+            let v = direct_volume(&fs.join("replica.img"), 16 * MIB);
             let data = pattern(2, 8 * MIB as usize);
             let mut failed = None;
             for (i, block) in data.chunks(64 << 10).enumerate() {
@@ -497,17 +509,34 @@ mod tests {
                 Some(e) => e,
                 None => v.sync().expect_err("8 MiB cannot fit in 4 MiB"),
             };
-            assert_eq!(
-                e.io_error().and_then(|e| e.raw_os_error()),
-                Some(libc::ENOSPC),
-                "{e}"
-            );
+            let code = e.io_error().and_then(|e| e.raw_os_error());
+            assert_eq!(code, Some(libc::ENOSPC), "{e}");
             assert!(v.sync().is_err(), "and every sync after it fails too");
         });
-        let _ = std::process::Command::new("umount").arg(&fs).status();
-        if let Err(p) = result {
-            std::panic::resume_unwind(p);
-        }
+    }
+
+    /// Rewriting allocated bytes takes no space: writes not made yet do
+    /// not make a nearly full file system look fuller than it is (a copy
+    /// watching the space stopped as if it were filling up).
+    #[test]
+    fn writes_not_made_yet_do_not_shrink_the_free_space() {
+        in_tmpfs(
+            "writes_not_made_yet_do_not_shrink_the_free_space",
+            "16m",
+            |fs| {
+                let path = fs.join("replica.img");
+                std::fs::write(&path, pattern(3, 12 * MIB as usize)).unwrap();
+                let v = FileVolume::open(&path, Access::Write { create: false }).unwrap();
+                assert!(v.write_runs_direct());
+                let free = statvfs_free(fs);
+                // 3 MiB: a buffer sent off, the last one still filling.
+                for (i, block) in pattern(4, 3 * MIB as usize).chunks(64 << 10).enumerate() {
+                    v.write_at(block, i as u64 * (64 << 10)).unwrap();
+                }
+                assert_eq!(v.free_space(), Some(free));
+                v.sync().unwrap();
+            },
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -137,6 +137,10 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
 /// a very fragmented file as data (an upper bound, in bounded time).
 const MAX_EXTENTS_WALKED: u32 = 1 << 20;
 
+/// Free space below which [`Volume::free_space`] first waits for the
+/// direct writes not made yet.
+const LOW_SPACE: u64 = 64 << 20;
+
 /// Whether the path is a block device or a regular file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeKind {
@@ -154,6 +158,11 @@ pub enum Access {
 /// A regular file or block device.
 #[derive(Debug)]
 pub struct FileVolume {
+    /// Long runs of writes around the page cache, once asked for: see
+    /// [`Volume::write_runs_direct`]. Holds no writes when unset. First,
+    /// so that it is dropped (its writes made) while `file` still holds
+    /// the volume (a block device's `O_EXCL` claim).
+    direct: OnceLock<Option<Mutex<DirectWrites>>>,
     file: File,
     path: PathBuf,
     kind: VolumeKind,
@@ -161,9 +170,6 @@ pub struct FileVolume {
     /// Pages read and done with, not yet handed back to the kernel: see
     /// [`FileVolume::advise_sequential`]. `None` keeps the cache.
     drop_behind: Option<Mutex<DropBehind>>,
-    /// Long runs of writes around the page cache, once asked for: see
-    /// [`Volume::write_runs_direct`]. Holds no writes when unset.
-    direct: OnceLock<Option<Mutex<DirectWrites>>>,
 }
 
 /// A run of bytes a scan is done with, waiting to be dropped from the
@@ -565,14 +571,21 @@ impl Volume for FileVolume {
         if self.kind != VolumeKind::File {
             return None;
         }
-        let st = rustix::fs::fstatvfs(self.file.as_fd()).ok()?;
-        // Writes not made yet may still take space.
-        let pending = self.direct().map_or(0, |d| d.pending_bytes());
-        Some(
-            st.f_bavail
-                .saturating_mul(st.f_frsize)
-                .saturating_sub(pending),
-        )
+        let free = || {
+            let st = rustix::fs::fstatvfs(self.file.as_fd()).ok()?;
+            Some(st.f_bavail.saturating_mul(st.f_frsize))
+        };
+        let now = free()?;
+        // Writes not made yet may still take space: near full, they are
+        // made first, so that a caller watching the space sees it exactly.
+        if let Some(mut d) = self.direct() {
+            if now < d.pending_bytes().saturating_add(LOW_SPACE) {
+                let _ = d.drain();
+                drop(d);
+                return free();
+            }
+        }
+        Some(now)
     }
 
     fn next_data(&self, offset: u64) -> Option<u64> {
