@@ -913,10 +913,11 @@ impl Session {
                     code: e.code,
                     message: e.message.clone(),
                 });
-                // Best effort, never blocking: the source may not read.
-                let _ = out_tx.try_send(Out::Frame(msg, Vec::new()));
-                drop(out_tx);
+                // Behind what is queued (digests may fill the queue), but
+                // never waiting long: the source may not read.
                 let deadline = Instant::now() + Duration::from_secs(2);
+                let _ = out_tx.send_deadline(Out::Frame(msg, Vec::new()), deadline);
+                drop(out_tx);
                 while !writer.is_finished() && Instant::now() < deadline {
                     thread::sleep(Duration::from_millis(10));
                 }
