@@ -1073,7 +1073,13 @@ fn sigint_case(f: &Fixture, remote: Option<&[&str]>) {
     let delays = [50, 120, 200, 300, 30, 250];
     for (i, ms) in delays.iter().enumerate() {
         let dst = f.dir.path().join(format!("attempt-{i}.img"));
-        interrupt_once(f, &dst, &dst_arg(&dst), &limited, Duration::from_millis(*ms));
+        interrupt_once(
+            f,
+            &dst,
+            &dst_arg(&dst),
+            &limited,
+            Duration::from_millis(*ms),
+        );
     }
 
     // The next run resumes (or restarts) the in-place copy and completes it.
