@@ -249,6 +249,40 @@ fn serve_refine_queue_is_bounded() {
     assert!(lock_is_free(&state, &dst));
 }
 
+/// A target that fails while its queue of frames to the source is full
+/// (answers the source has not read yet) still tells the source why,
+/// once the source reads: its error frame used to be dropped, and the
+/// source saw only a closed connection.
+#[test]
+fn serve_says_why_it_failed_behind_a_full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("replica.img");
+    let state = dir.path().join("state");
+    let size = 2u64 << 30;
+    std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
+    let block = 4 * MIB;
+    let mut p = ServePeer::start(s(&dst), &state, &[]);
+    p.open(open_msg(&dst, size, block)).unwrap();
+    // Refinements in order, no answer read: the answers fill the pipe
+    // and the queue behind it, then the refinements overrun their bound.
+    for i in 0..300 {
+        if p.send(Msg::Refine(Refine { block: i }), &[]).is_err() {
+            break;
+        }
+    }
+    // Serve fails meanwhile, with its queue full; the source reads on a
+    // moment later (within serve's 2 s).
+    thread::sleep(Duration::from_millis(800));
+    let last = p.drain_in_background();
+    let why = last.join().unwrap();
+    assert!(
+        matches!(&why, Some(Err(m)) if m.contains("refine")),
+        "the source is told why: {why:?}"
+    );
+    let m = p.finish(Duration::from_secs(60));
+    m.run.assert_code(5);
+}
+
 // ---------------------------------------------------------------- 4
 
 #[test]
