@@ -221,16 +221,22 @@ fn a_target_announcing_holes_out_of_bounds_is_cut_off() {
 
 // ---------------------------------------------------------------- 3
 
+/// A session of serve opened on a 2 GiB sparse replica in 4 MiB blocks:
+/// each refinement asks for a whole-block read and a large answer.
+fn refine_session(dir: &Path) -> (ServePeer, std::path::PathBuf, std::path::PathBuf) {
+    let dst = dir.join("replica.img");
+    let state = dir.join("state");
+    let size = 2u64 << 30;
+    std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
+    let mut p = ServePeer::start(s(&dst), &state, &[]);
+    p.open(open_msg(&dst, size, 4 * MIB)).unwrap();
+    (p, dst, state)
+}
+
 #[test]
 fn serve_refine_queue_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let dst = dir.path().join("replica.img");
-    let state = dir.path().join("state");
-    let size = 2u64 << 30;
-    std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
-    let block = 4 * MIB;
-    let mut p = ServePeer::start(s(&dst), &state, &[]);
-    p.open(open_msg(&dst, size, block)).unwrap();
+    let (mut p, dst, state) = refine_session(dir.path());
     // Refinements of 4 MiB blocks, never reading an answer, for at most
     // 20 s: each used to queue a whole-block read without limit.
     let started = Instant::now();
@@ -256,13 +262,7 @@ fn serve_refine_queue_is_bounded() {
 #[test]
 fn serve_says_why_it_failed_behind_a_full_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let dst = dir.path().join("replica.img");
-    let state = dir.path().join("state");
-    let size = 2u64 << 30;
-    std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
-    let block = 4 * MIB;
-    let mut p = ServePeer::start(s(&dst), &state, &[]);
-    p.open(open_msg(&dst, size, block)).unwrap();
+    let (mut p, _, _) = refine_session(dir.path());
     // Refinements in order, no answer read: the answers fill the pipe
     // and the queue behind it, then the refinements overrun their bound.
     for i in 0..300 {
