@@ -311,6 +311,107 @@ fn remote_target_vouches_through_the_protocol() {
     );
 }
 
+/// Behind a slow login the source compares with its map before the
+/// target answers. What it finds then must be exactly what a comparison
+/// after the answer finds: with a change in every chunk (more than the
+/// early scan may hold), with nothing changed, and when the target no
+/// longer vouches for the replica (the early results dropped, a full scan
+/// instead).
+#[test]
+fn a_comparison_made_during_a_slow_login_is_exact() {
+    let size = 40 * MIB + 5000;
+    let f = Fixture::new(size, 12);
+    let rsh = write_script(
+        &f.dir.path().join("slow-rsh"),
+        "sleep 1\nshift\nexec \"$@\"",
+    );
+    let args = remote_args(&rsh);
+    let dst = format!("localhost:{}", s(&f.dst));
+    let sync = |extra: &[&str]| {
+        let mut a = strs(&args);
+        a.push("-vv");
+        a.extend_from_slice(extra);
+        let r = sync_run(&f.src, &dst, &f.state, &a);
+        r.assert_ok();
+        assert_same_content(&f.src, &f.dst);
+        let early = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("with the digest map before the target answered"))
+            .map(str::to_owned);
+        (r.json(), early)
+    };
+    let (r, early) = sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert_eq!(early, None, "no map yet: {r}");
+
+    // A 4 KiB change in every MiB: every chunk differs.
+    let mut changed = Vec::new();
+    for mib in 0..40 {
+        let o = mib * MIB + (mib * 37 % 240) * 4 * KIB;
+        write_at(&f.src, o, &random_bytes(900 + mib, 4096));
+        changed.push((o, 4 * KIB));
+    }
+    let (r, early) = sync(&[]);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    let early = early.unwrap_or_else(|| panic!("no early comparison: {r}"));
+    assert!(!early.contains("compared 0 blocks"), "{early}");
+    assert_scattered_delta(&r, size, &changed);
+    assert_eq!(r.u("source_bytes_read"), size, "each block read once: {r}");
+    assert!(r.u("target_bytes_read") <= 40 * BLOCK, "{r}");
+
+    // Nothing changed: the whole volume compared before the answer.
+    let (r, early) = sync(&[]);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert_eq!(r.u("blocks_changed"), 0, "{r}");
+    assert_eq!(r.u("data_bytes") + r.u("zero_bytes"), 0, "{r}");
+    assert_eq!(r.u("source_bytes_read"), size, "{r}");
+    let all = size.div_ceil(BLOCK);
+    assert!(
+        early
+            .as_deref()
+            .is_some_and(|l| l.contains(&format!("compared {all} blocks"))),
+        "{early:?}"
+    );
+
+    // The replica written behind snapsync's back: the early results are
+    // dropped and the full scan puts the byte back.
+    let old = read_at(&f.dst, 3 * MIB + 77, 1);
+    write_at(&f.dst, 3 * MIB + 77, &[old[0] ^ 0x5a]);
+    let (r, _) = sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("changed since its commit"), "{r}");
+    assert_eq!(r.u("data_bytes"), 4 * KIB, "{r}");
+    // And the map that full scan wrote holds.
+    let (r, _) = sync(&[]);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert_eq!(r.u("blocks_changed"), 0, "{r}");
+}
+
+/// The map is taken before the session reaches the target (the early
+/// scan needs it); a login that fails puts it back: the target never
+/// heard of that session, so the next one still uses it.
+#[test]
+fn a_failed_login_keeps_the_map() {
+    let size = 4 * MIB;
+    let f = Fixture::new(size, 13);
+    let rsh = local_rsh(f.dir.path());
+    let refused = write_script(
+        &f.dir.path().join("refused-rsh"),
+        "echo 'ssh: connect to host localhost port 22: Connection refused' >&2\nexit 255",
+    );
+    let dst = format!("localhost:{}", s(&f.dst));
+    let sync = |rsh: &Path| sync_run(&f.src, &dst, &f.state, &strs(&remote_args(rsh)));
+    sync(&rsh).assert_ok();
+    let r = sync(&refused);
+    assert_ne!(r.code, Some(0), "{r}");
+    let r = sync(&rsh);
+    r.assert_ok();
+    let r = r.json();
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert!(fallback(&r).is_empty(), "{r}");
+}
+
 /// A loop device over a file, detached on drop.
 struct LoopDevice(PathBuf);
 

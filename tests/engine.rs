@@ -5,6 +5,7 @@ mod common;
 mod hostile_support;
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -12,11 +13,16 @@ use std::time::Duration;
 
 use blockdiff::{BlockSize, Signer};
 use hostile_support::{first_scan_opened, target_handshake};
-use snapshot::MemVolume;
-use snapsync::engine::source::{self, Connection, SessionParams};
+use snapshot::volume::Fault;
+use snapshot::{MemVolume, Volume};
+use snapsync::engine::map::{self, MapHeader, MapPlan, MapStore};
+use snapsync::engine::source::{self, Connection, SessionParams, SyncError};
 use snapsync::engine::Cancel;
 use snapsync::progress::Progress;
-use wire::{BlockHashes, Committed, FrameReader, FrameWriter, Msg, ReplicaState, SubHashes};
+use wire::{
+    BlockHashes, Committed, FrameReader, FrameWriter, Generation, Mode, Msg, Opened, ReplicaState,
+    SubHashes,
+};
 
 const BLOCK: u64 = 64 * 1024;
 const BLOCKS: u64 = 1024;
@@ -160,4 +166,270 @@ fn a_late_refinement_does_not_stall_the_credit() {
     assert!(target.join().unwrap() > 0);
     assert_eq!(report.blocks_changed, 1);
     assert_eq!(report.data_bytes, 4096);
+}
+
+// ------------------------------------------------- the digest map's early scan
+
+/// A source volume that counts the bytes read from it.
+#[derive(Debug)]
+struct Counted {
+    inner: MemVolume,
+    read: AtomicU64,
+}
+
+impl Volume for Counted {
+    fn path(&self) -> &std::path::Path {
+        self.inner.path()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapshot::volume::Result<()> {
+        self.inner.read_at(buf, offset)?;
+        self.read.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> snapshot::volume::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn zero(&self, offset: u64, len: u64) -> snapshot::volume::Result<()> {
+        self.inner.zero(offset, len)
+    }
+    fn sync(&self) -> snapshot::volume::Result<()> {
+        self.inner.sync()
+    }
+    fn set_size(&self, size: u64) -> snapshot::volume::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn resizable(&self) -> bool {
+        false
+    }
+}
+
+/// The map of generation `base` of `old`, as a previous session left it.
+fn map_of(dir: &std::path::Path, old: &[u8], base: &Generation) -> MapPlan {
+    let store = MapStore::open(&dir.join("maps")).unwrap();
+    let bs = BlockSize::new(BLOCK).unwrap();
+    let mut w = store.writer("m", bs, old.len() as u64).unwrap();
+    let signer = store.key().signer();
+    for b in old.chunks(BLOCK as usize) {
+        w.push(&signer.block_digest(b)).unwrap();
+    }
+    let header = MapHeader {
+        block_size: bs,
+        volume_size: old.len() as u64,
+        generation: base.clone(),
+        source_id: "test-source".into(),
+        target_identity: "file:1:2".into(),
+    };
+    w.commit(&header).unwrap();
+    MapPlan {
+        store,
+        name: "m".into(),
+        scrub: None,
+    }
+}
+
+/// A target holding generation `base` (`replica`) behind a slow login: it
+/// answers only once `ready` says so (or after 10 s), then runs the digest
+/// map's mode. Returns its replica with the session's ops applied, or
+/// `None` when the session ended without `Finish`.
+fn mapped_target(
+    stream: UnixStream,
+    mut replica: Vec<u8>,
+    base: Generation,
+    ready: impl Fn() -> bool,
+) -> Option<Vec<u8>> {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready() && std::time::Instant::now() < until {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut rd = FrameReader::new(stream.try_clone().unwrap());
+    let mut wr = FrameWriter::new(stream);
+    let (hello, open) = target_handshake(&mut rd, &mut wr, "scripted");
+    assert_eq!(open.mode, Mode::Mapped);
+    assert_eq!(open.base.as_ref(), Some(&base));
+    let state = |generation| ReplicaState {
+        source_id: Some(open.source_id.clone()),
+        generation: Some(generation),
+        consistent: true,
+        ..Default::default()
+    };
+    let opened = Opened {
+        mode: Mode::Mapped,
+        state: state(base.clone()),
+        ..first_scan_opened(replica.len() as u64, 1 << 16)
+    };
+    wr.send(&Msg::Opened(opened), &[]).unwrap();
+    wr.flush().unwrap();
+    let signer = Signer::new(hello.key);
+    let (mut subs, mut payload) = (Vec::new(), Vec::new());
+    loop {
+        let Ok((msg, data)) = rd.read() else {
+            return None;
+        };
+        match msg {
+            Msg::Refine(r) => {
+                let o = (r.block * BLOCK) as usize;
+                let end = (o + BLOCK as usize).min(replica.len());
+                subs.clear();
+                signer.sub_digests(&replica[o..end], &mut subs);
+                wire::digests_to_payload(&subs, &mut payload);
+                wr.send(&Msg::SubHashes(SubHashes { block: r.block }), &payload)
+                    .unwrap();
+                wr.flush().unwrap();
+            }
+            Msg::Data(d) => replica[d.offset as usize..][..d.len as usize].copy_from_slice(data),
+            Msg::Zero(z) => replica[z.offset as usize..][..z.len as usize].fill(0),
+            Msg::Credit(_) | Msg::Heartbeat(_) => {}
+            Msg::Finish(_) => break,
+            Msg::Error(_) => return None,
+            m => panic!("unexpected {:?}", m.kind()),
+        }
+    }
+    let next = Generation {
+        number: base.number + 1,
+        snapshot: open.target_generation.snapshot.clone(),
+    };
+    wr.send(
+        &Msg::Committed(Committed {
+            target_bytes_read: 0,
+            target_bytes_written: 0,
+            journal_bytes: 0,
+            apply_mode: "scripted".into(),
+            state: state(next),
+        }),
+        &[],
+    )
+    .unwrap();
+    wr.flush().unwrap();
+    Some(replica)
+}
+
+fn mapped_params(plan: MapPlan) -> SessionParams {
+    let mut params = SessionParams::new(
+        "/dst".into(),
+        BlockSize::new(BLOCK).unwrap(),
+        "test-source".into(),
+        "snap".into(),
+        Duration::from_secs(10),
+    );
+    params.digest_map = Some(plan);
+    params
+}
+
+/// With the base's map the source needs nothing from the target to
+/// compare: it reads and compares the whole volume while the target has
+/// not even answered its hello (a slow ssh login), and what it found
+/// then is exactly what the target must write; the new map holds the
+/// new data's digests.
+#[test]
+fn the_source_compares_with_its_map_before_the_target_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 40 * BLOCK + 1000;
+    let old: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    let mut new = old.clone();
+    new[(3 * BLOCK + 5) as usize] ^= 1;
+    new[(17 * BLOCK) as usize..(18 * BLOCK) as usize].fill(0);
+    new[(size - 10) as usize] ^= 0x80;
+    let base = Generation {
+        number: 6,
+        snapshot: "g6".into(),
+    };
+    let plan = map_of(dir.path(), &old, &base);
+    let source = Arc::new(Counted {
+        inner: MemVolume::new("/src", new.clone(), false),
+        read: AtomicU64::new(0),
+    });
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let read_before = Arc::new(AtomicU64::new(0));
+    let target = {
+        let (source, read_before, base) = (source.clone(), read_before.clone(), base.clone());
+        thread::spawn(move || {
+            mapped_target(theirs, old, base, || {
+                let n = source.read.load(Ordering::SeqCst);
+                read_before.store(n, Ordering::SeqCst);
+                n >= size
+            })
+        })
+    };
+    let params = mapped_params(plan);
+    let conn = Connection {
+        reader: Box::new(ours.try_clone().unwrap()),
+        writer: Box::new(ours),
+    };
+    let report = source::run(
+        source.clone(),
+        conn,
+        &params,
+        &Progress::hidden(),
+        &Cancel::new(),
+        None,
+        &mut None,
+    )
+    .expect("the session completes");
+    let replica = target.join().unwrap().expect("the target committed");
+    assert_eq!(
+        read_before.load(Ordering::SeqCst),
+        size,
+        "the whole source was compared before the target answered"
+    );
+    assert!(replica == new, "the replica equals the source");
+    assert_eq!(report.mode, "digest-map");
+    assert_eq!(report.blocks_changed, 3);
+    assert_eq!(report.data_bytes, 4096 + 1000);
+    assert_eq!(report.zero_bytes, BLOCK);
+    assert_eq!(report.source_bytes_read, size, "each block read once");
+    // The new map: the new data's digests, of the generation committed.
+    let store = &params.digest_map.as_ref().unwrap().store;
+    let bytes = std::fs::read(store.dir().join("m.map")).unwrap();
+    let (header, digests) = map::decode(&bytes, store.key()).unwrap();
+    assert_eq!(header.generation.number, 7);
+    let signer = store.key().signer();
+    let want: Vec<_> = new
+        .chunks(BLOCK as usize)
+        .map(|b| signer.block_digest(b))
+        .collect();
+    assert!(digests == want, "the new map holds the new data");
+}
+
+/// A read error the early scan met fails the session as the same error
+/// met later would: the source's I/O error, nothing committed.
+#[test]
+fn a_read_error_met_before_the_target_answered_fails_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 40 * BLOCK;
+    let old: Vec<u8> = (0..size).map(|i| (i % 249) as u8).collect();
+    let base = Generation {
+        number: 2,
+        snapshot: "g2".into(),
+    };
+    let plan = map_of(dir.path(), &old, &base);
+    let source = Arc::new(
+        MemVolume::new("/src", old.clone(), false).with_fault(Fault::Read { at: 20 * BLOCK }),
+    );
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let started = std::time::Instant::now();
+    let target = thread::spawn(move || {
+        mapped_target(theirs, old, base, || {
+            started.elapsed() > Duration::from_millis(500)
+        })
+    });
+    let params = mapped_params(plan);
+    let conn = Connection {
+        reader: Box::new(ours.try_clone().unwrap()),
+        writer: Box::new(ours),
+    };
+    let err = source::run(
+        source,
+        conn,
+        &params,
+        &Progress::hidden(),
+        &Cancel::new(),
+        None,
+        &mut None,
+    )
+    .expect_err("the read error fails the session");
+    assert!(matches!(err, SyncError::Source(_)), "{err}");
+    assert!(target.join().unwrap().is_none(), "nothing committed");
 }

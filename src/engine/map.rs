@@ -203,6 +203,16 @@ impl MapStore {
         }
     }
 
+    /// Makes a taken map current again, for a session that ended before
+    /// the target heard of it (best effort: failing, the next session
+    /// does a full scan).
+    pub fn put_back(&self, name: &str) {
+        let (map, inuse) = (self.file(name, "map"), self.file(name, "inuse"));
+        if !map.exists() && fs::rename(&inuse, &map).is_ok() {
+            let _ = state::sync_dir(&self.dir);
+        }
+    }
+
     /// Removes what a committed session leaves behind of the old map.
     pub fn release(&self, name: &str) {
         let _ = fs::remove_file(self.file(name, "inuse"));
@@ -539,8 +549,10 @@ pub struct MapPlan {
 #[derive(Debug)]
 pub struct MapSession {
     plan: MapPlan,
-    /// The map of the base, validated and taken, while usable.
-    old: Option<(MapHeader, MapReader<File>)>,
+    /// A map of the base was validated and taken.
+    usable: bool,
+    /// Its reader, until the comparison takes it.
+    old: Option<MapReader<File>>,
     /// Why the map is not used, for the report (`None` for a first copy).
     pub fallback: Option<String>,
 }
@@ -557,6 +569,7 @@ impl MapSession {
     ) -> (Self, Option<(Generation, String)>) {
         let mut s = Self {
             plan,
+            usable: false,
             old: None,
             fallback: None,
         };
@@ -583,9 +596,9 @@ impl MapSession {
                         .to_string(),
                     )
                 } else {
-                    let base = (h.generation.clone(), h.target_identity.clone());
-                    s.old = Some((h, r));
-                    return (s, Some(base));
+                    s.usable = true;
+                    s.old = Some(r);
+                    return (s, Some((h.generation, h.target_identity)));
                 }
             }
             Err(Unusable::Missing) => None,
@@ -601,15 +614,22 @@ impl MapSession {
     pub fn opened(&mut self, mapped: bool, unvouched: Option<&str>) -> Option<MapReader<File>> {
         let old = self.old.take();
         if mapped {
-            return old.map(|(_, r)| r);
+            return old;
         }
-        if old.is_some() {
+        if std::mem::take(&mut self.usable) {
             self.fallback = Some(format!(
                 "digest map not used: {}; full scan",
                 unvouched.map_or_else(|| "the target refused it".into(), wire::escape)
             ));
         }
         None
+    }
+
+    /// The base's reader, for a comparison that starts before the target
+    /// answers ([`super::early`]); [`MapSession::opened`] then returns
+    /// none, and still records a refusal.
+    pub fn take_reader(&mut self) -> Option<MapReader<File>> {
+        self.old.take()
     }
 
     /// The writer of the new map, for a session that sees every block.
@@ -633,6 +653,14 @@ impl MapSession {
             }
         }
         self.plan.store.release(&self.plan.name);
+    }
+
+    /// The session ended before the target heard of it: the taken map
+    /// stays current.
+    pub fn put_back(&self) {
+        if self.usable {
+            self.plan.store.put_back(&self.plan.name);
+        }
     }
 
     /// The map key's block signer.

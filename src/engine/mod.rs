@@ -3,6 +3,7 @@
 //! any byte stream (see the `wire` crate for the protocol).
 
 pub mod cbt_refine;
+pub mod early;
 pub mod fanout;
 pub mod holes;
 pub mod map;
@@ -155,8 +156,13 @@ impl ChunkReader {
     /// Hands a chunk's buffer back for reuse.
     pub fn recycle(&self, chunk: Chunk) {
         if !chunk.hole {
-            let _ = self.free.try_send(chunk.data);
+            self.recycle_buffer(chunk.data);
         }
+    }
+
+    /// Hands a data chunk's buffer back for reuse.
+    pub fn recycle_buffer(&self, data: Vec<u8>) {
+        let _ = self.free.try_send(data);
     }
 
     /// Bytes actually read from the volume so far.

@@ -36,6 +36,7 @@ use wire::{
     Heartbeat, Hello, Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
+use super::early::{map_hash, EarlyChunk, EarlyEnd, EarlyScan};
 use super::holes::{Run, TargetRuns};
 use super::map::{MapHeader, MapReader, MapSession, MapWriter};
 use super::{Cancel, Chunk, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
@@ -394,38 +395,6 @@ pub fn run(
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
     let key = HashKey(key);
-    let mut wr = FrameWriter::new(conn.writer);
-    let mut rd = FrameReader::new(conn.reader);
-    let want_features = if params.compress.is_some() {
-        features::ZSTD
-    } else {
-        0
-    };
-    wr.write_preamble()?;
-    wr.send(
-        &Msg::Hello(Hello {
-            features: want_features,
-            key,
-            software: crate::VERSION.into(),
-            bwlimit: (params.bwlimit > 0).then_some(params.bwlimit),
-        }),
-        &[],
-    )?;
-    wr.flush()?;
-    rd.read_preamble()?;
-    let ack = match rd.read()?.0 {
-        Msg::HelloAck(a) => a,
-        m => {
-            return Err(WireError::Unexpected {
-                got: m.kind(),
-                want: "HelloAck",
-            }
-            .into())
-        }
-    };
-    let compress = params
-        .compress
-        .filter(|_| ack.features & features::ZSTD != 0);
     let size = source.size();
     let mut mode = if changes.is_some() {
         params.mode
@@ -450,6 +419,37 @@ pub fn run(
         }
         _ => None,
     };
+    // With the base's map, the comparison needs nothing from the target:
+    // it starts now, while the connection comes up.
+    let early = match &mut map {
+        Some(m) if mode == Mode::Mapped => m.take_reader().map(|r| {
+            EarlyScan::spawn(
+                source.clone(),
+                params.block_size,
+                size,
+                r,
+                m.signer(),
+                cancel.clone(),
+            )
+        }),
+        _ => None,
+    };
+    let mut wr = FrameWriter::new(conn.writer);
+    let mut rd = FrameReader::new(conn.reader);
+    let ack = match hello(&mut wr, &mut rd, key, params) {
+        Ok(a) => a,
+        Err(e) => {
+            // The target never heard of this session: the map still
+            // holds for the next one.
+            if let Some(m) = &map {
+                m.put_back();
+            }
+            return Err(e);
+        }
+    };
+    let compress = params
+        .compress
+        .filter(|_| ack.features & features::ZSTD != 0);
     wr.send(
         &Msg::Open(Open {
             path: params.target_path.clone(),
@@ -507,6 +507,18 @@ pub fn run(
         .filter(|_| opened.start_block == 0 && opened.target_strong)
         .and_then(|m| m.writer(params.block_size, size));
     let map_signer = map.as_ref().map(|m| m.signer());
+    // What the early scan compared stands when the target runs the map's
+    // mode; otherwise it is dropped here (a full scan starts over).
+    let mut early_results = None;
+    if let Some(scan) = early.filter(|_| opened.mode == Mode::Mapped) {
+        let e = scan.finish();
+        tracing::debug!(
+            "compared {} blocks with the digest map before the target answered",
+            e.chunks.iter().map(|c| c.chunk.blocks).sum::<u64>()
+        );
+        map_old = Some(e.map);
+        early_results = Some((e.chunks, e.end, e.reader));
+    }
 
     let mut report = Report {
         volume_bytes: size,
@@ -636,6 +648,7 @@ pub fn run(
         map_old: map_old.take(),
         map_new,
         map_signer,
+        early_base: VecDeque::new(),
     };
     // A file replica longer than the source differs in its tail (a sync
     // truncates it at commit; a verify or dry run must say so).
@@ -644,7 +657,7 @@ pub fn run(
     }
     let result = match (opened.mode, changes) {
         (Mode::Delta, Some(changes)) => cmp.run_delta(changes),
-        _ => cmp.run_scan(&opened),
+        _ => cmp.run_scan(&opened, early_results),
     };
     let result = result.and_then(|()| cmp.finish());
     let result = result.and_then(|()| cmp.check_committed(params, &opened));
@@ -716,6 +729,40 @@ pub fn run(
     report.generation = committed.state.generation.map(|g| g.number);
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The session's first exchange: our `Hello`, the target's `HelloAck`.
+fn hello<W: Write, R: Read>(
+    wr: &mut FrameWriter<W>,
+    rd: &mut FrameReader<R>,
+    key: HashKey,
+    params: &SessionParams,
+) -> Result<wire::HelloAck, SyncError> {
+    let features = if params.compress.is_some() {
+        features::ZSTD
+    } else {
+        0
+    };
+    wr.write_preamble()?;
+    wr.send(
+        &Msg::Hello(Hello {
+            features,
+            key,
+            software: crate::VERSION.into(),
+            bwlimit: (params.bwlimit > 0).then_some(params.bwlimit),
+        }),
+        &[],
+    )?;
+    wr.flush()?;
+    rd.read_preamble()?;
+    match rd.read()?.0 {
+        Msg::HelloAck(a) => Ok(a),
+        m => Err(WireError::Unexpected {
+            got: m.kind(),
+            want: "HelloAck",
+        }
+        .into()),
+    }
 }
 
 fn map_error(source: &Arc<dyn Volume>, e: std::io::Error) -> SyncError {
@@ -1041,7 +1088,14 @@ struct Comparer<'a> {
     /// The map of this generation being written, and its signer.
     map_new: Option<MapWriter>,
     map_signer: Option<Signer>,
+    /// The base's digests the early scan read for the chunk being
+    /// compared, taken before the map's.
+    early_base: VecDeque<Digest>,
 }
+
+/// What [`EarlyScan`] hands the comparison: chunks compared, why it
+/// stopped short (if it did), and the reader positioned past them.
+type EarlyResults = (VecDeque<EarlyChunk>, Option<EarlyEnd>, ChunkReader);
 
 impl Comparer<'_> {
     /// Queues a frame for the writer. A writer that cannot get rid of it
@@ -1155,49 +1209,54 @@ impl Comparer<'_> {
         Ok(())
     }
 
-    fn run_scan(&mut self, opened: &Opened) -> Result<(), SyncError> {
+    /// Compares every block from the target's start: first what the
+    /// early scan compared, if it ran (digest-map mode), then the rest.
+    fn run_scan(&mut self, opened: &Opened, early: Option<EarlyResults>) -> Result<(), SyncError> {
         let total = self.block.blocks_in(self.size);
-        // The map's digest of every block read, computed by the readers
-        // (on every core): in digest-map mode it is the whole comparison.
-        let hash = match (
-            &self.map_signer,
-            self.map_old.is_some() || self.map_new.is_some(),
-        ) {
-            (Some(ms), true) => {
-                let ms = ms.clone();
-                Some(Arc::new(move |b: &[u8]| Some(ms.block_digest(b))) as super::BlockHash)
+        let (early_chunks, early_end, reader) = match early {
+            Some(e) => e,
+            None => {
+                // The map's digest of every block read, computed by the
+                // readers (on every core): in digest-map mode it is the
+                // whole comparison.
+                let hash = self
+                    .map_signer
+                    .clone()
+                    .filter(|_| self.map_old.is_some() || self.map_new.is_some())
+                    .map(map_hash);
+                let reader = ChunkReader::spawn(
+                    self.source.clone(),
+                    self.block,
+                    self.size,
+                    self.size,
+                    opened.start_block,
+                    self.cancel.clone(),
+                    hash,
+                );
+                (VecDeque::new(), None, reader)
             }
-            _ => None,
         };
-        let reader = ChunkReader::spawn(
-            self.source.clone(),
-            self.block,
-            self.size,
-            self.size,
-            opened.start_block,
-            self.cancel.clone(),
-            hash,
-        );
+        for e in early_chunks {
+            if e.same {
+                self.compare_same(&e.chunk);
+            } else {
+                self.early_base = e.base.into();
+                self.compare_chunk(&e.chunk)?;
+            }
+            self.compared(&reader, e.chunk)?;
+        }
+        match early_end {
+            Some(EarlyEnd::Read(e)) => return Err(e.into()),
+            Some(EarlyEnd::Map(e)) => return Err(map_error(&self.source, e)),
+            None => {}
+        }
         for chunk in reader.chunks.iter() {
             if self.cancel.is_cancelled() {
                 return Err(SyncError::Interrupted);
             }
             let chunk = chunk?;
             self.compare_chunk(&chunk)?;
-            self.report.source_bytes_read = reader.bytes_read();
-            // The target checks this against the blocks it hashed: none
-            // in digest-map mode.
-            if self.map_old.is_none() {
-                self.counters
-                    .blocks
-                    .store(self.report.blocks_compared, Ordering::Relaxed);
-            }
-            self.counters
-                .read
-                .store(self.report.source_bytes_read, Ordering::Relaxed);
-            let compared = chunk.first_block + chunk.blocks;
-            reader.recycle(chunk);
-            self.grant_credit(compared, self.credit_step)?;
+            self.compared(&reader, chunk)?;
         }
         if self.cancel.is_cancelled() {
             return Err(SyncError::Interrupted);
@@ -1215,6 +1274,40 @@ impl Comparer<'_> {
             }),
             Vec::new(),
         )
+    }
+
+    /// After a chunk's comparison: counters, its buffer back, credit.
+    fn compared(&mut self, reader: &ChunkReader, chunk: Chunk) -> Result<(), SyncError> {
+        self.report.source_bytes_read = reader.bytes_read();
+        // The target checks this against the blocks it hashed: none in
+        // digest-map mode.
+        if self.map_old.is_none() {
+            self.counters
+                .blocks
+                .store(self.report.blocks_compared, Ordering::Relaxed);
+        }
+        self.counters
+            .read
+            .store(self.report.source_bytes_read, Ordering::Relaxed);
+        let compared = chunk.first_block + chunk.blocks;
+        reader.recycle(chunk);
+        self.grant_credit(compared, self.credit_step)
+    }
+
+    /// A chunk the early scan found equal to the base, block by block:
+    /// only its digests go to the new map.
+    fn compare_same(&mut self, chunk: &Chunk) {
+        for (i, b) in (chunk.first_block..chunk.first_block + chunk.blocks).enumerate() {
+            let len = self.block.len_of(b, self.size) as usize;
+            self.record_map(None, len, chunk.digests.get(i).copied().flatten());
+        }
+        self.report.blocks_compared += chunk.blocks;
+        self.progress.update(
+            self.block
+                .offset_of(chunk.first_block + chunk.blocks)
+                .min(self.size),
+            self.report.data_bytes,
+        );
     }
 
     /// First block with an op not yet sent, given everything before
@@ -1385,9 +1478,10 @@ impl Comparer<'_> {
         len: usize,
         digest: Option<Digest>,
     ) -> Result<HoleDecision, SyncError> {
-        let theirs = match &mut self.map_old {
-            Some(r) => r.next_digest().map_err(|e| map_error(&self.source, e))?,
-            None => unreachable!("map_decision outside digest-map mode"),
+        let theirs = match (self.early_base.pop_front(), &mut self.map_old) {
+            (Some(d), _) => d,
+            (None, Some(r)) => r.next_digest().map_err(|e| map_error(&self.source, e))?,
+            (None, None) => unreachable!("map_decision outside digest-map mode"),
         };
         let Some(data) = data else {
             // A hole of the source reads as zeros.
