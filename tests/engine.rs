@@ -107,29 +107,66 @@ fn late_refine_target(stream: UnixStream, data: Vec<u8>) -> u64 {
             m => panic!("unexpected {:?}", m.kind()),
         }
     }
-    wr.send(
-        &Msg::Committed(Committed {
-            target_bytes_read: 0,
-            target_bytes_written: 0,
-            journal_bytes: 0,
-            apply_mode: "scripted".into(),
-            // The generation asked for: the source checks it.
-            state: ReplicaState {
-                source_id: Some(open.source_id.clone()),
-                generation: Some(wire::Generation {
-                    number: 1,
-                    snapshot: open.target_generation.snapshot.clone(),
-                }),
-                consistent: true,
-                ..Default::default()
-            },
+    // The generation asked for: the source checks it.
+    let state = ReplicaState {
+        source_id: Some(open.source_id.clone()),
+        generation: Some(wire::Generation {
+            number: 1,
+            snapshot: open.target_generation.snapshot.clone(),
         }),
-        &[],
-    )
-    .unwrap();
-    wr.flush().unwrap();
+        consistent: true,
+        ..Default::default()
+    };
+    send_committed(&mut wr, state);
     reader.join().unwrap();
     credits_seen
+}
+
+/// A scripted target's `Committed`, for `state`.
+fn send_committed(wr: &mut FrameWriter<UnixStream>, state: ReplicaState) {
+    let committed = Committed {
+        target_bytes_read: 0,
+        target_bytes_written: 0,
+        journal_bytes: 0,
+        apply_mode: "scripted".into(),
+        state,
+    };
+    wr.send(&Msg::Committed(committed), &[]).unwrap();
+    wr.flush().unwrap();
+}
+
+/// The parameters of a session to "/dst" in 64 KiB blocks.
+fn session_params() -> SessionParams {
+    SessionParams::new(
+        "/dst".into(),
+        BlockSize::new(BLOCK).unwrap(),
+        "test-source".into(),
+        "snap".into(),
+        // A stall fails the test in seconds instead of hanging it.
+        Duration::from_secs(10),
+    )
+}
+
+/// Runs the source side of a session over `stream`.
+fn run_source(
+    source: Arc<dyn Volume>,
+    stream: UnixStream,
+    params: &SessionParams,
+) -> Result<source::Report, SyncError> {
+    let conn = Connection {
+        reader: Box::new(stream.try_clone().unwrap()),
+        writer: Box::new(stream),
+    };
+    let progress = Progress::hidden();
+    source::run(
+        source,
+        conn,
+        params,
+        &progress,
+        &Cancel::new(),
+        None,
+        &mut None,
+    )
 }
 
 #[test]
@@ -141,28 +178,8 @@ fn a_late_refinement_does_not_stall_the_credit() {
     let target = thread::spawn(move || late_refine_target(theirs, target_data));
 
     let source = Arc::new(MemVolume::new("/src", source_data, false));
-    let params = SessionParams::new(
-        "/dst".into(),
-        BlockSize::new(BLOCK).unwrap(),
-        "test-source".into(),
-        "snap".into(),
-        // A stall fails the test in seconds instead of hanging it.
-        Duration::from_secs(10),
-    );
-    let conn = Connection {
-        reader: Box::new(ours.try_clone().unwrap()),
-        writer: Box::new(ours),
-    };
-    let report = source::run(
-        source,
-        conn,
-        &params,
-        &Progress::hidden(),
-        &Cancel::new(),
-        None,
-        &mut None,
-    )
-    .expect("the session completes");
+    let params = session_params();
+    let report = run_source(source, ours, &params).expect("the session completes");
     assert!(target.join().unwrap() > 0);
     assert_eq!(report.blocks_changed, 1);
     assert_eq!(report.data_bytes, 4096);
@@ -291,29 +308,12 @@ fn mapped_target(
         number: base.number + 1,
         snapshot: open.target_generation.snapshot.clone(),
     };
-    wr.send(
-        &Msg::Committed(Committed {
-            target_bytes_read: 0,
-            target_bytes_written: 0,
-            journal_bytes: 0,
-            apply_mode: "scripted".into(),
-            state: state(next),
-        }),
-        &[],
-    )
-    .unwrap();
-    wr.flush().unwrap();
+    send_committed(&mut wr, state(next));
     Some(replica)
 }
 
 fn mapped_params(plan: MapPlan) -> SessionParams {
-    let mut params = SessionParams::new(
-        "/dst".into(),
-        BlockSize::new(BLOCK).unwrap(),
-        "test-source".into(),
-        "snap".into(),
-        Duration::from_secs(10),
-    );
+    let mut params = session_params();
     params.digest_map = Some(plan);
     params
 }
@@ -354,20 +354,7 @@ fn the_source_compares_with_its_map_before_the_target_answers() {
         })
     };
     let params = mapped_params(plan);
-    let conn = Connection {
-        reader: Box::new(ours.try_clone().unwrap()),
-        writer: Box::new(ours),
-    };
-    let report = source::run(
-        source.clone(),
-        conn,
-        &params,
-        &Progress::hidden(),
-        &Cancel::new(),
-        None,
-        &mut None,
-    )
-    .expect("the session completes");
+    let report = run_source(source.clone(), ours, &params).expect("the session completes");
     let replica = target.join().unwrap().expect("the target committed");
     assert_eq!(
         read_before.load(Ordering::SeqCst),
@@ -416,20 +403,7 @@ fn a_read_error_met_before_the_target_answered_fails_the_session() {
         })
     });
     let params = mapped_params(plan);
-    let conn = Connection {
-        reader: Box::new(ours.try_clone().unwrap()),
-        writer: Box::new(ours),
-    };
-    let err = source::run(
-        source,
-        conn,
-        &params,
-        &Progress::hidden(),
-        &Cancel::new(),
-        None,
-        &mut None,
-    )
-    .expect_err("the read error fails the session");
+    let err = run_source(source, ours, &params).expect_err("the read error fails the session");
     assert!(matches!(err, SyncError::Source(_)), "{err}");
     assert!(target.join().unwrap().is_none(), "nothing committed");
 }
