@@ -27,7 +27,7 @@ use crossbeam_channel::RecvTimeoutError;
 use snapshot::{Volume, VolumeError};
 
 use super::map::MapReader;
-use super::{BlockHash, Cancel, Chunk, ChunkReader};
+use super::{BlockHash, Cancel, Chunk, ChunkReader, ZeroDigests};
 
 /// Most bytes of changed chunks held for the session.
 pub const KEEP_MAX: usize = 16 << 20;
@@ -143,7 +143,7 @@ fn scan(
     let mut chunks = VecDeque::new();
     let mut end = None;
     let (mut kept, mut blocks) = (0usize, 0u64);
-    let mut zeros: Vec<(usize, Digest)> = Vec::new();
+    let mut zeros = ZeroDigests::default();
     while kept < KEEP_MAX && blocks < EARLY_BLOCKS_MAX && !stop.load(Ordering::Acquire) {
         let mut chunk = match reader.chunks.recv_timeout(POLL) {
             Ok(Ok(c)) => c,
@@ -168,17 +168,9 @@ fn scan(
         let lens = (chunk.first_block..chunk.first_block + chunk.blocks)
             .map(|b| block.len_of(b, size) as usize);
         let same = if chunk.hole {
-            base.iter().zip(lens).all(|(d, len)| {
-                let zero = match zeros.iter().find(|(l, _)| *l == len) {
-                    Some((_, z)) => *z,
-                    None => {
-                        let z = signer.block_digest(&vec![0u8; len]);
-                        zeros.push((len, z));
-                        z
-                    }
-                };
-                *d == zero
-            })
+            base.iter()
+                .zip(lens)
+                .all(|(d, len)| *d == zeros.get(&signer, len))
         } else {
             // Every digest the reader left to its consumer, here.
             let bs = block.bytes() as usize;

@@ -63,6 +63,23 @@ pub const READ_AHEAD: usize = 8;
 /// missing.
 pub type BlockHash = Arc<dyn Fn(&[u8]) -> Option<blockdiff::Digest> + Send + Sync>;
 
+/// Digests of all-zero blocks under one signer, by length, computed once
+/// each (only a volume's last block is short, so a scan needs one or two).
+#[derive(Debug, Default)]
+pub struct ZeroDigests(Vec<(usize, blockdiff::Digest)>);
+
+impl ZeroDigests {
+    /// The digest of `len` zero bytes under `signer`.
+    pub fn get(&mut self, signer: &blockdiff::Signer, len: usize) -> blockdiff::Digest {
+        if let Some((_, d)) = self.0.iter().find(|(l, _)| *l == len) {
+            return *d;
+        }
+        let d = signer.block_digest(&vec![0u8; len]);
+        self.0.push((len, d));
+        d
+    }
+}
+
 /// A run of whole blocks read from a volume.
 #[derive(Debug)]
 pub struct Chunk {

@@ -39,7 +39,7 @@ use wire::{
 use super::early::{map_hash, EarlyChunk, EarlyEnd, EarlyScan};
 use super::holes::{Run, TargetRuns};
 use super::map::{MapHeader, MapReader, MapSession, MapWriter};
-use super::{Cancel, Chunk, ChunkReader, Clock, MAX_PENDING_REFINES, WINDOW_BLOCKS};
+use super::{Cancel, Chunk, ChunkReader, Clock, ZeroDigests, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::progress::Progress;
 
 /// Why a session failed, classified for exit codes.
@@ -621,8 +621,8 @@ pub fn run(
         out: out_tx,
         incoming: in_rx,
         hashes: TargetRuns::default(),
-        zero_digests: Vec::new(),
-        map_zero_digests: Vec::new(),
+        zero_digests: ZeroDigests::default(),
+        map_zero_digests: ZeroDigests::default(),
         subs: VecDeque::new(),
         pending: VecDeque::new(),
         pending_refines: 0,
@@ -1057,9 +1057,9 @@ struct Comparer<'a> {
     hashes: TargetRuns,
     /// Block digests of zeros, by block length (only the last block is
     /// short).
-    zero_digests: Vec<(usize, Digest)>,
+    zero_digests: ZeroDigests,
     /// The same under the digest map's key.
-    map_zero_digests: Vec<(usize, Digest)>,
+    map_zero_digests: ZeroDigests,
     subs: VecDeque<(u64, Vec<Digest>)>,
     pending: VecDeque<Pending>,
     pending_refines: usize,
@@ -1188,12 +1188,7 @@ impl Comparer<'_> {
     }
 
     fn zero_digest(&mut self, len: usize) -> Digest {
-        if let Some((_, d)) = self.zero_digests.iter().find(|(l, _)| *l == len) {
-            return *d;
-        }
-        let d = self.signer.block_digest(&vec![0u8; len]);
-        self.zero_digests.push((len, d));
-        d
+        self.zero_digests.get(&self.signer, len)
     }
 
     /// Lets the target scan on: every op below the first unsent block is
@@ -1513,16 +1508,11 @@ impl Comparer<'_> {
     /// The map's digest of an all-zero block of `len` bytes (cached: a
     /// sparse source has many).
     fn map_zero_digest(&mut self, len: usize) -> Digest {
-        if let Some((_, d)) = self.map_zero_digests.iter().find(|(l, _)| *l == len) {
-            return *d;
-        }
         let ms = self
             .map_signer
             .as_ref()
             .expect("digest-map mode has a signer");
-        let d = ms.block_digest(&vec![0u8; len]);
-        self.map_zero_digests.push((len, d));
-        d
+        self.map_zero_digests.get(ms, len)
     }
 
     /// Appends a block's map digest (`digest` if already computed; a
