@@ -15,7 +15,7 @@ use blockdiff::{BlockSize, Signer};
 use hostile_support::{first_scan_opened, target_handshake};
 use snapshot::volume::Fault;
 use snapshot::{MemVolume, Volume};
-use snapsync::engine::map::{self, MapHeader, MapPlan, MapStore};
+use snapsync::engine::map::{self, MapHeader, MapPlan, MapStore, SALT_LEN};
 use snapsync::engine::source::{self, Connection, SessionParams, SyncError};
 use snapsync::engine::Cancel;
 use snapsync::progress::Progress;
@@ -227,12 +227,14 @@ impl Volume for Counted {
 fn map_of(dir: &std::path::Path, old: &[u8], base: &Generation) -> MapPlan {
     let store = MapStore::open(&dir.join("maps")).unwrap();
     let bs = BlockSize::new(BLOCK).unwrap();
-    let mut w = store.writer("m", bs, old.len() as u64).unwrap();
-    let signer = store.key().signer();
+    let salt = [3; SALT_LEN];
+    let mut w = store.writer("m", bs, old.len() as u64, &salt).unwrap();
+    let signer = store.key().signer(&salt);
     for b in old.chunks(BLOCK as usize) {
         w.push(&signer.block_digest(b)).unwrap();
     }
     let header = MapHeader {
+        salt,
         block_size: bs,
         volume_size: old.len() as u64,
         generation: base.clone(),
@@ -372,7 +374,8 @@ fn the_source_compares_with_its_map_before_the_target_answers() {
     let bytes = std::fs::read(store.dir().join("m.map")).unwrap();
     let (header, digests) = map::decode(&bytes, store.key()).unwrap();
     assert_eq!(header.generation.number, 7);
-    let signer = store.key().signer();
+    assert_eq!(header.salt, [3; SALT_LEN], "the base's salt carries over");
+    let signer = store.key().signer(&header.salt);
     let want: Vec<_> = new
         .chunks(BLOCK as usize)
         .map(|b| signer.block_digest(b))
@@ -406,4 +409,105 @@ fn a_read_error_met_before_the_target_answered_fails_the_session() {
     let err = run_source(source, ours, &params).expect_err("the read error fails the session");
     assert!(matches!(err, SyncError::Source(_)), "{err}");
     assert!(target.join().unwrap().is_none(), "nothing committed");
+}
+
+// --------------------------------------- a full scan that renews the map
+
+/// A target that runs a full scan of `replica` (its digests keyed with the
+/// session's key, every block at once) and commits generation 1. Returns
+/// the session's key and the replica with the ops applied.
+fn full_scan_target(stream: UnixStream, mut replica: Vec<u8>) -> (blockdiff::HashKey, Vec<u8>) {
+    let mut rd = FrameReader::new(stream.try_clone().unwrap());
+    let mut wr = FrameWriter::new(stream);
+    let (hello, open) = target_handshake(&mut rd, &mut wr, "scripted");
+    assert_eq!(open.mode, Mode::FullScan);
+    let opened = first_scan_opened(replica.len() as u64, 1 << 16);
+    wr.send(&Msg::Opened(opened), &[]).unwrap();
+    let signer = Signer::new(hello.key);
+    let mut payload = Vec::new();
+    let digests: Vec<_> = replica
+        .chunks(BLOCK as usize)
+        .map(|b| signer.block_digest(b))
+        .collect();
+    wire::digests_to_payload(&digests, &mut payload);
+    wr.send(&Msg::BlockHashes(BlockHashes { first: 0 }), &payload)
+        .unwrap();
+    wr.flush().unwrap();
+    let mut subs = Vec::new();
+    loop {
+        let (msg, data) = rd.read().unwrap();
+        match msg {
+            Msg::Refine(r) => {
+                let o = (r.block * BLOCK) as usize;
+                subs.clear();
+                signer.sub_digests(&replica[o..o + BLOCK as usize], &mut subs);
+                wire::digests_to_payload(&subs, &mut payload);
+                wr.send(&Msg::SubHashes(SubHashes { block: r.block }), &payload)
+                    .unwrap();
+                wr.flush().unwrap();
+            }
+            Msg::Data(d) => replica[d.offset as usize..][..d.len as usize].copy_from_slice(data),
+            Msg::Zero(z) => replica[z.offset as usize..][..z.len as usize].fill(0),
+            Msg::Credit(_) | Msg::Heartbeat(_) => {}
+            Msg::Finish(_) => break,
+            m => panic!("unexpected {:?}", m.kind()),
+        }
+    }
+    let state = ReplicaState {
+        source_id: Some(open.source_id.clone()),
+        generation: Some(Generation {
+            number: 1,
+            snapshot: open.target_generation.snapshot.clone(),
+        }),
+        consistent: true,
+        ..Default::default()
+    };
+    send_committed(&mut wr, state);
+    (hello.key, replica)
+}
+
+/// A full scan with the digest map on makes the next cycle's map. It
+/// hashes each block once: the digests it compares with the target's are
+/// the new map's (its session key is the map's block key), where it used
+/// to hash every block a second time under the map's own key.
+#[test]
+fn a_full_scan_makes_its_map_from_the_digests_it_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 48 * BLOCK;
+    let new: Vec<u8> = (0..size).map(|i| (i % 247) as u8).collect();
+    let mut old = new.clone();
+    for b in [3u64, 17, 40] {
+        old[(b * BLOCK + 5000) as usize] ^= 0x5A;
+    }
+    let store = MapStore::open(&dir.path().join("maps")).unwrap();
+    let params = mapped_params(MapPlan {
+        store: store.clone(),
+        name: "m".into(),
+        scrub: None,
+    });
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let target = thread::spawn(move || full_scan_target(theirs, old));
+    let source = Arc::new(MemVolume::new("/src", new.clone(), false));
+    let report = run_source(source, ours, &params).expect("the session completes");
+    let (key, replica) = target.join().unwrap();
+    assert!(replica == new, "the replica is the source");
+    assert_eq!(report.blocks_changed, 3);
+    assert_eq!(report.data_bytes, 3 * 4096);
+    let bytes = std::fs::read(store.dir().join("m.map")).unwrap();
+    let (header, digests) = map::decode(&bytes, store.key()).unwrap();
+    assert_eq!(header.generation.number, 1);
+    let session = Signer::new(key);
+    let compared: Vec<_> = new
+        .chunks(BLOCK as usize)
+        .map(|b| session.block_digest(b))
+        .collect();
+    assert!(digests == compared, "the map holds the digests compared");
+    assert_eq!(
+        store
+            .key()
+            .signer(&header.salt)
+            .block_digest(&new[..BLOCK as usize]),
+        compared[0],
+        "and the source can key them again from the map's salt alone"
+    );
 }

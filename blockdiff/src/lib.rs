@@ -385,23 +385,41 @@ pub fn decide_holes(
     source: Option<&[u8]>,
     theirs: &Theirs,
 ) -> HoleDecision {
+    decide_holes_known(signer, zero_digest, source, theirs, None).0
+}
+
+/// [`decide_holes`] given the source block's digest when it is already
+/// known (`known`: `signer.block_digest(source)`), returning it with the
+/// decision when it was known or computed.
+pub fn decide_holes_known(
+    signer: &Signer,
+    zero_digest: &Digest,
+    source: Option<&[u8]>,
+    theirs: &Theirs,
+    known: Option<Digest>,
+) -> (HoleDecision, Option<Digest>) {
     match (source, theirs) {
-        (None, Theirs::Hole) => HoleDecision::Same,
-        (None, Theirs::Digest(d)) if d == zero_digest => HoleDecision::Same,
-        (None, Theirs::Digest(_)) => HoleDecision::Zero,
+        (None, Theirs::Hole) => (HoleDecision::Same, None),
+        (None, Theirs::Digest(d)) if d == zero_digest => (HoleDecision::Same, None),
+        (None, Theirs::Digest(_)) => (HoleDecision::Zero, None),
         (Some(src), Theirs::Hole) => {
             let runs = nonzero_runs(src);
-            if runs.is_empty() {
+            let d = if runs.is_empty() {
                 HoleDecision::Same
             } else {
                 HoleDecision::SendRuns(runs)
-            }
+            };
+            (d, known)
         }
-        (Some(src), Theirs::Digest(d)) => match decide(signer, src, Some(d)).0 {
-            Decision::Same => HoleDecision::Same,
-            Decision::Zero => HoleDecision::Zero,
-            Decision::Refine | Decision::SendWhole => HoleDecision::Refine,
-        },
+        (Some(src), Theirs::Digest(d)) => {
+            let digest = known.unwrap_or_else(|| signer.block_digest(src));
+            let decision = match decide_digest(digest, src, Some(d)) {
+                Decision::Same => HoleDecision::Same,
+                Decision::Zero => HoleDecision::Zero,
+                Decision::Refine | Decision::SendWhole => HoleDecision::Refine,
+            };
+            (decision, Some(digest))
+        }
     }
 }
 

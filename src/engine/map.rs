@@ -13,14 +13,21 @@
 //! the blocks whose digest changed: the target reads those blocks and
 //! nothing else.
 //!
-//! The key is the source's own secret ([`MapStore`]'s `key`, 0600, never
-//! sent anywhere): a peer that does not know it cannot make a map the
-//! source accepts, nor craft blocks whose digest stays the same.
+//! The map key is the source's own secret ([`MapStore`]'s `key`, 0600,
+//! never sent anywhere): a peer that does not know it cannot make a map
+//! the source accepts. The digests are keyed by a block key derived from
+//! it and the map's salt ([`MapKey::block_key`]), and a full scan that
+//! makes a new map uses that block key as its session key: the digests it
+//! compares with the target's are the new map's, so no block is hashed
+//! twice. The target of that session learns the block key (it hashes its
+//! replica with it), never the map key; a digest-map session keeps the
+//! base's salt and sends a session key of its own.
 //!
 //! # File (`digest-maps/NAME.map`, little-endian)
 //!
 //! ```text
 //! "SNAPSMAP" | format u32 | block size u32 | volume size u64 | key id [16]
+//!            | salt [16]
 //! digests: blocks_in(volume size) x 16 bytes, block 0 first
 //! trailer: generation u64 | snapshot | source id | target identity
 //!          (each: u16 length + UTF-8, at most MAX_TEXT bytes)
@@ -60,9 +67,12 @@ use wire::Generation;
 use crate::state;
 
 const MAGIC: [u8; 8] = *b"SNAPSMAP";
-/// Version of the map file format.
-pub const MAP_FORMAT: u32 = 1;
-const FIXED: usize = 8 + 4 + 4 + 8 + 16;
+/// Version of the map file format (2: digests keyed by a salted block
+/// key; format 1 keyed them by the map key itself).
+pub const MAP_FORMAT: u32 = 2;
+const FIXED: usize = 8 + 4 + 4 + 8 + 16 + SALT_LEN;
+/// Bytes of a map's salt.
+pub const SALT_LEN: usize = 16;
 const MAC_LEN: usize = 32;
 /// Longest text field of the trailer.
 pub const MAX_TEXT: usize = 4096;
@@ -93,11 +103,18 @@ impl MapKey {
         h.as_bytes()[..16].try_into().expect("16 bytes")
     }
 
-    /// The block signer of maps made with this key (domain-separated from
-    /// anything else the key is used for).
-    pub fn signer(&self) -> blockdiff::Signer {
-        let k = blake3::keyed_hash(&self.0, b"snapsync digest map block key");
-        blockdiff::Signer::new(blockdiff::HashKey(*k.as_bytes()))
+    /// The key of the block digests of a map with `salt`
+    /// (domain-separated from anything else the key is used for).
+    pub fn block_key(&self, salt: &[u8; SALT_LEN]) -> blockdiff::HashKey {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"snapsync digest map block key");
+        h.update(salt);
+        blockdiff::HashKey(*h.finalize().as_bytes())
+    }
+
+    /// The block signer of a map with `salt`.
+    pub fn signer(&self, salt: &[u8; SALT_LEN]) -> blockdiff::Signer {
+        blockdiff::Signer::new(self.block_key(salt))
     }
 
     fn mac_key(&self) -> [u8; 32] {
@@ -108,6 +125,8 @@ impl MapKey {
 /// What a map is bound to, besides its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapHeader {
+    /// Salt of the digests' key ([`MapKey::block_key`]).
+    pub salt: [u8; SALT_LEN],
     pub block_size: BlockSize,
     pub volume_size: u64,
     pub generation: Generation,
@@ -124,6 +143,8 @@ pub enum Unusable {
     Interrupted,
     #[error("the digest map was made with another key")]
     KeyChanged,
+    #[error("the digest map is of format {0}, made by an older snapsync")]
+    OldFormat(u32),
     #[error("the digest map is corrupt ({0})")]
     Corrupt(String),
     #[error("the digest map is of {0}")]
@@ -243,8 +264,15 @@ impl MapStore {
         v
     }
 
-    /// Starts the map of this session's generation, as `name.tmp`.
-    pub fn writer(&self, name: &str, block_size: BlockSize, volume_size: u64) -> Result<MapWriter> {
+    /// Starts the map of this session's generation, as `name.tmp`, its
+    /// digests keyed with `salt`.
+    pub fn writer(
+        &self,
+        name: &str,
+        block_size: BlockSize,
+        volume_size: u64,
+        salt: &[u8; SALT_LEN],
+    ) -> Result<MapWriter> {
         let tmp = self.file(name, "tmp");
         let f =
             state::create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -254,6 +282,7 @@ impl MapStore {
         fixed.extend_from_slice(&block_size.bytes().to_le_bytes());
         fixed.extend_from_slice(&volume_size.to_le_bytes());
         fixed.extend_from_slice(&self.key.id());
+        fixed.extend_from_slice(salt);
         let mut out = BufWriter::with_capacity(256 * 1024, f);
         out.write_all(&fixed)
             .with_context(|| format!("writing {}", tmp.display()))?;
@@ -267,6 +296,7 @@ impl MapStore {
             path: self.file(name, "map"),
             dir: self.dir.clone(),
             mac_key: self.key.mac_key(),
+            salt: *salt,
         })
     }
 }
@@ -355,6 +385,9 @@ impl<R: Read + Seek> MapReader<R> {
         }
         let u32_at = |o: usize| u32::from_le_bytes(fixed[o..o + 4].try_into().expect("4"));
         let format = u32_at(8);
+        if format < MAP_FORMAT {
+            return Err(Unusable::OldFormat(format));
+        }
         if format != MAP_FORMAT {
             return Err(corrupt(format!(
                 "format {format}, this build reads {MAP_FORMAT}"
@@ -397,6 +430,7 @@ impl<R: Read + Seek> MapReader<R> {
         }
         let t = parse_trailer(&body[..tail as usize])?;
         let header = MapHeader {
+            salt: fixed[40..40 + SALT_LEN].try_into().expect("16"),
             block_size,
             volume_size,
             generation: t.0,
@@ -470,6 +504,7 @@ pub struct MapWriter {
     path: PathBuf,
     dir: PathBuf,
     mac_key: [u8; 32],
+    salt: [u8; SALT_LEN],
 }
 
 impl MapWriter {
@@ -483,6 +518,10 @@ impl MapWriter {
     /// Makes the map durable and current: trailer, fsync, rename, fsync
     /// of the directory. Call only once the target has committed.
     pub fn commit(mut self, header: &MapHeader) -> Result<()> {
+        anyhow::ensure!(
+            header.salt == self.salt,
+            "digest map header of another salt"
+        );
         anyhow::ensure!(
             self.written == self.expected,
             "digest map of {} blocks has {}",
@@ -551,6 +590,10 @@ pub struct MapSession {
     plan: MapPlan,
     /// A map of the base was validated and taken.
     usable: bool,
+    /// The salt of the taken map, if usable.
+    base_salt: Option<[u8; SALT_LEN]>,
+    /// This session's own salt: its session key is that salt's block key.
+    salt: [u8; SALT_LEN],
     /// Its reader, until the comparison takes it.
     old: Option<MapReader<File>>,
     /// Why the map is not used, for the report (`None` for a first copy).
@@ -560,9 +603,11 @@ pub struct MapSession {
 impl MapSession {
     /// Looks at the map before the session opens: a usable one (of this
     /// source, block and volume size) is taken and its base returned
-    /// with the target identity the target must have.
+    /// with the target identity the target must have. `salt` (random) is
+    /// this session's, for a new map made by a full scan.
     pub fn prepare(
         plan: MapPlan,
+        salt: [u8; SALT_LEN],
         source_id: &str,
         block: BlockSize,
         size: u64,
@@ -570,6 +615,8 @@ impl MapSession {
         let mut s = Self {
             plan,
             usable: false,
+            base_salt: None,
+            salt,
             old: None,
             fallback: None,
         };
@@ -597,6 +644,7 @@ impl MapSession {
                     )
                 } else {
                     s.usable = true;
+                    s.base_salt = Some(h.salt);
                     s.old = Some(r);
                     return (s, Some((h.generation, h.target_identity)));
                 }
@@ -632,9 +680,26 @@ impl MapSession {
         self.old.take()
     }
 
+    /// The session key: the block key of this session's salt, so that a
+    /// full scan's digests are its new map's.
+    pub fn session_key(&self) -> blockdiff::HashKey {
+        self.plan.store.key().block_key(&self.salt)
+    }
+
+    /// The salt of the new map: the base's when the session compares with
+    /// the base's map (`mapped`: its digests carry over), else this
+    /// session's own.
+    pub fn new_salt(&self, mapped: bool) -> [u8; SALT_LEN] {
+        match self.base_salt {
+            Some(base) if mapped => base,
+            _ => self.salt,
+        }
+    }
+
     /// The writer of the new map, for a session that sees every block.
-    pub fn writer(&self, block: BlockSize, size: u64) -> Option<MapWriter> {
-        match self.plan.store.writer(&self.plan.name, block, size) {
+    pub fn writer(&self, block: BlockSize, size: u64, mapped: bool) -> Option<MapWriter> {
+        let salt = self.new_salt(mapped);
+        match self.plan.store.writer(&self.plan.name, block, size, &salt) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("no digest map this time: {e:#}");
@@ -663,9 +728,10 @@ impl MapSession {
         }
     }
 
-    /// The map key's block signer.
-    pub fn signer(&self) -> blockdiff::Signer {
-        self.plan.store.key().signer()
+    /// The block signer of the new map (see [`MapSession::new_salt`]):
+    /// with `mapped`, the base map's too.
+    pub fn signer(&self, mapped: bool) -> blockdiff::Signer {
+        self.plan.store.key().signer(&self.new_salt(mapped))
     }
 }
 
@@ -693,9 +759,11 @@ mod tests {
     use proptest::prelude::*;
 
     const BS: u32 = 4096;
+    const SALT: [u8; SALT_LEN] = [6; SALT_LEN];
 
     fn header(size: u64) -> MapHeader {
         MapHeader {
+            salt: SALT,
             block_size: BlockSize::new(BS as u64).unwrap(),
             volume_size: size,
             generation: Generation {
@@ -710,8 +778,10 @@ mod tests {
     /// Writes the map of `data` and returns its bytes.
     fn make(store: &MapStore, data: &[u8]) -> Vec<u8> {
         let h = header(data.len() as u64);
-        let mut w = store.writer("m", h.block_size, h.volume_size).unwrap();
-        let signer = store.key().signer();
+        let mut w = store
+            .writer("m", h.block_size, h.volume_size, &SALT)
+            .unwrap();
+        let signer = store.key().signer(&SALT);
         for b in data.chunks(BS as usize) {
             w.push(&signer.block_digest(b)).unwrap();
         }
@@ -739,7 +809,7 @@ mod tests {
     /// The same, from the map of `old` alone.
     fn map_plan(store: &MapStore, map: &[u8], new: &[u8]) -> Vec<(usize, Decision)> {
         let (_, digests) = decode(map, store.key()).unwrap();
-        let s = store.key().signer();
+        let s = store.key().signer(&SALT);
         new.chunks(BS as usize)
             .zip(digests)
             .enumerate()
@@ -822,6 +892,42 @@ mod tests {
         );
     }
 
+    /// A map of the format before (digests under the map key itself) is
+    /// named as such, for the report's fallback: one full scan renews it.
+    #[test]
+    fn a_map_of_an_older_format_is_named() {
+        let (_d, store) = store();
+        let mut map = make(&store, &[4u8; 3 * BS as usize]);
+        map[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = decode(&map, store.key()).unwrap_err();
+        assert_eq!(e, Unusable::OldFormat(1));
+        assert_eq!(
+            e.to_string(),
+            "the digest map is of format 1, made by an older snapsync"
+        );
+        map[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(
+            decode(&map, store.key()),
+            Err(Unusable::Corrupt(_))
+        ));
+    }
+
+    /// The salt selects the digests' key: the same key with another salt
+    /// keys them differently.
+    #[test]
+    fn the_salt_is_kept_and_keys_the_digests() {
+        let (_d, store) = store();
+        let data = vec![9u8; 2 * BS as usize];
+        let (h, digests) = decode(&make(&store, &data), store.key()).unwrap();
+        assert_eq!(h.salt, SALT);
+        let other = store.key().signer(&[7; SALT_LEN]);
+        assert_ne!(digests[0], other.block_digest(&data[..BS as usize]));
+        assert_eq!(
+            digests[0],
+            store.key().signer(&SALT).block_digest(&data[..BS as usize])
+        );
+    }
+
     #[test]
     fn take_moves_the_map_aside_until_commit() {
         let (_d, store) = store();
@@ -834,7 +940,9 @@ mod tests {
         assert_eq!(store.take("m").unwrap_err(), Unusable::Interrupted);
         assert_eq!(store.take("m").unwrap_err(), Unusable::Missing);
         // An uncommitted writer leaves only its temporary file.
-        let w = store.writer("m", h.block_size, h.volume_size).unwrap();
+        let w = store
+            .writer("m", h.block_size, h.volume_size, &SALT)
+            .unwrap();
         drop(w);
         assert_eq!(store.take("m").unwrap_err(), Unusable::Missing);
         assert_eq!(store.names(), vec!["m".to_string()]);

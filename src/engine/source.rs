@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockdiff::{
-    changed_runs, decide_digest, decide_holes, BlockSize, Decision, Digest, HashKey, HoleDecision,
-    Signer, Theirs,
+    changed_runs, decide_digest, decide_holes_known, BlockSize, Decision, Digest, HashKey,
+    HoleDecision, Signer, Theirs,
 };
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use serde::Serialize;
@@ -38,7 +38,7 @@ use wire::{
 
 use super::early::{map_hash, EarlyChunk, EarlyEnd, EarlyScan};
 use super::holes::{Run, TargetRuns};
-use super::map::{MapHeader, MapReader, MapSession, MapWriter};
+use super::map::{MapHeader, MapReader, MapSession, MapWriter, SALT_LEN};
 use super::{Cancel, Chunk, ChunkReader, Clock, ZeroDigests, MAX_PENDING_REFINES, WINDOW_BLOCKS};
 use crate::progress::Progress;
 
@@ -392,9 +392,11 @@ pub fn run(
     after: &mut Option<ReplicaAfter>,
 ) -> Result<Report, SyncError> {
     let started = Instant::now();
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
-    let key = HashKey(key);
+    let mut random = [0u8; 32 + SALT_LEN];
+    getrandom::fill(&mut random)
+        .map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
+    let (key, salt) = random.split_at(32);
+    let salt: [u8; SALT_LEN] = salt.try_into().expect("split at 32");
     let size = source.size();
     let mut mode = if changes.is_some() {
         params.mode
@@ -408,8 +410,13 @@ pub fn run(
     let mut map_target = None;
     let mut map = match &params.digest_map {
         Some(plan) if mode == Mode::FullScan && !params.dry_run => {
-            let (m, usable) =
-                MapSession::prepare(plan.clone(), &params.source_id, params.block_size, size);
+            let (m, usable) = MapSession::prepare(
+                plan.clone(),
+                salt,
+                &params.source_id,
+                params.block_size,
+                size,
+            );
             if let Some((g, t)) = usable {
                 mode = Mode::Mapped;
                 base = Some(g);
@@ -418,6 +425,11 @@ pub fn run(
             Some(m)
         }
         _ => None,
+    };
+    // A session that may make a new map keys its digests as that map's.
+    let key = match &map {
+        Some(m) => m.session_key(),
+        None => HashKey(key.try_into().expect("32 bytes")),
     };
     // With the base's map, the comparison needs nothing from the target:
     // it starts now, while the connection comes up.
@@ -428,7 +440,7 @@ pub fn run(
                 params.block_size,
                 size,
                 r,
-                m.signer(),
+                m.signer(true),
                 cancel.clone(),
             )
         }),
@@ -502,11 +514,13 @@ pub fn run(
         .and_then(|m| m.opened(opened.mode == Mode::Mapped, opened.unvouched.as_deref()));
     // The new map needs every block: not for a resumed copy, nor for a
     // target that could never vouch for it.
+    let mapped = opened.mode == Mode::Mapped;
     let map_new = map
         .as_ref()
         .filter(|_| opened.start_block == 0 && opened.target_strong)
-        .and_then(|m| m.writer(params.block_size, size));
-    let map_signer = map.as_ref().map(|m| m.signer());
+        .and_then(|m| m.writer(params.block_size, size, mapped));
+    // A full scan's map is keyed as the session: one digest per block.
+    let map_signer = map.as_ref().map(|m| m.signer(mapped));
     // What the early scan compared stands when the target runs the map's
     // mode; otherwise it is dropped here (a full scan starts over).
     let mut early_results = None;
@@ -666,6 +680,7 @@ pub fn run(
     if let (Ok(()), Some(m), Some(c)) = (&result, &map, &committed) {
         // Only now may the map claim the generation the target holds.
         let header = c.state.generation.clone().map(|generation| MapHeader {
+            salt: m.new_salt(mapped),
             block_size: params.block_size,
             volume_size: size,
             generation,
@@ -1211,14 +1226,16 @@ impl Comparer<'_> {
         let (early_chunks, early_end, reader) = match early {
             Some(e) => e,
             None => {
-                // The map's digest of every block read, computed by the
-                // readers (on every core): in digest-map mode it is the
-                // whole comparison.
-                let hash = self
-                    .map_signer
-                    .clone()
-                    .filter(|_| self.map_old.is_some() || self.map_new.is_some())
-                    .map(map_hash);
+                // The digest of every block read, computed by the readers
+                // whenever the comparison falls behind (so every core
+                // hashes): the map's in digest-map mode, where it is the
+                // whole comparison; else the session's, which is also
+                // the new map's.
+                let signer = match (&self.map_old, &self.map_signer) {
+                    (Some(_), Some(m)) => m.clone(),
+                    _ => self.signer.clone(),
+                };
+                let hash = Some(map_hash(signer));
                 let reader = ChunkReader::spawn(
                     self.source.clone(),
                     self.block,
@@ -1322,11 +1339,11 @@ impl Comparer<'_> {
             let len = self.block.len_of(b, self.size) as usize;
             let i = (b - chunk.first_block) as usize;
             let data = (!chunk.hole).then(|| &chunk.data[i * bs..i * bs + len]);
-            let map_digest = chunk.digests.get(i).copied().flatten();
+            let known = chunk.digests.get(i).copied().flatten();
             let decision = if self.map_old.is_some() {
                 // Digest-map mode: the map of the base stands in for the
                 // target's digests (the target scans nothing).
-                self.map_decision(data, len, map_digest)?
+                self.map_decision(data, len, known)?
             } else {
                 let (theirs, run_end) = self.target_view(b)?;
                 if chunk.hole && theirs == Theirs::Hole {
@@ -1341,8 +1358,9 @@ impl Comparer<'_> {
                     continue;
                 }
                 let zero_digest = self.zero_digest(len);
-                let d = decide_holes(&self.signer, &zero_digest, data, &theirs);
-                self.record_map(data, len, map_digest);
+                let (d, digest) =
+                    decide_holes_known(&self.signer, &zero_digest, data, &theirs, known);
+                self.record_map(data, len, digest);
                 d
             };
             self.report.blocks_compared += 1;
