@@ -281,11 +281,30 @@ fn mapped_target(
     };
     wr.send(&Msg::Opened(opened), &[]).unwrap();
     wr.flush().unwrap();
-    let signer = Signer::new(hello.key);
+    if !serve_until_finish(&mut rd, &mut wr, &Signer::new(hello.key), &mut replica) {
+        return None;
+    }
+    let next = Generation {
+        number: base.number + 1,
+        snapshot: open.target_generation.snapshot.clone(),
+    };
+    send_committed(&mut wr, state(next));
+    Some(replica)
+}
+
+/// Serves a session's frames as an honest target would, until `Finish`:
+/// refinements answered from `replica` (digests under `signer`), ops
+/// applied to it. `false` when the session ended or failed first.
+fn serve_until_finish(
+    rd: &mut FrameReader<UnixStream>,
+    wr: &mut FrameWriter<UnixStream>,
+    signer: &Signer,
+    replica: &mut [u8],
+) -> bool {
     let (mut subs, mut payload) = (Vec::new(), Vec::new());
     loop {
         let Ok((msg, data)) = rd.read() else {
-            return None;
+            return false;
         };
         match msg {
             Msg::Refine(r) => {
@@ -301,17 +320,11 @@ fn mapped_target(
             Msg::Data(d) => replica[d.offset as usize..][..d.len as usize].copy_from_slice(data),
             Msg::Zero(z) => replica[z.offset as usize..][..z.len as usize].fill(0),
             Msg::Credit(_) | Msg::Heartbeat(_) => {}
-            Msg::Finish(_) => break,
-            Msg::Error(_) => return None,
+            Msg::Finish(_) => return true,
+            Msg::Error(_) => return false,
             m => panic!("unexpected {:?}", m.kind()),
         }
     }
-    let next = Generation {
-        number: base.number + 1,
-        snapshot: open.target_generation.snapshot.clone(),
-    };
-    send_committed(&mut wr, state(next));
-    Some(replica)
 }
 
 fn mapped_params(plan: MapPlan) -> SessionParams {
@@ -433,26 +446,7 @@ fn full_scan_target(stream: UnixStream, mut replica: Vec<u8>) -> (blockdiff::Has
     wr.send(&Msg::BlockHashes(BlockHashes { first: 0 }), &payload)
         .unwrap();
     wr.flush().unwrap();
-    let mut subs = Vec::new();
-    loop {
-        let (msg, data) = rd.read().unwrap();
-        match msg {
-            Msg::Refine(r) => {
-                let o = (r.block * BLOCK) as usize;
-                subs.clear();
-                signer.sub_digests(&replica[o..o + BLOCK as usize], &mut subs);
-                wire::digests_to_payload(&subs, &mut payload);
-                wr.send(&Msg::SubHashes(SubHashes { block: r.block }), &payload)
-                    .unwrap();
-                wr.flush().unwrap();
-            }
-            Msg::Data(d) => replica[d.offset as usize..][..d.len as usize].copy_from_slice(data),
-            Msg::Zero(z) => replica[z.offset as usize..][..z.len as usize].fill(0),
-            Msg::Credit(_) | Msg::Heartbeat(_) => {}
-            Msg::Finish(_) => break,
-            m => panic!("unexpected {:?}", m.kind()),
-        }
-    }
+    assert!(serve_until_finish(&mut rd, &mut wr, &signer, &mut replica));
     let state = ReplicaState {
         source_id: Some(open.source_id.clone()),
         generation: Some(Generation {
