@@ -211,6 +211,17 @@ fn every_reason_not_to_trust_the_map_falls_back_and_says_why() {
     assert!(fallback(&r).contains("corrupt"), "{r}");
     assert_eq!(f.sync(&[]).s("mode"), "digest-map");
 
+    // A map of the format before the salted block key (as an older
+    // snapsync left it): named, and renewed by one full scan.
+    let map = f.map_file().unwrap();
+    let mut bytes = std::fs::read(&map).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&map, &bytes).unwrap();
+    let r = f.sync(&[]);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("format 1"), "{r}");
+    assert_eq!(f.sync(&[]).s("mode"), "digest-map");
+
     // Another key.
     std::fs::write(&key, [3u8; 32]).unwrap();
     let r = f.sync(&[]);
