@@ -77,8 +77,9 @@ pub struct EarlyScan {
     handle: Option<JoinHandle<Early>>,
 }
 
-/// The map's digest of each block a reader reads.
-pub fn map_hash(signer: Signer) -> BlockHash {
+/// `signer`'s digest of each block a reader reads (the map's, or in a
+/// full scan the session's, which is its new map's too).
+pub fn block_hash(signer: Signer) -> BlockHash {
     Arc::new(move |b: &[u8]| Some(signer.block_digest(b)))
 }
 
@@ -100,7 +101,7 @@ impl EarlyScan {
             size,
             0,
             cancel,
-            Some(map_hash(signer.clone())),
+            Some(block_hash(signer.clone())),
         );
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();

@@ -36,7 +36,7 @@ use wire::{
     Heartbeat, Hello, Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
-use super::early::{map_hash, EarlyChunk, EarlyEnd, EarlyScan};
+use super::early::{block_hash, EarlyChunk, EarlyEnd, EarlyScan};
 use super::holes::{Run, TargetRuns};
 use super::map::{MapHeader, MapReader, MapSession, MapWriter, SALT_LEN};
 use super::{Cancel, Chunk, ChunkReader, Clock, ZeroDigests, MAX_PENDING_REFINES, WINDOW_BLOCKS};
@@ -500,7 +500,8 @@ pub fn run(
     };
 
     check_opened(&opened, params.block_size.blocks_in(size), mode)?;
-    if opened.mode == Mode::Mapped
+    let mapped = opened.mode == Mode::Mapped;
+    if mapped
         && (map_target.as_deref() != Some(&opened.target_identity)
             || !opened.target_strong
             || opened.state.generation != base)
@@ -511,10 +512,9 @@ pub fn run(
     }
     let mut map_old = map
         .as_mut()
-        .and_then(|m| m.opened(opened.mode == Mode::Mapped, opened.unvouched.as_deref()));
+        .and_then(|m| m.opened(mapped, opened.unvouched.as_deref()));
     // The new map needs every block: not for a resumed copy, nor for a
     // target that could never vouch for it.
-    let mapped = opened.mode == Mode::Mapped;
     let map_new = map
         .as_ref()
         .filter(|_| opened.start_block == 0 && opened.target_strong)
@@ -524,7 +524,7 @@ pub fn run(
     // What the early scan compared stands when the target runs the map's
     // mode; otherwise it is dropped here (a full scan starts over).
     let mut early_results = None;
-    if let Some(scan) = early.filter(|_| opened.mode == Mode::Mapped) {
+    if let Some(scan) = early.filter(|_| mapped) {
         let e = scan.finish();
         tracing::debug!(
             "compared {} blocks with the digest map before the target answered",
@@ -1235,7 +1235,7 @@ impl Comparer<'_> {
                     (Some(_), Some(m)) => m.clone(),
                     _ => self.signer.clone(),
                 };
-                let hash = Some(map_hash(signer));
+                let hash = Some(block_hash(signer));
                 let reader = ChunkReader::spawn(
                     self.source.clone(),
                     self.block,
