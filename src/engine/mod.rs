@@ -106,7 +106,7 @@ pub struct Chunk {
 #[derive(Debug)]
 pub struct ChunkReader {
     pub chunks: crossbeam_channel::Receiver<Result<Chunk, snapshot::VolumeError>>,
-    free: crossbeam_channel::Sender<Vec<u8>>,
+    free: Arc<FreeBuffers>,
     handle: Option<std::thread::JoinHandle<()>>,
     bytes_read: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -135,7 +135,7 @@ impl ChunkReader {
         let workers = volume.reads_in_flight().clamp(1, 64);
         let ahead = (READ_AHEAD * CHUNK_BYTES / (per * block.bytes() as u64) as usize).max(2);
         let (tx, rx) = crossbeam_channel::bounded(ahead);
-        let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(ahead + workers + 2);
+        let free = Arc::new(FreeBuffers::new(ahead + workers + 2));
         let bytes_read = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reading = Reading {
             volume,
@@ -143,7 +143,7 @@ impl ChunkReader {
             size,
             readable,
             per,
-            free: free_rx,
+            free: free.clone(),
             counter: bytes_read.clone(),
             hash,
         };
@@ -164,7 +164,7 @@ impl ChunkReader {
             .expect("spawn volume reader");
         Self {
             chunks: rx,
-            free: free_tx,
+            free,
             handle: Some(handle),
             bytes_read,
         }
@@ -179,7 +179,7 @@ impl ChunkReader {
 
     /// Hands a data chunk's buffer back for reuse.
     pub fn recycle_buffer(&self, data: Vec<u8>) {
-        let _ = self.free.try_send(data);
+        self.free.put(data);
     }
 
     /// Bytes actually read from the volume so far.
@@ -200,6 +200,38 @@ impl Drop for ChunkReader {
     }
 }
 
+/// A reader's spare buffers, the one given back last taken first: it is
+/// the one most likely still in a CPU cache, and a scan that copies every
+/// byte of a volume into its buffers pays for each cache miss there.
+#[derive(Debug)]
+struct FreeBuffers {
+    stack: std::sync::Mutex<Vec<Vec<u8>>>,
+    max: usize,
+}
+
+impl FreeBuffers {
+    fn new(max: usize) -> Self {
+        Self {
+            stack: std::sync::Mutex::new(Vec::with_capacity(max)),
+            max,
+        }
+    }
+
+    /// The buffer given back last, or a new empty one.
+    fn take(&self) -> Vec<u8> {
+        let mut s = self.stack.lock().unwrap_or_else(|p| p.into_inner());
+        s.pop().unwrap_or_default()
+    }
+
+    /// Keeps `buf` for reuse, if there is room.
+    fn put(&self, buf: Vec<u8>) {
+        let mut s = self.stack.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() < self.max {
+            s.push(buf);
+        }
+    }
+}
+
 /// What a [`ChunkReader`] reads next: `blocks` blocks from `first_block`,
 /// a hole or data.
 #[derive(Debug, Clone, Copy)]
@@ -216,7 +248,7 @@ struct Reading {
     size: u64,
     readable: u64,
     per: u64,
-    free: crossbeam_channel::Receiver<Vec<u8>>,
+    free: Arc<FreeBuffers>,
     counter: Arc<std::sync::atomic::AtomicU64>,
     hash: Option<BlockHash>,
 }
@@ -283,7 +315,7 @@ impl Reading {
         let mut digests = Vec::new();
         if !plan.hole {
             let real_end = (offset + len as u64).min(self.readable);
-            data = self.free.try_recv().unwrap_or_default();
+            data = self.free.take();
             data.resize(len, 0);
             let n_real = (real_end - offset) as usize;
             self.volume.read_at(&mut data[..n_real], offset)?;
@@ -424,6 +456,20 @@ impl Clock {
 mod tests {
     use super::*;
     use snapshot::{MemVolume, Volume};
+
+    /// The buffer given back last is reused first; no more are kept than
+    /// the reader can have out at once.
+    #[test]
+    fn spare_buffers_are_reused_last_in_first_out() {
+        let free = FreeBuffers::new(2);
+        let (a, b, c) = (vec![1u8; 8], vec![2u8; 8], vec![3u8; 8]);
+        free.put(a);
+        free.put(b);
+        free.put(c);
+        assert_eq!(free.take(), vec![2u8; 8]);
+        assert_eq!(free.take(), vec![1u8; 8]);
+        assert!(free.take().is_empty());
+    }
 
     /// A volume that asks for several reads in flight, holes where its
     /// bytes are zero in whole 64 KiB pieces, and slower reads early on
