@@ -338,23 +338,28 @@ fn a_comparison_made_during_a_slow_login_is_exact() {
     );
     let args = remote_args(&rsh);
     let dst = format!("localhost:{}", s(&f.dst));
-    let sync = |extra: &[&str]| {
+    let all = size.div_ceil(BLOCK);
+    let sync_with = |what: &str| {
         let mut a = strs(&args);
         a.push("-vv");
-        a.extend_from_slice(extra);
         let r = sync_run(&f.src, &dst, &f.state, &a);
         r.assert_ok();
         assert_same_content(&f.src, &f.dst);
         let early = r
             .stderr
             .lines()
-            .find(|l| l.contains("with the digest map before the target answered"))
+            .find(|l| l.contains(what))
             .map(str::to_owned);
         (r.json(), early)
     };
-    let (r, early) = sync(&[]);
+    let sync = |_: &[&str]| sync_with("with the digest map before the target answered");
+
+    // No map yet, so a first sync: every block differs, and a full scan
+    // that hashed ahead during the login would read them again. It waits.
+    let (r, early) = sync_with("for the full scan before the target answered");
     assert_eq!(r.s("mode"), "full-scan", "{r}");
-    assert_eq!(early, None, "no map yet: {r}");
+    assert_eq!(early, None, "{r}");
+    assert_eq!(r.u("source_bytes_read"), size, "{r}");
 
     // A 4 KiB change in every MiB: every chunk differs.
     let mut changed = Vec::new();
@@ -377,7 +382,6 @@ fn a_comparison_made_during_a_slow_login_is_exact() {
     assert_eq!(r.u("blocks_changed"), 0, "{r}");
     assert_eq!(r.u("data_bytes") + r.u("zero_bytes"), 0, "{r}");
     assert_eq!(r.u("source_bytes_read"), size, "{r}");
-    let all = size.div_ceil(BLOCK);
     assert!(
         early
             .as_deref()
@@ -385,18 +389,123 @@ fn a_comparison_made_during_a_slow_login_is_exact() {
         "{early:?}"
     );
 
-    // The replica written behind snapsync's back: the early results are
-    // dropped and the full scan puts the byte back.
+    // The replica written behind snapsync's back: the target declines
+    // the map, and the full scan compares the digests made against it
+    // (the session key is the map's): only the block that differs is
+    // read again, and the byte is put back.
     let old = read_at(&f.dst, 3 * MIB + 77, 1);
     write_at(&f.dst, 3 * MIB + 77, &[old[0] ^ 0x5a]);
-    let (r, _) = sync(&[]);
+    let (r, early) = sync_with("for the full scan before the target answered");
     assert_eq!(r.s("mode"), "full-scan", "{r}");
     assert!(fallback(&r).contains("changed since its commit"), "{r}");
     assert_eq!(r.u("data_bytes"), 4 * KIB, "{r}");
+    assert!(
+        early
+            .as_deref()
+            .is_some_and(|l| l.contains(&format!("hashed {all} blocks"))),
+        "{early:?}"
+    );
+    assert_eq!(r.u("source_bytes_read"), size + BLOCK, "{r}");
     // And the map that full scan wrote holds.
     let (r, _) = sync(&[]);
     assert_eq!(r.s("mode"), "digest-map", "{r}");
     assert_eq!(r.u("blocks_changed"), 0, "{r}");
+}
+
+/// Without a digest map a full scan hashes during the login too: only
+/// the blocks that differ are read again, and past the end of what the
+/// target holds (here a new one) the scan reads on in order instead.
+#[test]
+fn a_full_scan_without_a_map_hashes_during_the_login() {
+    let size = 40 * MIB + 5000;
+    let f = Fixture::new(size, 14);
+    let rsh = write_script(
+        &f.dir.path().join("slow-rsh"),
+        "sleep 1\nshift\nexec \"$@\"",
+    );
+    let mut args = remote_args(&rsh);
+    args.extend(["--no-digest-map".into(), "-vv".into()]);
+    let dst = format!("localhost:{}", s(&f.dst));
+    let all = size.div_ceil(BLOCK);
+    let sync = || {
+        let r = sync_run(&f.src, &dst, &f.state, &strs(&args));
+        r.assert_ok();
+        assert_same_content(&f.src, &f.dst);
+        let hashed = format!("hashed {all} blocks for the full scan before the target answered");
+        assert!(r.stderr.contains(&hashed), "{}", r.stderr);
+        r.json()
+    };
+    let r = sync();
+    assert_eq!(r.u("data_bytes"), size, "{r}");
+    let kept = snapsync::engine::early::KEEP_MAX as u64;
+    assert_eq!(r.u("source_bytes_read"), 2 * size - kept, "{r}");
+
+    // One change among the chunks kept whole, three among those whose
+    // data was given back: those three are read again (the last block is
+    // 5000 bytes long).
+    let changed: Vec<(u64, u64)> = [MIB, 20 * MIB + 4 * KIB, 31 * MIB, 40 * MIB]
+        .iter()
+        .map(|&o| (o, 4 * KIB))
+        .collect();
+    for (i, &(o, _)) in changed.iter().enumerate() {
+        write_at(&f.src, o, &random_bytes(300 + i as u64, 4096));
+    }
+    let r = sync();
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert_scattered_delta(&r, size, &changed);
+    assert_eq!(r.u("source_bytes_read"), size + 2 * BLOCK + 5000, "{r}");
+}
+
+/// A full scan that hashed a block during the login, gave its data back
+/// and then found it differs reads it again, and decides and maps on
+/// what it read then: a live source may have changed in between, and a
+/// map holding the older digest would later leave the replica wrong.
+#[test]
+fn a_block_read_again_is_sent_and_mapped_as_read_again() {
+    let size = 40 * MIB + 5000;
+    let f = Fixture::new(size, 31);
+    let at = 30 * MIB + 8 * KIB;
+    let before = read_at(&f.src, at, 4096);
+    let newer = f.dir.path().join("newer");
+    std::fs::write(&newer, random_bytes(77, 4096)).unwrap();
+    let fast = remote_args(&local_rsh(f.dir.path()));
+    // The source changes at `at` while ssh logs in, after the early scan
+    // hashed it.
+    let slow = remote_args(&write_script(
+        &f.dir.path().join("slow-rsh"),
+        &format!(
+            "sleep 1\ndd if={} of={} bs=4096 seek={} conv=notrunc status=none\n\
+             sleep 0.5\nshift\nexec \"$@\"",
+            s(&newer),
+            s(&f.src),
+            at / 4096
+        ),
+    ));
+    let dst = format!("localhost:{}", s(&f.dst));
+    let sync = |args: &[String]| {
+        let r = sync_run(&f.src, &dst, &f.state, &strs(args));
+        r.assert_ok();
+        assert_same_content(&f.src, &f.dst);
+        r.json()
+    };
+    let r = sync(&fast);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+
+    // The replica written behind snapsync's back at `at`: a full scan.
+    write_at(&f.dst, at, &random_bytes(78, 4096));
+    let r = sync(&slow);
+    assert_eq!(r.s("mode"), "full-scan", "{r}");
+    assert!(fallback(&r).contains("changed since its commit"), "{r}");
+    assert_eq!(r.u("data_bytes"), 4 * KIB, "{r}");
+    assert_eq!(r.u("source_bytes_read"), size + BLOCK, "read again: {r}");
+
+    // The source goes back to what the early scan hashed: the map must
+    // know the replica holds the newer bytes.
+    write_at(&f.src, at, &before);
+    let r = sync(&fast);
+    assert_eq!(r.s("mode"), "digest-map", "{r}");
+    assert_eq!(r.u("blocks_changed"), 1, "{r}");
+    assert_eq!(r.u("data_bytes"), 4 * KIB, "{r}");
 }
 
 /// The map is taken before the session reaches the target (the early

@@ -103,6 +103,12 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn next_hole(&self, _offset: u64) -> u64 {
         self.size()
     }
+    /// Whether several sessions share this volume's reads (a fan-out): a
+    /// session that reads ahead on its own, or reads a range again, costs
+    /// a read of the source that the others do not share.
+    fn reads_shared(&self) -> bool {
+        false
+    }
     /// Bytes a sequential scan should read at once, when more than its
     /// usual chunk pays (a network store keeping many requests in flight).
     fn preferred_read(&self) -> Option<usize> {

@@ -1,19 +1,27 @@
-//! The source's scan while the connection comes up, in digest-map mode.
+//! The source's scan while the connection comes up.
 //!
 //! A session spends its first fraction of a second reaching the target:
 //! ssh's login, the remote shell starting `serve`, the target opening its
-//! volume. With a usable digest map the source needs nothing from the
-//! target to compare, so it does not wait: an [`EarlyScan`] reads and
-//! hashes the source from its first block, compares each block with the
-//! map of the base, and keeps only what the session will need, the
-//! digests (for the new map) and the data of chunks where something
-//! changed. When the target confirms the base, the comparer starts with
-//! these results and goes on with the same reader and map; when it does
-//! not, they are dropped and the full scan starts over.
+//! volume. The source chooses the key its digests are made with, so it
+//! does not wait: an [`EarlyScan`] reads and hashes the source from its
+//! first block and keeps what the session will need.
+//!
+//! - With a usable digest map (digest-map mode) it compares each block
+//!   with the map of the base and keeps the digests (for the new map) and
+//!   the data of chunks where something changed. When the target confirms
+//!   the base, the comparer starts with these results and goes on with the
+//!   same reader and map; when it does not, they are dropped and the full
+//!   scan starts over.
+//! - In a full scan it keeps the digests of every block and the data of
+//!   the first [`KEEP_MAX`] bytes; past that it gives the data back and
+//!   keeps the digests alone. The comparer then needs the data only of
+//!   the blocks whose digest differs from the target's, and reads those
+//!   again. Over ssh the source has hashed a good part of the volume by
+//!   the time the target starts, so the two ends' hashing overlaps less.
 //!
 //! Memory stays bounded whatever the login's length: the scan stops once
-//! it holds [`KEEP_MAX`] bytes of changed chunks or has compared
-//! [`EARLY_BLOCKS_MAX`] blocks, and waits there for the session.
+//! it holds [`KEEP_MAX`] bytes of changed chunks (digest-map mode) or has
+//! hashed [`EARLY_BLOCKS_MAX`] blocks, and waits there for the session.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,26 +37,30 @@ use snapshot::{Volume, VolumeError};
 use super::map::MapReader;
 use super::{BlockHash, Cancel, Chunk, ChunkReader, ZeroDigests};
 
-/// Most bytes of changed chunks held for the session.
+/// Most bytes of chunk data held for the session.
 pub const KEEP_MAX: usize = 16 << 20;
 
-/// Most blocks compared ahead of the session (8 GiB at 64 KiB blocks;
+/// Most blocks hashed ahead of the session (8 GiB at 64 KiB blocks;
 /// about 40 bytes each are held).
 pub const EARLY_BLOCKS_MAX: u64 = 1 << 17;
 
 /// How often a scan waiting for the reader looks whether it should stop.
 const POLL: Duration = Duration::from_millis(5);
 
-/// A chunk compared before the session began.
+/// A chunk hashed before the session began.
 #[derive(Debug)]
 pub struct EarlyChunk {
-    /// Its blocks' map digests are all in `chunk.digests` (none for a
-    /// hole); its data only when `!same`.
+    /// Its blocks' digests are all in `chunk.digests` (none for a hole);
+    /// its data unless `same` or `dropped`.
     pub chunk: Chunk,
-    /// The base's digest of each of its blocks, read from the map.
+    /// The base's digest of each of its blocks, read from the map
+    /// (digest-map mode; empty in a full scan).
     pub base: Vec<Digest>,
     /// Every block equals the base: the data was given back.
     pub same: bool,
+    /// A full scan's data chunk whose data was given back to stay within
+    /// [`KEEP_MAX`]: the comparer reads again the blocks it must send.
+    pub dropped: bool,
 }
 
 /// Why the early scan ended before the session took over; the session
@@ -60,21 +72,27 @@ pub enum EarlyEnd {
 }
 
 /// What the early scan hands the session: its results, then the reader
-/// and the map positioned just past them.
+/// (and in digest-map mode the map) positioned just past them.
 #[derive(Debug)]
 pub struct Early {
     pub chunks: VecDeque<EarlyChunk>,
     pub end: Option<EarlyEnd>,
     pub reader: ChunkReader,
-    pub map: MapReader<File>,
+    pub map: Option<MapReader<File>>,
 }
 
-/// A scan of the source against the base's map, running until the
-/// session takes it ([`EarlyScan::finish`]) or drops it.
+/// What an early scan hands the comparison: chunks hashed (and in
+/// digest-map mode compared), why it stopped short (if it did), and the
+/// reader positioned past them.
+pub type EarlyResults = (VecDeque<EarlyChunk>, Option<EarlyEnd>, ChunkReader);
+
+/// A scan of the source, against the base's map or on its own, running
+/// until the session takes it ([`EarlyScan::finish`]) or drops it.
 #[derive(Debug)]
 pub struct EarlyScan {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<Early>>,
+    mapped: bool,
 }
 
 /// `signer`'s digest of each block a reader reads (the map's, or in a
@@ -84,13 +102,14 @@ pub fn block_hash(signer: Signer) -> BlockHash {
 }
 
 impl EarlyScan {
-    /// Starts reading `source` (of `size` bytes) from block 0, comparing
-    /// with `map` under the map's `signer`.
+    /// Starts reading `source` (of `size` bytes) from block 0, hashing
+    /// with `signer`: compared with `map` (digest-map mode, `signer` the
+    /// map's), or kept for a full scan (`signer` the session's).
     pub fn spawn(
         source: Arc<dyn Volume>,
         block: BlockSize,
         size: u64,
-        map: MapReader<File>,
+        map: Option<MapReader<File>>,
         signer: Signer,
         cancel: Cancel,
     ) -> Self {
@@ -105,6 +124,7 @@ impl EarlyScan {
         );
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let mapped = map.is_some();
         let handle = std::thread::Builder::new()
             .name("early-scan".into())
             .spawn(move || scan(reader, map, signer, block, size, &stopped))
@@ -112,7 +132,13 @@ impl EarlyScan {
         Self {
             stop,
             handle: Some(handle),
+            mapped,
         }
+    }
+
+    /// Whether it compares with a digest map (else it is a full scan's).
+    pub fn mapped(&self) -> bool {
+        self.mapped
     }
 
     /// Stops the scan where it is and hands over what it did.
@@ -135,7 +161,7 @@ impl Drop for EarlyScan {
 
 fn scan(
     reader: ChunkReader,
-    mut map: MapReader<File>,
+    mut map: Option<MapReader<File>>,
     signer: Signer,
     block: BlockSize,
     size: u64,
@@ -145,7 +171,12 @@ fn scan(
     let mut end = None;
     let (mut kept, mut blocks) = (0usize, 0u64);
     let mut zeros = ZeroDigests::default();
-    while kept < KEEP_MAX && blocks < EARLY_BLOCKS_MAX && !stop.load(Ordering::Acquire) {
+    // Digest-map mode stops when the changed data fills its room; a full
+    // scan goes on with digests alone.
+    while (map.is_none() || kept < KEEP_MAX)
+        && blocks < EARLY_BLOCKS_MAX
+        && !stop.load(Ordering::Acquire)
+    {
         let mut chunk = match reader.chunks.recv_timeout(POLL) {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -156,23 +187,7 @@ fn scan(
             // The whole volume was read (or the scan cancelled).
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let base = match (0..chunk.blocks)
-            .map(|_| map.next_digest())
-            .collect::<std::io::Result<Vec<_>>>()
-        {
-            Ok(b) => b,
-            Err(e) => {
-                end = Some(EarlyEnd::Map(e));
-                break;
-            }
-        };
-        let lens = (chunk.first_block..chunk.first_block + chunk.blocks)
-            .map(|b| block.len_of(b, size) as usize);
-        let same = if chunk.hole {
-            base.iter()
-                .zip(lens)
-                .all(|(d, len)| *d == zeros.get(&signer, len))
-        } else {
+        if !chunk.hole {
             // Every digest the reader left to its consumer, here.
             let bs = block.bytes() as usize;
             chunk.digests.resize(chunk.blocks as usize, None);
@@ -181,26 +196,132 @@ fn scan(
                     *d = Some(signer.block_digest(data));
                 }
             }
-            chunk
-                .digests
-                .iter()
-                .zip(&base)
-                .all(|(d, b)| d.as_ref() == Some(b))
+        }
+        let base = match &mut map {
+            Some(m) => match (0..chunk.blocks)
+                .map(|_| m.next_digest())
+                .collect::<std::io::Result<Vec<_>>>()
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    end = Some(EarlyEnd::Map(e));
+                    break;
+                }
+            },
+            None => Vec::new(),
         };
-        if same {
-            if !chunk.hole {
-                reader.recycle_buffer(std::mem::take(&mut chunk.data));
+        let same = map.is_some() && {
+            if chunk.hole {
+                let lens = (chunk.first_block..chunk.first_block + chunk.blocks)
+                    .map(|b| block.len_of(b, size) as usize);
+                base.iter()
+                    .zip(lens)
+                    .all(|(d, len)| *d == zeros.get(&signer, len))
+            } else {
+                chunk
+                    .digests
+                    .iter()
+                    .zip(&base)
+                    .all(|(d, b)| d.as_ref() == Some(b))
             }
+        };
+        let dropped = !same && !chunk.hole && map.is_none() && kept >= KEEP_MAX;
+        if (same || dropped) && !chunk.hole {
+            reader.recycle_buffer(std::mem::take(&mut chunk.data));
         } else {
             kept += chunk.data.len();
         }
         blocks += chunk.blocks;
-        chunks.push_back(EarlyChunk { chunk, base, same });
+        chunks.push_back(EarlyChunk {
+            chunk,
+            base,
+            same,
+            dropped,
+        });
     }
     Early {
         chunks,
         end,
         reader,
         map,
+    }
+}
+
+/// An early scan's results for a full scan: what was compared with a
+/// digest map the target then declined is compared with the target's
+/// digests instead. Chunks found equal to the base hold digests only
+/// (their data was given back), and the map's state no longer matters:
+/// a map that could not be read stops the early part, not the scan.
+pub fn for_full_scan(e: Early) -> EarlyResults {
+    let chunks = e
+        .chunks
+        .into_iter()
+        .map(|c| EarlyChunk {
+            dropped: c.dropped || (c.same && !c.chunk.hole),
+            same: false,
+            base: Vec::new(),
+            chunk: c.chunk,
+        })
+        .collect();
+    let end = e.end.filter(|end| matches!(end, EarlyEnd::Read(_)));
+    (chunks, end, e.reader)
+}
+
+/// Where a full scan should read again rather than take the early scan's
+/// results: at the first chunk that kept digests alone and lies wholly
+/// past `target_blocks` (the blocks the target holds). Nothing past the
+/// target's end can match, so every block of such chunks would be read
+/// again one by one; a new reader from there reads them in order. Drops
+/// the results from that chunk on and returns its first block.
+pub fn start_over_past(early: &mut VecDeque<EarlyChunk>, target_blocks: u64) -> Option<u64> {
+    let i = early
+        .iter()
+        .position(|c| c.dropped && c.chunk.first_block >= target_blocks)?;
+    let from = early[i].chunk.first_block;
+    early.truncate(i);
+    Some(from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(first_block: u64, dropped: bool) -> EarlyChunk {
+        EarlyChunk {
+            chunk: Chunk {
+                first_block,
+                blocks: 16,
+                data: if dropped { Vec::new() } else { vec![1; 16] },
+                hole: false,
+                digests: Vec::new(),
+            },
+            base: Vec::new(),
+            same: false,
+            dropped,
+        }
+    }
+
+    /// Only chunks that kept digests alone, wholly past what the target
+    /// holds, are read again; chunks with their data are kept wherever
+    /// they lie.
+    #[test]
+    fn a_full_scan_starts_over_only_past_the_target_s_end() {
+        let mut early: VecDeque<_> = [
+            chunk(0, false),
+            chunk(16, false),
+            chunk(32, true),
+            chunk(48, true),
+        ]
+        .into();
+        assert_eq!(start_over_past(&mut early, 64), None);
+        assert_eq!(early.len(), 4);
+        // The target ends inside the third chunk: that chunk's blocks may
+        // match, the fourth's cannot.
+        assert_eq!(start_over_past(&mut early, 40), Some(48));
+        assert_eq!(early.len(), 3);
+        // A new target: from the first chunk without data.
+        assert_eq!(start_over_past(&mut early, 0), Some(32));
+        assert_eq!(early.len(), 2);
+        assert_eq!(start_over_past(&mut early, 0), None);
     }
 }

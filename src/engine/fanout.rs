@@ -323,6 +323,10 @@ fn read_only(path: &Path, op: &'static str) -> VolumeError {
 }
 
 impl Volume for Handle {
+    fn reads_shared(&self) -> bool {
+        true
+    }
+
     fn path(&self) -> &Path {
         self.fanout.inner.path()
     }

@@ -592,12 +592,15 @@ pub struct MapSession {
     usable: bool,
     /// The salt of the taken map, if usable.
     base_salt: Option<[u8; SALT_LEN]>,
-    /// This session's own salt: its session key is that salt's block key.
+    /// This session's own salt, for a new map when no base was taken.
     salt: [u8; SALT_LEN],
     /// Its reader, until the comparison takes it.
     old: Option<MapReader<File>>,
     /// Why the map is not used, for the report (`None` for a first copy).
     pub fallback: Option<String>,
+    /// A map of this pair was there, usable or not: the pair was synced
+    /// before, so its target most likely holds most of the source.
+    pub found: bool,
 }
 
 impl MapSession {
@@ -619,8 +622,10 @@ impl MapSession {
             salt,
             old: None,
             fallback: None,
+            found: false,
         };
         let taken = s.plan.store.take(&s.plan.name);
+        s.found = !matches!(taken, Err(Unusable::Missing));
         let why = match taken {
             Ok((h, r)) => {
                 if let Some(why) = &s.plan.scrub {
@@ -680,26 +685,27 @@ impl MapSession {
         self.old.take()
     }
 
-    /// The session key: the block key of this session's salt, so that a
-    /// full scan's digests are its new map's.
-    pub fn session_key(&self) -> blockdiff::HashKey {
-        self.plan.store.key().block_key(&self.salt)
+    /// The salt of the session's key and of its new map: the base's when
+    /// a map of the base was taken (its digests carry over, and a full
+    /// scan the target asks for instead compares the digests the source
+    /// already made), else this session's own.
+    pub fn salt(&self) -> [u8; SALT_LEN] {
+        self.base_salt.unwrap_or(self.salt)
     }
 
-    /// The salt of the new map: the base's when the session compares with
-    /// the base's map (`mapped`: its digests carry over), else this
-    /// session's own.
-    pub fn new_salt(&self, mapped: bool) -> [u8; SALT_LEN] {
-        match self.base_salt {
-            Some(base) if mapped => base,
-            _ => self.salt,
-        }
+    /// The session key: the block key of [`MapSession::salt`], so that
+    /// the digests a full scan compares are its new map's.
+    pub fn session_key(&self) -> blockdiff::HashKey {
+        self.plan.store.key().block_key(&self.salt())
     }
 
     /// The writer of the new map, for a session that sees every block.
-    pub fn writer(&self, block: BlockSize, size: u64, mapped: bool) -> Option<MapWriter> {
-        let salt = self.new_salt(mapped);
-        match self.plan.store.writer(&self.plan.name, block, size, &salt) {
+    pub fn writer(&self, block: BlockSize, size: u64) -> Option<MapWriter> {
+        match self
+            .plan
+            .store
+            .writer(&self.plan.name, block, size, &self.salt())
+        {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("no digest map this time: {e:#}");
@@ -728,10 +734,10 @@ impl MapSession {
         }
     }
 
-    /// The block signer of the new map (see [`MapSession::new_salt`]):
-    /// with `mapped`, the base map's too.
-    pub fn signer(&self, mapped: bool) -> blockdiff::Signer {
-        self.plan.store.key().signer(&self.new_salt(mapped))
+    /// The block signer of the session, of the base's map and of the new
+    /// map (see [`MapSession::salt`]).
+    pub fn signer(&self) -> blockdiff::Signer {
+        self.plan.store.key().signer(&self.salt())
     }
 }
 

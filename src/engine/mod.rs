@@ -172,7 +172,8 @@ impl ChunkReader {
 
     /// Hands a chunk's buffer back for reuse.
     pub fn recycle(&self, chunk: Chunk) {
-        if !chunk.hole {
+        // A chunk whose data was given back early holds no buffer.
+        if !chunk.hole && chunk.data.capacity() > 0 {
             self.recycle_buffer(chunk.data);
         }
     }
@@ -185,6 +186,13 @@ impl ChunkReader {
     /// Bytes actually read from the volume so far.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Stops reading; returns the bytes it read in all.
+    pub fn stop(self) -> u64 {
+        let read = self.bytes_read.clone();
+        drop(self);
+        read.load(Ordering::Relaxed)
     }
 }
 

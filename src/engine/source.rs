@@ -36,7 +36,7 @@ use wire::{
     Heartbeat, Hello, Mode, Msg, Open, Opened, Refine, RemoteError, WireError, Zero,
 };
 
-use super::early::{block_hash, EarlyChunk, EarlyEnd, EarlyScan};
+use super::early::{self, block_hash, EarlyEnd, EarlyResults, EarlyScan};
 use super::holes::{Run, TargetRuns};
 use super::map::{MapHeader, MapReader, MapSession, MapWriter, SALT_LEN};
 use super::{Cancel, Chunk, ChunkReader, Clock, ZeroDigests, MAX_PENDING_REFINES, WINDOW_BLOCKS};
@@ -431,19 +431,39 @@ pub fn run(
         Some(m) => m.session_key(),
         None => HashKey(key.try_into().expect("32 bytes")),
     };
-    // With the base's map, the comparison needs nothing from the target:
-    // it starts now, while the connection comes up.
+    // The source keys its digests itself, so its scan needs nothing from
+    // the target to begin: it starts now, while the connection comes up
+    // (against the base's map, or hashing for a full scan).
+    let synced_before = map.as_ref().is_none_or(|m| m.found);
     let early = match &mut map {
         Some(m) if mode == Mode::Mapped => m.take_reader().map(|r| {
             EarlyScan::spawn(
                 source.clone(),
                 params.block_size,
                 size,
-                r,
-                m.signer(true),
+                Some(r),
+                m.signer(),
                 cancel.clone(),
             )
         }),
+        // A full scan hashes ahead when the target most likely holds most
+        // of the source: the blocks that differ are read again. Not for
+        // a first sync (a digest map that was never made: every block
+        // differs), nor in a fan-out, whose sessions read together (a
+        // block read again would be read from the source again).
+        _ if matches!(mode, Mode::FullScan | Mode::Verify)
+            && synced_before
+            && !source.reads_shared() =>
+        {
+            Some(EarlyScan::spawn(
+                source.clone(),
+                params.block_size,
+                size,
+                None,
+                Signer::new(key),
+                cancel.clone(),
+            ))
+        }
         _ => None,
     };
     let mut wr = FrameWriter::new(conn.writer);
@@ -518,20 +538,36 @@ pub fn run(
     let map_new = map
         .as_ref()
         .filter(|_| opened.start_block == 0 && opened.target_strong)
-        .and_then(|m| m.writer(params.block_size, size, mapped));
+        .and_then(|m| m.writer(params.block_size, size));
     // A full scan's map is keyed as the session: one digest per block.
-    let map_signer = map.as_ref().map(|m| m.signer(mapped));
-    // What the early scan compared stands when the target runs the map's
-    // mode; otherwise it is dropped here (a full scan starts over).
+    let map_signer = map.as_ref().map(|m| m.signer());
+    // What the early scan did stands when the target compares from the
+    // first block: in the map's mode, or in a full scan (the session key
+    // is the map's block key, so the digests made against the map are
+    // the ones a full scan compares). Otherwise it is dropped here.
     let mut early_results = None;
-    if let Some(scan) = early.filter(|_| mapped) {
-        let e = scan.finish();
-        tracing::debug!(
-            "compared {} blocks with the digest map before the target answered",
-            e.chunks.iter().map(|c| c.chunk.blocks).sum::<u64>()
-        );
-        map_old = Some(e.map);
-        early_results = Some((e.chunks, e.end, e.reader));
+    let mut read_besides = 0;
+    if let Some(scan) = early {
+        let full = matches!(opened.mode, Mode::FullScan | Mode::Verify) && opened.start_block == 0;
+        if mapped || full {
+            let e = scan.finish();
+            let blocks = e.chunks.iter().map(|c| c.chunk.blocks).sum::<u64>();
+            if mapped {
+                tracing::debug!(
+                    "compared {blocks} blocks with the digest map before the target answered"
+                );
+                map_old = e.map;
+                early_results = Some((e.chunks, e.end, e.reader));
+            } else {
+                tracing::debug!(
+                    "hashed {blocks} blocks for the full scan before the target answered"
+                );
+                let held = params.block_size.blocks_in(opened.target_size);
+                let (results, besides) = full_scan_early(e, held, &source, params, cancel, key);
+                early_results = Some(results);
+                read_besides = besides;
+            }
+        }
     }
 
     let mut report = Report {
@@ -663,6 +699,7 @@ pub fn run(
         map_new,
         map_signer,
         early_base: VecDeque::new(),
+        read_besides,
     };
     // A file replica longer than the source differs in its tail (a sync
     // truncates it at commit; a verify or dry run must say so).
@@ -680,7 +717,7 @@ pub fn run(
     if let (Ok(()), Some(m), Some(c)) = (&result, &map, &committed) {
         // Only now may the map claim the generation the target holds.
         let header = c.state.generation.clone().map(|generation| MapHeader {
-            salt: m.new_salt(mapped),
+            salt: m.salt(),
             block_size: params.block_size,
             volume_size: size,
             generation,
@@ -786,6 +823,38 @@ fn map_error(source: &Arc<dyn Volume>, e: std::io::Error) -> SyncError {
         path: source.path().to_owned(),
         source: e,
     })
+}
+
+/// An early scan's results for a full scan of a target that holds
+/// `held` blocks, and the bytes its reader read if a new one replaced it:
+/// past the target's end (a new target, or one shorter than the source)
+/// nothing can match, so that part is read again in order rather than
+/// block by block.
+fn full_scan_early(
+    e: early::Early,
+    held: u64,
+    source: &Arc<dyn Volume>,
+    params: &SessionParams,
+    cancel: &Cancel,
+    key: HashKey,
+) -> (EarlyResults, u64) {
+    let (mut chunks, mut end, reader) = early::for_full_scan(e);
+    let Some(from) = early::start_over_past(&mut chunks, held) else {
+        return ((chunks, end, reader), 0);
+    };
+    end = None;
+    let besides = reader.stop();
+    let size = source.size();
+    let reader = ChunkReader::spawn(
+        source.clone(),
+        params.block_size,
+        size,
+        size,
+        from,
+        cancel.clone(),
+        Some(block_hash(Signer::new(key))),
+    );
+    ((chunks, end, reader), besides)
 }
 
 /// Checks the target's answer to `Open` against what we asked.
@@ -1106,11 +1175,12 @@ struct Comparer<'a> {
     /// The base's digests the early scan read for the chunk being
     /// compared, taken before the map's.
     early_base: VecDeque<Digest>,
+    /// Bytes read from the source besides what the scan's reader reads:
+    /// blocks read again (the early scan gave their data back before
+    /// they were found to differ), and what an early scan's reader read
+    /// before the scan started over.
+    read_besides: u64,
 }
-
-/// What [`EarlyScan`] hands the comparison: chunks compared, why it
-/// stopped short (if it did), and the reader positioned past them.
-type EarlyResults = (VecDeque<EarlyChunk>, Option<EarlyEnd>, ChunkReader);
 
 impl Comparer<'_> {
     /// Queues a frame for the writer. A writer that cannot get rid of it
@@ -1253,7 +1323,7 @@ impl Comparer<'_> {
                 self.compare_same(&e.chunk);
             } else {
                 self.early_base = e.base.into();
-                self.compare_chunk(&e.chunk)?;
+                self.compare_chunk(&e.chunk, e.dropped)?;
             }
             self.compared(&reader, e.chunk)?;
         }
@@ -1267,13 +1337,13 @@ impl Comparer<'_> {
                 return Err(SyncError::Interrupted);
             }
             let chunk = chunk?;
-            self.compare_chunk(&chunk)?;
+            self.compare_chunk(&chunk, false)?;
             self.compared(&reader, chunk)?;
         }
         if self.cancel.is_cancelled() {
             return Err(SyncError::Interrupted);
         }
-        self.report.source_bytes_read = reader.bytes_read();
+        self.report.source_bytes_read = reader.bytes_read() + self.read_besides;
         while !self.pending.is_empty() {
             self.resolve_pending(true)?;
         }
@@ -1290,7 +1360,7 @@ impl Comparer<'_> {
 
     /// After a chunk's comparison: counters, its buffer back, credit.
     fn compared(&mut self, reader: &ChunkReader, chunk: Chunk) -> Result<(), SyncError> {
-        self.report.source_bytes_read = reader.bytes_read();
+        self.report.source_bytes_read = reader.bytes_read() + self.read_besides;
         // The target checks this against the blocks it hashed: none in
         // digest-map mode.
         if self.map_old.is_none() {
@@ -1330,16 +1400,19 @@ impl Comparer<'_> {
             .map_or(scanned, |p| p.block(self.block))
     }
 
-    fn compare_chunk(&mut self, chunk: &Chunk) -> Result<(), SyncError> {
+    /// Compares a chunk's blocks and queues what they need. `dropped`: a
+    /// data chunk of the early scan that kept only its digests.
+    fn compare_chunk(&mut self, chunk: &Chunk, dropped: bool) -> Result<(), SyncError> {
         let bs = self.block.bytes() as usize;
         let n = chunk.blocks;
         let end = chunk.first_block + n;
         let mut b = chunk.first_block;
+        let mut again = Vec::new();
         while b < end {
             let len = self.block.len_of(b, self.size) as usize;
             let i = (b - chunk.first_block) as usize;
-            let data = (!chunk.hole).then(|| &chunk.data[i * bs..i * bs + len]);
-            let known = chunk.digests.get(i).copied().flatten();
+            let mut data = (!chunk.hole && !dropped).then(|| &chunk.data[i * bs..i * bs + len]);
+            let mut known = chunk.digests.get(i).copied().flatten();
             let decision = if self.map_old.is_some() {
                 // Digest-map mode: the map of the base stands in for the
                 // target's digests (the target scans nothing).
@@ -1356,6 +1429,23 @@ impl Comparer<'_> {
                     }
                     b = upto;
                     continue;
+                }
+                if dropped {
+                    if matches!(theirs, Theirs::Digest(t) if known == Some(t)) {
+                        self.record_map(None, len, known);
+                        self.report.blocks_compared += 1;
+                        b += 1;
+                        continue;
+                    }
+                    // It differs, and its data was given back: read it
+                    // again, and decide on what was read now (a live
+                    // source may have changed since it was hashed).
+                    again.resize(len, 0);
+                    self.source
+                        .read_at(&mut again[..len], self.block.offset_of(b))?;
+                    self.read_besides += len as u64;
+                    data = Some(&again[..len]);
+                    known = None;
                 }
                 let zero_digest = self.zero_digest(len);
                 let (d, digest) =
