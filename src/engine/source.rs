@@ -1403,6 +1403,8 @@ impl Comparer<'_> {
     /// Compares a chunk's blocks and queues what they need. `dropped`: a
     /// data chunk of the early scan that kept only its digests.
     fn compare_chunk(&mut self, chunk: &Chunk, dropped: bool) -> Result<(), SyncError> {
+        // Only a full scan's early chunks come without their data.
+        debug_assert!(!dropped || self.map_old.is_none());
         let bs = self.block.bytes() as usize;
         let n = chunk.blocks;
         let end = chunk.first_block + n;
@@ -1431,7 +1433,13 @@ impl Comparer<'_> {
                     continue;
                 }
                 if dropped {
-                    if matches!(theirs, Theirs::Digest(t) if known == Some(t)) {
+                    // Equal digests, or zeros against a hole: nothing to
+                    // send, and the digest is the map's.
+                    let same = match theirs {
+                        Theirs::Digest(t) => known == Some(t),
+                        Theirs::Hole => known == Some(self.zero_digest(len)),
+                    };
+                    if same {
                         self.record_map(None, len, known);
                         self.report.blocks_compared += 1;
                         b += 1;
