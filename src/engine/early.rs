@@ -83,8 +83,9 @@ pub struct Early {
 
 /// What an early scan hands the comparison: chunks hashed (and in
 /// digest-map mode compared), why it stopped short (if it did), and the
-/// reader positioned past them.
-pub type EarlyResults = (VecDeque<EarlyChunk>, Option<EarlyEnd>, ChunkReader);
+/// reader positioned past them (none: the comparison starts one after
+/// the last chunk).
+pub type EarlyResults = (VecDeque<EarlyChunk>, Option<EarlyEnd>, Option<ChunkReader>);
 
 /// A scan of the source, against the base's map or on its own, running
 /// until the session takes it ([`EarlyScan::finish`]) or drops it.
@@ -264,7 +265,7 @@ pub fn for_full_scan(e: Early) -> EarlyResults {
         })
         .collect();
     let end = e.end.filter(|end| matches!(end, EarlyEnd::Read(_)));
-    (chunks, end, e.reader)
+    (chunks, end, Some(e.reader))
 }
 
 /// Where a full scan should read again rather than take the early scan's

@@ -557,15 +557,21 @@ pub fn run(
                     "compared {blocks} blocks with the digest map before the target answered"
                 );
                 map_old = e.map;
-                early_results = Some((e.chunks, e.end, e.reader));
+                early_results = Some((e.chunks, e.end, Some(e.reader)));
             } else {
                 tracing::debug!(
                     "hashed {blocks} blocks for the full scan before the target answered"
                 );
+                let (mut chunks, mut end, mut reader) = early::for_full_scan(e);
+                // Past the end of what the target holds (a new target, or
+                // one shorter than the source) nothing can match: a new
+                // reader reads that part in order, not block by block.
                 let held = params.block_size.blocks_in(opened.target_size);
-                let (results, besides) = full_scan_early(e, held, &source, params, cancel, key);
-                early_results = Some(results);
-                read_besides = besides;
+                if early::start_over_past(&mut chunks, held).is_some() {
+                    end = None;
+                    read_besides = reader.take().map_or(0, ChunkReader::stop);
+                }
+                early_results = Some((chunks, end, reader));
             }
         }
     }
@@ -823,38 +829,6 @@ fn map_error(source: &Arc<dyn Volume>, e: std::io::Error) -> SyncError {
         path: source.path().to_owned(),
         source: e,
     })
-}
-
-/// An early scan's results for a full scan of a target that holds
-/// `held` blocks, and the bytes its reader read if a new one replaced it:
-/// past the target's end (a new target, or one shorter than the source)
-/// nothing can match, so that part is read again in order rather than
-/// block by block.
-fn full_scan_early(
-    e: early::Early,
-    held: u64,
-    source: &Arc<dyn Volume>,
-    params: &SessionParams,
-    cancel: &Cancel,
-    key: HashKey,
-) -> (EarlyResults, u64) {
-    let (mut chunks, mut end, reader) = early::for_full_scan(e);
-    let Some(from) = early::start_over_past(&mut chunks, held) else {
-        return ((chunks, end, reader), 0);
-    };
-    end = None;
-    let besides = reader.stop();
-    let size = source.size();
-    let reader = ChunkReader::spawn(
-        source.clone(),
-        params.block_size,
-        size,
-        size,
-        from,
-        cancel.clone(),
-        Some(block_hash(Signer::new(key))),
-    );
-    ((chunks, end, reader), besides)
 }
 
 /// Checks the target's answer to `Open` against what we asked.
@@ -1290,11 +1264,12 @@ impl Comparer<'_> {
     }
 
     /// Compares every block from the target's start: first what the
-    /// early scan compared, if it ran (digest-map mode), then the rest.
+    /// early scan did, if it ran, then the rest.
     fn run_scan(&mut self, opened: &Opened, early: Option<EarlyResults>) -> Result<(), SyncError> {
         let total = self.block.blocks_in(self.size);
-        let (early_chunks, early_end, reader) = match early {
-            Some(e) => e,
+        let (early_chunks, early_end, reader) = early.unwrap_or_default();
+        let reader = match reader {
+            Some(r) => r,
             None => {
                 // The digest of every block read, computed by the readers
                 // whenever the comparison falls behind (so every core
@@ -1305,17 +1280,20 @@ impl Comparer<'_> {
                     (Some(_), Some(m)) => m.clone(),
                     _ => self.signer.clone(),
                 };
-                let hash = Some(block_hash(signer));
-                let reader = ChunkReader::spawn(
+                // From the first block the early scan's results (if any)
+                // leave to read.
+                let from = early_chunks
+                    .back()
+                    .map_or(opened.start_block, |c| c.chunk.first_block + c.chunk.blocks);
+                ChunkReader::spawn(
                     self.source.clone(),
                     self.block,
                     self.size,
                     self.size,
-                    opened.start_block,
+                    from,
                     self.cancel.clone(),
-                    hash,
-                );
-                (VecDeque::new(), None, reader)
+                    Some(block_hash(signer)),
+                )
             }
         };
         for e in early_chunks {
