@@ -1915,12 +1915,27 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
     let mut subs = Vec::new();
     let mut payload = Vec::new();
     let mut batch = Vec::with_capacity(MAX_PENDING_REFINES);
+    // A volume that serves reads over the network (RBD) would make each
+    // refinement wait a round trip: it gets as many in flight as it asks
+    // for its scan.
+    let in_flight = s.volume.reads_in_flight().clamp(1, MAX_PENDING_REFINES);
     while let Ok(first) = rx.recv() {
         // Every refinement already asked for is announced to the volume
         // first: cold random reads then run together, not one by one.
         batch.clear();
         batch.push(first);
         batch.extend(rx.try_iter().take(MAX_PENDING_REFINES - 1));
+        if batch.len() > 1 && in_flight > 1 {
+            for (&block, subs) in batch
+                .iter()
+                .zip(sub_digests_in_flight(s, &batch, in_flight)?)
+            {
+                if !send_sub_digests(s, tx, block, &subs, &mut payload) {
+                    return Ok(());
+                }
+            }
+            continue;
+        }
         if batch.len() > 1 {
             for &block in &batch {
                 let len = s.block.len_of(block, s.new_size);
@@ -1928,7 +1943,8 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
             }
         }
         for &block in &batch {
-            if !refine_one(s, tx, block, &mut buf, &mut subs, &mut payload)? {
+            sub_digests_of(s, block, &mut buf, &mut subs)?;
+            if !send_sub_digests(s, tx, block, &subs, &mut payload) {
                 return Ok(());
             }
         }
@@ -1936,18 +1952,58 @@ fn refine_loop(s: &Shared, tx: &Sender<Out>, rx: Receiver<u64>) -> Result<(), Ta
     Ok(())
 }
 
-/// Reads `block` and sends its sub-block digests; `false` once the
-/// session's sender is gone.
-fn refine_one(
+/// The sub-block digests of each of `blocks`, in order, read with up to
+/// `in_flight` reads at once.
+fn sub_digests_in_flight(
     s: &Shared,
-    tx: &Sender<Out>,
+    blocks: &[u64],
+    in_flight: usize,
+) -> Result<Vec<Vec<blockdiff::Digest>>, TargetError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let read = || -> Result<Vec<(usize, Vec<blockdiff::Digest>)>, TargetError> {
+        let mut buf = vec![0u8; s.block.bytes() as usize];
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&block) = blocks.get(i) else {
+                return Ok(done);
+            };
+            let mut subs = Vec::new();
+            if let Err(e) = sub_digests_of(s, block, &mut buf, &mut subs) {
+                // The others stop at their next block.
+                next.store(blocks.len(), Ordering::Relaxed);
+                return Err(e);
+            }
+            done.push((i, subs));
+        }
+    };
+    let parts: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..in_flight.min(blocks.len()))
+            .map(|_| scope.spawn(read))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("refine reader panicked"))
+            .collect()
+    });
+    let mut out = vec![Vec::new(); blocks.len()];
+    for part in parts {
+        for (i, subs) in part? {
+            out[i] = subs;
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `block` (a hole is not read) into `buf` and puts its sub-block
+/// digests in `subs`.
+fn sub_digests_of(
+    s: &Shared,
     block: u64,
     buf: &mut [u8],
     subs: &mut Vec<blockdiff::Digest>,
-    payload: &mut Vec<u8>,
-) -> Result<bool, TargetError> {
+) -> Result<(), TargetError> {
     let len = s.block.len_of(block, s.new_size) as usize;
-    // A hole is not read: the buffer still holds the last block.
     if s.read_virtual(&mut buf[..len], s.block.offset_of(block))
         .map_err(volume_err)?
     {
@@ -1955,9 +2011,21 @@ fn refine_one(
     }
     subs.clear();
     s.signer.sub_digests(&buf[..len], subs);
+    Ok(())
+}
+
+/// Sends `block`'s sub-block digests; `false` once the session's sender
+/// is gone.
+fn send_sub_digests(
+    s: &Shared,
+    tx: &Sender<Out>,
+    block: u64,
+    subs: &[blockdiff::Digest],
+    payload: &mut Vec<u8>,
+) -> bool {
     wire::digests_to_payload(subs, payload);
     let frame = Out::Frame(Msg::SubHashes(SubHashes { block }), payload.clone());
-    Ok(send_out(s, tx, frame))
+    send_out(s, tx, frame)
 }
 
 #[cfg(test)]
@@ -1966,6 +2034,115 @@ mod tests {
 
     /// A rollback changes the volume and its state: it must run under that
     /// volume's lock, never after the session let it go.
+    /// A volume whose reads each take a while and that asks for several
+    /// in flight, counting how many ran at once.
+    #[derive(Debug)]
+    struct Networked {
+        inner: snapshot::MemVolume,
+        running: AtomicU64,
+        most: AtomicU64,
+    }
+
+    impl Volume for Networked {
+        fn path(&self) -> &Path {
+            self.inner.path()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> snapshot::volume::Result<()> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(20));
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> snapshot::volume::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn zero(&self, offset: u64, len: u64) -> snapshot::volume::Result<()> {
+            self.inner.zero(offset, len)
+        }
+        fn sync(&self) -> snapshot::volume::Result<()> {
+            Ok(())
+        }
+        fn set_size(&self, size: u64) -> snapshot::volume::Result<()> {
+            self.inner.set_size(size)
+        }
+        fn resizable(&self) -> bool {
+            false
+        }
+        fn reads_in_flight(&self) -> usize {
+            8
+        }
+    }
+
+    /// Refinements asked for together are read together on a volume that
+    /// wants reads in flight (RBD: one at a time, each waited a round
+    /// trip), and still answered in the order asked, each right.
+    #[test]
+    fn refinements_are_read_in_flight_and_answered_in_order() {
+        let block = BlockSize::new(64 << 10).unwrap();
+        let blocks = 24u64;
+        let size = blocks * (64 << 10);
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 / 4093) as u8).collect();
+        let volume = Arc::new(Networked {
+            inner: snapshot::MemVolume::new("net", data.clone(), false),
+            running: AtomicU64::new(0),
+            most: AtomicU64::new(0),
+        });
+        let signer = Signer::new(HashKey([5; 32]));
+        let s = Shared {
+            volume: volume.clone(),
+            old_size: size,
+            new_size: size,
+            block,
+            signer: signer.clone(),
+            credit: Mutex::new(0),
+            credit_cv: Condvar::new(),
+            bytes_read: AtomicU64::new(0),
+            scan_bytes: AtomicU64::new(0),
+            hashed: AtomicU64::new(0),
+            journal_bytes: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            cancel: Cancel::default(),
+        };
+        let asked: Vec<u64> = (1..blocks).step_by(2).collect();
+        let (req_tx, req_rx) = bounded(MAX_PENDING_REFINES);
+        for &b in &asked {
+            req_tx.send(b).unwrap();
+        }
+        drop(req_tx);
+        let (tx, rx) = bounded(MAX_PENDING_REFINES);
+        refine_loop(&s, &tx, req_rx).unwrap();
+        drop(tx);
+        let answered: Vec<(u64, Vec<u8>)> = rx
+            .iter()
+            .map(|Out::Frame(m, p)| match m {
+                Msg::SubHashes(h) => (h.block, p),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(answered.iter().map(|a| a.0).collect::<Vec<_>>(), asked);
+        for (b, payload) in &answered {
+            let at = (*b * (64 << 10)) as usize;
+            let mut want = Vec::new();
+            signer.sub_digests(&data[at..at + (64 << 10)], &mut want);
+            let mut expect = Vec::new();
+            wire::digests_to_payload(&want, &mut expect);
+            assert_eq!(payload, &expect, "block {b}");
+        }
+        let most = volume.most.load(Ordering::SeqCst);
+        assert!(
+            most > 1,
+            "refinements read one at a time (at most {most} at once)"
+        );
+        assert_eq!(
+            s.bytes_read.load(Ordering::Relaxed),
+            asked.len() as u64 * (64 << 10)
+        );
+    }
+
     #[test]
     fn rollback_runs_only_under_the_volumes_lock() {
         let dir = tempfile::tempdir().unwrap();
