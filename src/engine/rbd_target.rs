@@ -26,17 +26,16 @@
 //! copy.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockdiff::{HashKey, Signer};
+use blockdiff::HashKey;
 use rbd::{Cluster, ConnectOptions, Image, Pool, RbdSpec, RbdVolume};
 use snapshot::Volume;
 use wire::{ErrorCode, Generation, Mode, Open, Opened, ReplicaState};
 
 use super::{map_fits, usable, Applier, ServeConfig, Session, Shared, TargetError, Usable};
-use crate::engine::{Cancel, WINDOW_BLOCKS};
+use crate::engine::WINDOW_BLOCKS;
 use crate::state::{self, StatePaths, VolumeState};
 
 /// Image-meta key holding the replica's state (JSON of [`VolumeState`]).
@@ -490,7 +489,14 @@ pub(super) fn open(
     };
     let volume: Arc<dyn Volume> = volume;
     let session = Session {
-        shared: shared(volume, old_size, new_size, block, key, start_block),
+        shared: Arc::new(Shared::new(
+            volume,
+            old_size,
+            new_size,
+            block,
+            key,
+            start_block,
+        )),
         paths: no_paths(),
         state,
         open,
@@ -523,31 +529,6 @@ fn no_paths() -> StatePaths {
         lock: PathBuf::new(),
         journal: PathBuf::new(),
     }
-}
-
-fn shared(
-    volume: Arc<dyn Volume>,
-    old_size: u64,
-    new_size: u64,
-    block: blockdiff::BlockSize,
-    key: HashKey,
-    start_block: u64,
-) -> Arc<Shared> {
-    Arc::new(Shared {
-        volume,
-        old_size,
-        new_size,
-        block,
-        signer: Signer::new(key),
-        credit: Mutex::new(start_block),
-        credit_cv: Condvar::new(),
-        bytes_read: AtomicU64::new(0),
-        scan_bytes: AtomicU64::new(0),
-        hashed: AtomicU64::new(0),
-        journal_bytes: AtomicU64::new(0),
-        applied: AtomicU64::new(0),
-        cancel: Cancel::new(),
-    })
 }
 
 /// A dry run or verify of an image that does not exist: it compares
@@ -585,7 +566,14 @@ fn missing_for_reading(open: Open, key: HashKey, feats: u32, spec: RbdSpec) -> (
         unvouched: (open.mode == Mode::Mapped).then(|| "the image is new".to_string()),
     };
     let session = Session {
-        shared: shared(volume, 0, open.source_size, open.block_size, key, 0),
+        shared: Arc::new(Shared::new(
+            volume,
+            0,
+            open.source_size,
+            open.block_size,
+            key,
+            0,
+        )),
         paths: no_paths(),
         state: VolumeState::default(),
         open,
@@ -674,7 +662,7 @@ mod tests {
         let cfg = ServeConfig {
             allow: vec![glob::Pattern::new("rbd:backup/*").unwrap()],
             state_dir: PathBuf::from("/nonexistent"),
-            cancel: Cancel::new(),
+            cancel: crate::engine::Cancel::new(),
             timeout: None,
             journal_max: 0,
             ceph: CephOptions::default(),

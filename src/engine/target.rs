@@ -382,6 +382,32 @@ struct Shared {
 }
 
 impl Shared {
+    /// A session's shared half, its credit at `start_block`.
+    pub(super) fn new(
+        volume: Arc<dyn Volume>,
+        old_size: u64,
+        new_size: u64,
+        block: BlockSize,
+        key: HashKey,
+        start_block: u64,
+    ) -> Self {
+        Shared {
+            volume,
+            old_size,
+            new_size,
+            block,
+            signer: Signer::new(key),
+            credit: Mutex::new(start_block),
+            credit_cv: Condvar::new(),
+            bytes_read: AtomicU64::new(0),
+            scan_bytes: AtomicU64::new(0),
+            hashed: AtomicU64::new(0),
+            journal_bytes: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            cancel: Cancel::new(),
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` as the volume will be after
     /// growing: zeros past the old end, holes not read at all. Returns
     /// whether the whole range is known to be zero without reading.
@@ -788,21 +814,14 @@ impl Session {
         } else {
             volume
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             volume,
             old_size,
             new_size,
             block,
-            signer: Signer::new(key),
-            credit: Mutex::new(start_block),
-            credit_cv: Condvar::new(),
-            bytes_read: AtomicU64::new(0),
-            scan_bytes: AtomicU64::new(0),
-            hashed: AtomicU64::new(0),
-            journal_bytes: AtomicU64::new(0),
-            applied: AtomicU64::new(0),
-            cancel: Cancel::new(),
-        });
+            key,
+            start_block,
+        ));
         let session = Session {
             shared,
             paths,
@@ -2091,22 +2110,8 @@ mod tests {
             running: AtomicU64::new(0),
             most: AtomicU64::new(0),
         });
-        let signer = Signer::new(HashKey([5; 32]));
-        let s = Shared {
-            volume: volume.clone(),
-            old_size: size,
-            new_size: size,
-            block,
-            signer: signer.clone(),
-            credit: Mutex::new(0),
-            credit_cv: Condvar::new(),
-            bytes_read: AtomicU64::new(0),
-            scan_bytes: AtomicU64::new(0),
-            hashed: AtomicU64::new(0),
-            journal_bytes: AtomicU64::new(0),
-            applied: AtomicU64::new(0),
-            cancel: Cancel::default(),
-        };
+        let s = Shared::new(volume.clone(), size, size, block, HashKey([5; 32]), 0);
+        let signer = s.signer.clone();
         let asked: Vec<u64> = (1..blocks).step_by(2).collect();
         let (req_tx, req_rx) = bounded(MAX_PENDING_REFINES);
         for &b in &asked {
