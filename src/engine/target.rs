@@ -2148,6 +2148,32 @@ mod tests {
         );
     }
 
+    /// A read that fails among refinements read in flight fails the
+    /// refiner with the volume's error, and nothing of its batch is sent.
+    #[test]
+    fn a_failed_refinement_read_in_flight_fails_the_refiner() {
+        let block = BlockSize::new(64 << 10).unwrap();
+        let size = 16u64 * (64 << 10);
+        let inner = snapshot::MemVolume::new("net", vec![1u8; size as usize], false)
+            .with_fault(snapshot::volume::Fault::Read { at: 9 * (64 << 10) });
+        let volume = Arc::new(Networked {
+            inner,
+            running: AtomicU64::new(0),
+            most: AtomicU64::new(0),
+        });
+        let s = Shared::new(volume, size, size, block, HashKey([5; 32]), 0);
+        let (req_tx, req_rx) = bounded(MAX_PENDING_REFINES);
+        for b in 0..16 {
+            req_tx.send(b).unwrap();
+        }
+        drop(req_tx);
+        let (tx, rx) = bounded(MAX_PENDING_REFINES);
+        let e = refine_loop(&s, &tx, req_rx).expect_err("the read at block 9 fails");
+        assert!(e.to_string().contains("read"), "{e}");
+        drop(tx);
+        assert_eq!(rx.iter().count(), 0, "no answer from a failed batch");
+    }
+
     #[test]
     fn rollback_runs_only_under_the_volumes_lock() {
         let dir = tempfile::tempdir().unwrap();
