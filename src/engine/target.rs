@@ -2051,8 +2051,6 @@ fn send_sub_digests(
 mod tests {
     use super::*;
 
-    /// A rollback changes the volume and its state: it must run under that
-    /// volume's lock, never after the session let it go.
     /// A volume whose reads each take a while and that asks for several
     /// in flight, counting how many ran at once.
     #[derive(Debug)]
@@ -2174,6 +2172,8 @@ mod tests {
         assert_eq!(rx.iter().count(), 0, "no answer from a failed batch");
     }
 
+    /// A rollback changes the volume and its state: it must run under that
+    /// volume's lock, never after the session let it go.
     #[test]
     fn rollback_runs_only_under_the_volumes_lock() {
         let dir = tempfile::tempdir().unwrap();
