@@ -385,8 +385,13 @@ impl Aftermath {
                 ));
             }
             let rg = self.rec_state.generation.as_ref().map_or(0, |g| g.number);
+            // A change that left every byte as it was (zeros written over
+            // zeros) makes both generations the same content: either
+            // number is then right, and only those two.
+            let same = self.new_hash == self.old_hash;
             let want = match self.name(&self.recovered) {
-                "new" if self.new_hash != self.old_hash => Some(g0 + 1),
+                "old" | "new" if same => (rg != g0 + 1).then_some(g0),
+                "new" => Some(g0 + 1),
                 "old" => Some(g0),
                 _ => None,
             };
